@@ -1,0 +1,179 @@
+"""Capture: torch.export (strict=False) of a module into an ATen-level graph with dynamic token dims.
+
+The captured graph is the *lifted* one: parameters, buffers and constants are
+graph inputs, looked up by FQN at call time. So a routed model owns its
+parameters as an ordinary nn.Module tree, and every re-capture (new shape
+signature, dtype, device, train/eval mode) binds the same parameter objects.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+from torch.export import Dim
+from torch.export.graph_signature import InputKind, OutputKind
+
+from sparsify.errors import CaptureError
+
+SizeExpr = Any  # int for a static dim, sympy.Expr for a dynamic one
+
+
+def bind_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Bind a call to `module.forward`'s signature and return keyword arguments in signature order.
+
+    Capturing and calling always go through this, so `m(x)` and `m(input_ids=x)`
+    produce the same inputs and hit the same captured graph.
+    """
+    signature = inspect.signature(module.forward)
+    try:
+        bound = signature.bind_partial(*args, **kwargs)
+    except TypeError as e:
+        raise CaptureError(f"cannot bind the inputs to {type(module).__name__}.forward{signature}: {e}") from None
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise CaptureError(
+                    f"{type(module).__name__}.forward takes *{name}; sparsify needs named inputs. "
+                    "Wrap the model in a module whose forward names each input."
+                )
+        else:
+            out[name] = value
+    return out
+
+
+def primary_tensor(inputs: dict[str, Any]) -> torch.Tensor:
+    """The first tensor input with at least two dims: its leading (batch, seq) dims are the tokens."""
+    for leaf in pytree.tree_leaves(inputs):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() >= 2:
+            return leaf
+    raise CaptureError(
+        "no input tensor with (batch, seq, ...) dims was found; sparsify routes tokens, so the model's "
+        "first tensor input must have its batch and sequence dims first (e.g. input_ids [batch, seq])."
+    )
+
+
+def _expr(size) -> SizeExpr:
+    return size.node.expr if isinstance(size, torch.SymInt) else int(size)
+
+
+@dataclass
+class CapturedGraph:
+    """A lifted export graph plus what is needed to call it and to route it."""
+
+    graph_module: torch.fx.GraphModule
+    # One (kind, target) per placeholder in order: ("parameter", fqn), ("buffer", fqn),
+    # ("constant", name) or ("input", leaf index into the flattened user inputs).
+    placeholders: list[tuple[str, Any]]
+    input_spec: pytree.TreeSpec
+    output_spec: pytree.TreeSpec
+    mutated_buffers: list[str]
+    constants: dict[str, Any]
+    # Size expressions of the batch and sequence dims of the token tensor.
+    token_dims: tuple[SizeExpr, SizeExpr]
+    # Shape expressions of every tensor user input, and the allowed range of each symbol.
+    input_shapes: list[tuple[SizeExpr, ...] | None]
+    ranges: dict[sympy.Symbol, tuple[int, float]] = field(default_factory=dict)
+
+    def accepts(self, flat_inputs: list) -> bool:
+        """Whether these flattened user inputs fit the shapes this graph was captured for."""
+        binding: dict[sympy.Symbol, int] = {}
+        for shape, leaf in zip(self.input_shapes, flat_inputs):
+            if shape is None:
+                continue
+            if len(shape) != leaf.dim():
+                return False
+            for expr, size in zip(shape, leaf.shape):
+                if isinstance(expr, int):
+                    if expr != size:
+                        return False
+                elif isinstance(expr, sympy.Symbol):
+                    low, high = self.ranges.get(expr, (0, float("inf")))
+                    if binding.setdefault(expr, size) != size or not low <= size <= high:
+                        return False
+                elif int(expr.subs(binding)) != size:
+                    return False
+        return True
+
+
+def capture(module: torch.nn.Module, inputs: dict[str, Any]) -> CapturedGraph:
+    """Export `module(**inputs)` with the batch and sequence dims of token-shaped inputs marked dynamic.
+
+    Dim.AUTO lets export keep a dim dynamic where the model allows and specialise
+    it where the model's code does; the caller re-captures for shapes a
+    specialised graph does not accept.
+    """
+    token = primary_tensor(inputs)
+    batch, seq = token.shape[0], token.shape[1]
+
+    def dynamic_spec(leaf):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() >= 2 and tuple(leaf.shape[:2]) == (batch, seq):
+            return {0: Dim.AUTO, 1: Dim.AUTO}
+        return None
+
+    dynamic_shapes = {name: pytree.tree_map(dynamic_spec, value) for name, value in inputs.items()}
+    try:
+        exported = torch.export.export(module, (), dict(inputs), dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as e:  # export raises many types; all mean "this model cannot be captured as is"
+        raise CaptureError(
+            f"torch.export could not capture {type(module).__name__}: {type(e).__name__}: {str(e).strip()[:2000]}\n"
+            "sparsify captures models with torch.export(strict=False). Make the forward traceable "
+            "(no data-dependent Python control flow on tensor values, no unsupported outputs such as a cache "
+            "object: pass use_cache=False for Hugging Face models), or pass example_inputs that exercise "
+            "the path you train."
+        ) from e
+    return _from_exported(exported, token)
+
+
+def _from_exported(exported: torch.export.ExportedProgram, token: torch.Tensor) -> CapturedGraph:
+    signature = exported.graph_signature
+    graph_module = exported.graph_module
+    placeholder_nodes = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+    placeholders: list[tuple[str, Any]] = []
+    user_index = 0
+    for spec in signature.input_specs:
+        if spec.kind == InputKind.PARAMETER:
+            placeholders.append(("parameter", spec.target))
+        elif spec.kind == InputKind.BUFFER:
+            placeholders.append(("buffer", spec.target))
+        elif spec.kind == InputKind.CONSTANT_TENSOR:
+            placeholders.append(("constant", spec.target))
+        elif spec.kind == InputKind.USER_INPUT:
+            placeholders.append(("input", user_index))
+            user_index += 1
+        else:
+            raise CaptureError(f"unsupported exported input kind {spec.kind} for {spec.target}")
+    mutated_buffers = []
+    for spec in signature.output_specs:
+        if spec.kind == OutputKind.BUFFER_MUTATION:
+            mutated_buffers.append(spec.target)
+        elif spec.kind != OutputKind.USER_OUTPUT:
+            raise CaptureError(f"unsupported exported output kind {spec.kind}: sparsify cannot route a model "
+                               "whose forward mutates its inputs or parameters")
+
+    user_vals = [n.meta.get("val") for n, (kind, _) in zip(placeholder_nodes, placeholders) if kind == "input"]
+    input_shapes = [tuple(_expr(s) for s in v.shape) if isinstance(v, torch.Tensor) else None for v in user_vals]
+    # The token tensor is the first user input with >= 2 dims, as in primary_tensor().
+    token_shape = next(s for s in input_shapes if s is not None and len(s) >= 2)
+    ranges = {}
+    for symbol, value_range in exported.range_constraints.items():
+        ranges[symbol] = (int(value_range.lower), float(value_range.upper))
+    return CapturedGraph(
+        graph_module=graph_module,
+        placeholders=placeholders,
+        input_spec=exported.call_spec.in_spec,
+        output_spec=exported.call_spec.out_spec,
+        mutated_buffers=mutated_buffers,
+        constants=dict(exported.constants),
+        token_dims=(token_shape[0], token_shape[1]),
+        input_shapes=input_shapes,
+        ranges=ranges,
+    )

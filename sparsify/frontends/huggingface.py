@@ -1,0 +1,63 @@
+"""Hugging Face transformers: example inputs from the config, use_cache=False, config-based rebuild."""
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+import torch
+
+from sparsify.errors import SparsifyError
+
+# Capture-time batch and sequence sizes: small, distinct, and unlike any feature size,
+# so that dims export specialises cannot be mistaken for one another.
+EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 13
+
+
+def is_hf_model(model) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def call_defaults(model) -> dict[str, Any]:
+    """Keywords every call gets unless the caller sets them: a cache object cannot be exported."""
+    params = inspect.signature(model.forward).parameters
+    return {"use_cache": False} if "use_cache" in params else {}
+
+
+def example_inputs(model) -> dict[str, Any]:
+    config = model.config
+    vocab = getattr(config, "vocab_size", None)
+    if not vocab:
+        raise SparsifyError(f"{type(model).__name__}'s config has no vocab_size: pass example_inputs to convert().")
+    max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or EXAMPLE_SEQ
+    seq = min(EXAMPLE_SEQ, max_len)
+    generator = torch.Generator().manual_seed(0)
+    device = next(model.parameters()).device
+    input_ids = torch.randint(0, vocab, (EXAMPLE_BATCH, seq), generator=generator).to(device)
+    return {"input_ids": input_ids, **call_defaults(model)}
+
+
+def describe(model) -> dict[str, Any]:
+    """What `sparsify.load` needs to rebuild the dense model without its code: class and config."""
+    cls = type(model)
+    return {"kind": "huggingface", "class": f"{cls.__module__}:{cls.__qualname__}", "config": model.config.to_dict()}
+
+
+def rebuild(description: dict[str, Any]) -> torch.nn.Module:
+    module_name, _, qualname = description["class"].partition(":")
+    # Only classes shipped by transformers are imported from a checkpoint's metadata: a
+    # checkpoint never names code to run.
+    if not module_name.startswith("transformers."):
+        raise SparsifyError(f"refusing to import {description['class']!r} named by a checkpoint: "
+                            "pass the dense model (or a factory) to sparsify.load(path, model=...)")
+    try:
+        cls = getattr(importlib.import_module(module_name), qualname)
+    except (ImportError, AttributeError) as e:
+        raise SparsifyError(f"cannot import {description['class']} ({e}); install a transformers version "
+                            "that has it, or pass model=... to sparsify.load") from None
+    config = cls.config_class.from_dict(description["config"])
+    return cls(config)

@@ -1,0 +1,113 @@
+"""`sparsify::routed_layer_norm`: layer norm over the last dim with weight/bias of each token's modality.
+
+x is [..., D], modality_ids x.shape[:-1], weight [M, D] or None, bias [M, D] or None.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sparsify.ops._grouping import rows_by_modality
+
+
+def routed_layer_norm_ref(
+    x: Tensor, modality_ids: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+) -> Tensor:
+    """Plain-PyTorch reference: F.layer_norm per modality, so each row is computed exactly as dense."""
+    stacked = weight if weight is not None else bias
+    x_rows = x.reshape(-1, x.shape[-1])
+    out = torch.empty_like(x_rows)
+    for m, rows in enumerate(rows_by_modality(modality_ids.reshape(-1), stacked.shape[0])):
+        if rows.numel():
+            y = F.layer_norm(
+                x_rows.index_select(0, rows), (x.shape[-1],),
+                None if weight is None else weight[m], None if bias is None else bias[m], eps,
+            )
+            out.index_copy_(0, rows, y)
+    return out.reshape(x.shape)
+
+
+def routed_layer_norm_backward_ref(
+    grad: Tensor, x: Tensor, modality_ids: Tensor, weight: Optional[Tensor], modalities: int, eps: float,
+    has_bias: bool,
+):
+    """(dx, dweight, dbias) in fp32 accumulation; dweight/dbias are empty when absent."""
+    d = x.shape[-1]
+    x32 = x.reshape(-1, d).float()
+    g32 = grad.reshape(-1, d).float()
+    mean = x32.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(x32.var(-1, unbiased=False, keepdim=True) + eps)
+    xhat = (x32 - mean) * rstd
+    dx = torch.empty_like(x32)
+    dweight = x.new_zeros((modalities, d) if weight is not None else (0,), dtype=torch.float32)
+    dbias = x.new_zeros((modalities, d) if has_bias else (0,), dtype=torch.float32)
+    for m, rows in enumerate(rows_by_modality(modality_ids.reshape(-1), modalities)):
+        if not rows.numel():
+            continue
+        g, xh = g32.index_select(0, rows), xhat.index_select(0, rows)
+        gw = g * weight[m].float() if weight is not None else g
+        dx.index_copy_(
+            0, rows,
+            rstd.index_select(0, rows) * (gw - gw.mean(-1, keepdim=True) - xh * (gw * xh).mean(-1, keepdim=True)),
+        )
+        if weight is not None:
+            dweight[m] = (g * xh).sum(0)
+        if has_bias:
+            dbias[m] = g.sum(0)
+    param_dtype = weight.dtype if weight is not None else x.dtype
+    return dx.to(x.dtype).reshape(x.shape), dweight.to(param_dtype), dbias.to(param_dtype)
+
+
+@torch.library.custom_op("sparsify::routed_layer_norm", mutates_args=())
+def routed_layer_norm(
+    x: Tensor, modality_ids: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-5
+) -> Tensor:
+    if weight is None and bias is None:
+        raise ValueError("routed_layer_norm needs a stacked weight or bias; use F.layer_norm when neither is routed.")
+    return routed_layer_norm_ref(x, modality_ids, weight, bias, eps)
+
+
+@routed_layer_norm.register_fake
+def _(x, modality_ids, weight, bias, eps=1e-5):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("sparsify::routed_layer_norm_backward", mutates_args=())
+def routed_layer_norm_backward(
+    grad: Tensor, x: Tensor, modality_ids: Tensor, weight: Optional[Tensor], modalities: int, eps: float,
+    has_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return routed_layer_norm_backward_ref(grad, x, modality_ids, weight, modalities, eps, has_bias)
+
+
+@routed_layer_norm_backward.register_fake
+def _(grad, x, modality_ids, weight, modalities, eps, has_bias):
+    d = x.shape[-1]
+    dtype = weight.dtype if weight is not None else x.dtype
+    return (
+        torch.empty_like(x),
+        x.new_empty((modalities, d) if weight is not None else (0,), dtype=dtype),
+        x.new_empty((modalities, d) if has_bias else (0,), dtype=dtype),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, modality_ids, weight, bias, eps = inputs
+    ctx.save_for_backward(x, modality_ids, weight)
+    ctx.modalities = (weight if weight is not None else bias).shape[0]
+    ctx.eps = eps
+    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+
+
+def _backward(ctx, grad):
+    x, modality_ids, weight = ctx.saved_tensors
+    dx, dweight, dbias = torch.ops.sparsify.routed_layer_norm_backward(
+        grad, x, modality_ids, weight, ctx.modalities, ctx.eps, ctx.has_bias
+    )
+    return dx, None, (dweight if ctx.has_weight else None), (dbias if ctx.has_bias else None), None
+
+
+routed_layer_norm.register_autograd(_backward, setup_context=_setup_context)

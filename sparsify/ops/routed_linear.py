@@ -1,0 +1,81 @@
+"""`sparsify::routed_linear`: y[t] = x[t] @ weight[ids[t]].T + bias[ids[t]].
+
+x is [..., in_features], modality_ids has the shape x.shape[:-1], weight is
+[M, out_features, in_features] and bias [M, out_features] or None. Forward and
+backward are both custom ops so export and torch.compile keep them opaque (the
+reference groups rows with data-dependent shapes that a tracer cannot follow).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sparsify.ops._grouping import rows_by_modality
+
+
+def routed_linear_ref(x: Tensor, modality_ids: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Plain-PyTorch reference: one F.linear per modality over that modality's rows."""
+    x_rows = x.reshape(-1, x.shape[-1])
+    out = x_rows.new_empty(x_rows.shape[0], weight.shape[1], dtype=torch.result_type(x, weight))
+    for m, rows in enumerate(rows_by_modality(modality_ids.reshape(-1), weight.shape[0])):
+        if rows.numel():
+            out.index_copy_(0, rows, F.linear(x_rows.index_select(0, rows), weight[m], None if bias is None else bias[m]))
+    return out.reshape(*x.shape[:-1], weight.shape[1])
+
+
+def routed_linear_backward_ref(grad: Tensor, x: Tensor, modality_ids: Tensor, weight: Tensor, has_bias: bool):
+    """Gradients (dx, dweight, dbias) of routed_linear_ref; dbias is empty when has_bias is False."""
+    x_rows = x.reshape(-1, x.shape[-1])
+    grad_rows = grad.reshape(-1, weight.shape[1])
+    dx = torch.empty_like(x_rows)
+    dweight = torch.zeros_like(weight)
+    dbias = grad.new_zeros((weight.shape[0], weight.shape[1]) if has_bias else (0,), dtype=weight.dtype)
+    for m, rows in enumerate(rows_by_modality(modality_ids.reshape(-1), weight.shape[0])):
+        if rows.numel():
+            g = grad_rows.index_select(0, rows)
+            dx.index_copy_(0, rows, (g @ weight[m]).to(dx.dtype))
+            dweight[m] = g.t() @ x_rows.index_select(0, rows)
+            if has_bias:
+                dbias[m] = g.sum(0, dtype=torch.float32).to(dbias.dtype)
+    return dx.reshape(x.shape), dweight, dbias
+
+
+@torch.library.custom_op("sparsify::routed_linear", mutates_args=())
+def routed_linear(x: Tensor, modality_ids: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    return routed_linear_ref(x, modality_ids, weight, bias)
+
+
+@routed_linear.register_fake
+def _(x, modality_ids, weight, bias=None):
+    return x.new_empty(*x.shape[:-1], weight.shape[1], dtype=torch.result_type(x, weight))
+
+
+@torch.library.custom_op("sparsify::routed_linear_backward", mutates_args=())
+def routed_linear_backward(
+    grad: Tensor, x: Tensor, modality_ids: Tensor, weight: Tensor, has_bias: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    return routed_linear_backward_ref(grad, x, modality_ids, weight, has_bias)
+
+
+@routed_linear_backward.register_fake
+def _(grad, x, modality_ids, weight, has_bias):
+    dbias_shape = (weight.shape[0], weight.shape[1]) if has_bias else (0,)
+    return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(dbias_shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, modality_ids, weight, bias = inputs
+    ctx.save_for_backward(x, modality_ids, weight)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, modality_ids, weight = ctx.saved_tensors
+    dx, dweight, dbias = torch.ops.sparsify.routed_linear_backward(grad, x, modality_ids, weight, ctx.has_bias)
+    return dx, None, dweight, (dbias if ctx.has_bias else None)
+
+
+routed_linear.register_autograd(_backward, setup_context=_setup_context)

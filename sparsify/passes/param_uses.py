@@ -1,0 +1,176 @@
+"""Analysis: every use of every parameter in a captured graph, classified for routing.
+
+A use is the first non-view op a parameter reaches, following view and cast ops
+applied to the parameter alone (`w.t()`, `w.to(bf16)`, `w.view(...)`): those are
+re-applied to the stacked parameter, and the op they feed is what gets routed.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+
+from sparsify.passes.token_axes import TokenAxes, find_token_axes, size_exprs
+
+aten = torch.ops.aten
+
+# Ops that only view or cast a parameter; re-applied with the modality dim in front.
+PARAM_VIEW_OPS = {
+    aten.t.default, aten.transpose.int, aten.permute.default, aten.view.default, aten.reshape.default,
+    aten.unsqueeze.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.clone.default,
+    aten.contiguous.default, aten.detach.default, aten.alias.default,
+}
+# Ops that only assert a tensor's dtype/device: not a use.
+METADATA_ASSERTS = {aten._assert_tensor_metadata.default}
+ELEMENTWISE_OPS = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, operator.mul, operator.add}
+MATMUL_OPS = {aten.mm.default, aten.matmul.default}
+
+
+@dataclass
+class ParamUse:
+    """One op that consumes a parameter (possibly through views of it)."""
+
+    node: torch.fx.Node          # the consuming op
+    operand: int                 # index in node.args of the parameter-derived operand
+    kind: str                    # see classify(); "unsupported" and "embedding" are not routable
+    view_chain: list[torch.fx.Node] = field(default_factory=list)
+    token_axes: TokenAxes | None = None
+    problem: str | None = None   # why the use cannot be routed
+
+    @property
+    def role(self) -> str:
+        if self.kind.startswith(("linear", "addmm", "matmul")):
+            return "linear"
+        if self.kind.startswith("layer_norm") or self.kind == "norm_scale":
+            return "norm"
+        return self.kind
+
+    def describe(self) -> str:
+        where = f", {self.token_axes}" if self.token_axes else ""
+        return f"{self.kind} in {self.node.target}{where}"
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def _reaches_rsqrt(node, depth: int = 4) -> bool:
+    """Whether `node` is computed from an rsqrt within a few ops: the normalised input of an RMSNorm scale."""
+    frontier = [node]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            if not isinstance(n, torch.fx.Node) or n.op != "call_function":
+                continue
+            if n.target in (aten.rsqrt.default, torch.rsqrt):
+                return True
+            nxt.extend(a for a in n.all_input_nodes)
+        frontier = nxt
+    return False
+
+
+def _token_tensor(use: ParamUse):
+    """The tensor whose token dims route this use, and how many leading dims the ids must cover."""
+    node, args = use.node, use.node.args
+    if use.kind in ("linear_weight", "linear_bias", "layer_norm_weight", "layer_norm_bias", "matmul_weight_right"):
+        x = _val(args[0])
+        return (x, x.dim() - 1) if x is not None else (None, 0)
+    if use.kind in ("addmm_weight", "addmm_bias"):
+        x = _val(args[1])
+        return (x, x.dim() - 1) if x is not None else (None, 0)
+    if use.kind == "matmul_weight_left":
+        x = _val(args[1])  # w @ x contracts x's dim -2; tokens sit in the others
+        return (x.transpose(-1, -2), x.dim() - 1) if x is not None else (None, 0)
+    out = _val(node)
+    return (out, out.dim()) if out is not None else (None, 0)
+
+
+def classify(node: torch.fx.Node, operand: int, param_val) -> tuple[str, str | None]:
+    """(kind, problem) of a parameter-derived value used as node.args[operand]."""
+    target, args = node.target, node.args
+    if target == aten.linear.default:
+        return ("linear_weight", None) if operand == 1 else ("linear_bias", None) if operand == 2 else (
+            "unsupported", "the parameter is the input of a linear, not its weight or bias")
+    if target == aten.addmm.default:
+        if operand == 2 and param_val.dim() == 2:
+            return "addmm_weight", None
+        if operand == 0 and param_val.dim() == 1:
+            return "addmm_bias", None
+        return "unsupported", "the parameter is the activation operand of an addmm"
+    if target in MATMUL_OPS:
+        other = _val(args[1 - operand])
+        if param_val.dim() != 2 or other is None:
+            return "unsupported", "only a 2-D weight matrix can be routed in a matmul"
+        if operand == 1:
+            return "matmul_weight_right", None
+        if other.dim() >= 2:
+            return "matmul_weight_left", None
+        return "unsupported", "a matrix-vector product has no token dim"
+    if target == aten.layer_norm.default:
+        if operand in (2, 3) and len(args[1]) == 1:
+            return ("layer_norm_weight" if operand == 2 else "layer_norm_bias"), None
+        return "unsupported", "layer_norm over more than the last dim"
+    if target == aten.embedding.default and operand == 0:
+        return "embedding", "an embedding table is looked up by token id, not applied per modality"
+    if target in ELEMENTWISE_OPS:
+        other = args[1 - operand] if len(args) > 1 else None
+        if target == aten.mul.Tensor and _reaches_rsqrt(other):
+            return "norm_scale", None
+        return "elementwise", None
+    return "unsupported", f"{target} is not an op sparsify can route (linear, addmm, mm/matmul, layer_norm, elementwise)"
+
+
+def find_param_uses(
+    graph_module: torch.fx.GraphModule, param_nodes: dict[torch.fx.Node, str], token_dims: tuple
+) -> dict[str, list[ParamUse]]:
+    """Uses of each parameter placeholder in `param_nodes`, keyed by its FQN."""
+    uses: dict[str, list[ParamUse]] = {fqn: [] for fqn in param_nodes.values()}
+    for placeholder, fqn in param_nodes.items():
+        stack = [(placeholder, [])]
+        while stack:
+            value, chain = stack.pop()
+            for user in value.users:
+                if user.target in METADATA_ASSERTS:
+                    continue
+                if user.target in PARAM_VIEW_OPS and user.args[0] is value:
+                    stack.append((user, chain + [user]))
+                    continue
+                operand = next(i for i, a in enumerate(user.args) if a is value) if value in user.args else -1
+                if operand < 0:
+                    use = ParamUse(user, operand, "unsupported", chain,
+                                   problem=f"the parameter is passed by keyword to {user.target}")
+                else:
+                    kind, problem = classify(user, operand, _val(value))
+                    use = ParamUse(user, operand, kind, chain, problem=problem)
+                if use.problem is None:
+                    tensor, _ = _token_tensor(use)
+                    axes = find_token_axes(size_exprs(tensor), token_dims) if tensor is not None else \
+                        "no shape information recorded for this node"
+                    if isinstance(axes, str):
+                        use.problem = f"cannot find its token dims: {axes}"
+                    elif max(axes.dims) >= _routable_lead_dims(use, _val(value)):
+                        use.problem = (f"its tokens ({axes}) fall inside the dims the parameter covers; "
+                                       "only per-token parameters can be routed")
+                    else:
+                        use.token_axes = axes
+                uses[fqn].append(use)
+    return uses
+
+
+def _routable_lead_dims(use: ParamUse, param_val) -> int:
+    """Token dims must lie before this index: before the features (matmul-like ops) or before the dims
+    an elementwise parameter broadcasts over (its shape without leading ones)."""
+    tensor, lead = _token_tensor(use)
+    if use.kind in ("elementwise", "norm_scale"):
+        shape = list(param_val.shape)
+        while shape and shape[0] == 1:
+            shape.pop(0)
+        return tensor.dim() - len(shape)
+    return lead
+
+
+def token_tensor_lead_dims(use: ParamUse) -> int:
+    """How many leading dims of the use's token tensor the modality ids must cover."""
+    return _token_tensor(use)[1]

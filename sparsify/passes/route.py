@@ -1,0 +1,187 @@
+"""Route: rewrite every use of a routed parameter into an op that picks each token's modality copy.
+
+    linear(x, w, b)      => sparsify.routed_linear(x, ids, w_stacked, b_stacked)
+    addmm(b, x, w)       => sparsify.routed_linear(x, ids, w_stacked.transpose(1, 2), b_stacked)
+    w @ x                => sparsify.routed_linear(x.mT, ids, w_stacked).mT
+    layer_norm(x, w, b)  => sparsify.routed_layer_norm(x, ids, w_stacked, b_stacked)
+    mul(w, h)            => mul(sparsify.routed_gather(w_stacked, ids) shaped to broadcast, h)
+
+The routed parameter's placeholder receives the stacked [M, *S] tensor at run
+time; view and cast ops applied to it alone are rewritten to keep the modality
+dim in front. `modality_ids` is a new placeholder after all others.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.fx
+
+from sparsify import ops  # noqa: F401  (registers torch.ops.sparsify.*)
+from sparsify.errors import RoutingError, describe_node
+from sparsify.passes import PassResult
+from sparsify.passes.param_uses import ParamUse, find_param_uses, token_tensor_lead_dims
+from sparsify.passes.token_axes import TokenAxes
+
+aten = torch.ops.aten
+sparsify_ops = torch.ops.sparsify
+MODALITY_IDS = "modality_ids"
+
+
+def route(
+    graph_module: torch.fx.GraphModule,
+    *,
+    param_fqns: dict[str, str],
+    routed: set[str],
+    modalities: int,
+    token_dims: tuple,
+) -> PassResult:
+    """Route the parameters named in `routed`. `param_fqns` maps parameter placeholder names to FQNs."""
+    graph = graph_module.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    param_nodes = {n: param_fqns[n.name] for n in placeholders if param_fqns.get(n.name) in routed}
+    if not param_nodes:
+        return PassResult(graph_module, False)
+    uses = find_param_uses(graph_module, param_nodes, token_dims)
+    problems = [f"- {fqn}: {describe_node(u.node)}: {u.problem}" for fqn, us in uses.items() for u in us if u.problem]
+    if problems:
+        raise RoutingError(
+            "these parameters were selected for routing but have uses sparsify cannot route:\n"
+            + "\n".join(problems)
+            + "\nLeave them shared with exclude=<regex>, or open an issue with the op named above."
+        )
+
+    with graph.inserting_after(placeholders[-1]):
+        modality_ids = graph.placeholder(MODALITY_IDS)
+    rewriter = _Rewriter(graph, modality_ids, modalities)
+    stacked: set[torch.fx.Node] = set(param_nodes)
+    uses_by_node: dict[torch.fx.Node, list[ParamUse]] = defaultdict(list)
+    for node_uses in uses.values():
+        for use in node_uses:
+            for view in use.view_chain:
+                if view not in stacked:
+                    _lift_view(view)
+                    stacked.add(view)
+            uses_by_node[use.node].append(use)
+    for node in [n for n in graph.nodes if n in uses_by_node]:  # graph order: shared id views come first
+        rewriter.rewrite(node, uses_by_node[node], stacked)
+
+    graph.eliminate_dead_code()
+    graph.lint()
+    graph_module.recompile()
+    return PassResult(graph_module, True)
+
+
+def _rank(node: torch.fx.Node) -> int:
+    return node.meta["val"].dim()
+
+
+def _lift_view(node: torch.fx.Node) -> None:
+    """Rewrite a view/cast of a dense parameter to act on the stacked [M, *S] one."""
+    source, rank = node.args[0], _rank(node.args[0])
+    if node.target == aten.t.default:
+        node.target, node.args = aten.transpose.int, (source, 1, 2)
+    elif node.target == aten.transpose.int:
+        node.args = (source, node.args[1] % rank + 1, node.args[2] % rank + 1)
+    elif node.target == aten.permute.default:
+        node.args = (source, [0] + [d % rank + 1 for d in node.args[1]])
+    elif node.target in (aten.view.default, aten.reshape.default):
+        node.args = (source, [-1] + list(node.args[1]))
+    elif node.target == aten.unsqueeze.default:
+        node.args = (source, node.args[1] % (rank + 1) + 1)
+    # casts, clone, contiguous, detach, alias act elementwise: unchanged
+
+
+class _Rewriter:
+    def __init__(self, graph: torch.fx.Graph, modality_ids: torch.fx.Node, modalities: int):
+        self.graph = graph
+        self.modality_ids = modality_ids
+        self.modalities = modalities
+        self._id_layouts: dict[tuple, torch.fx.Node] = {}
+
+    def call(self, target, *args) -> torch.fx.Node:
+        return self.graph.call_function(target, args)
+
+    def ids_with_tokens_in_order(self, axes: TokenAxes) -> tuple[torch.fx.Node, tuple[int, ...]]:
+        """modality_ids laid out as the tensor's token dims in increasing dim order, and those dims."""
+        if axes.flat:
+            key = ("flat",)
+            make = lambda: self.call(aten.reshape.default, self.modality_ids, [-1])  # noqa: E731
+        else:
+            key = ("split", axes.dims[0] < axes.dims[1])
+            make = (lambda: self.modality_ids) if key[1] else \
+                (lambda: self.call(aten.transpose.int, self.modality_ids, 0, 1))
+        if key not in self._id_layouts:
+            self._id_layouts[key] = make()
+        return self._id_layouts[key], tuple(sorted(axes.dims))
+
+    def ids_for(self, axes: TokenAxes, lead: int, tensor: torch.fx.Node | None) -> torch.fx.Node:
+        """Ids shaped like the first `lead` dims of `tensor` (expanded), or broadcastable if tensor is None."""
+        ids, dims = self.ids_with_tokens_in_order(axes)
+        for i in range(lead):
+            if i not in dims:
+                ids = self.call(aten.unsqueeze.default, ids, i)
+        if tensor is not None and lead > len(dims):
+            sizes = [-1 if i in dims else self.call(aten.sym_size.int, tensor, i) for i in range(lead)]
+            ids = self.call(aten.expand.default, ids, sizes)
+        return ids
+
+    def stacked(self, value, stacked: set) -> torch.fx.Node | None:
+        """The operand as a [M, ...] tensor: routed ones already are, shared ones are broadcast (no copy)."""
+        if value is None or value in stacked:
+            return value
+        front = self.call(aten.unsqueeze.default, value, 0)
+        return self.call(aten.expand.default, front, [self.modalities] + [-1] * _rank(value))
+
+    def rewrite(self, node: torch.fx.Node, uses: list[ParamUse], stacked: set) -> None:
+        use = uses[0]
+        args = list(node.args)
+        with self.graph.inserting_before(node):
+            if use.kind in ("elementwise", "norm_scale"):
+                for u in uses:
+                    node.update_arg(u.operand, self.gathered(u, args[u.operand]))
+                return
+            lead = token_tensor_lead_dims(use)
+            if use.kind in ("linear_weight", "linear_bias"):
+                x = args[0]
+                bias = args[2] if len(args) > 2 else None
+                new = self.call(sparsify_ops.routed_linear.default, x, self.ids_for(use.token_axes, lead, x),
+                                self.stacked(args[1], stacked), self.stacked(bias, stacked))
+            elif use.kind in ("addmm_weight", "addmm_bias"):
+                x = args[1]
+                weight = self.call(aten.transpose.int, self.stacked(args[2], stacked), 1, 2)
+                new = self.call(sparsify_ops.routed_linear.default, x, self.ids_for(use.token_axes, lead, x),
+                                weight, self.stacked(args[0], stacked))
+            elif use.kind == "matmul_weight_right":
+                x = args[0]
+                weight = self.call(aten.transpose.int, self.stacked(args[1], stacked), 1, 2)
+                new = self.call(sparsify_ops.routed_linear.default, x, self.ids_for(use.token_axes, lead, x),
+                                weight, None)
+            elif use.kind == "matmul_weight_left":
+                x_t = self.call(aten.transpose.int, args[1], -1, -2)
+                y_t = self.call(sparsify_ops.routed_linear.default, x_t, self.ids_for(use.token_axes, lead, x_t),
+                                self.stacked(args[0], stacked), None)
+                new = self.call(aten.transpose.int, y_t, -1, -2)
+            elif use.kind in ("layer_norm_weight", "layer_norm_bias"):
+                x, _, weight, bias, eps = (args + [None, None, 1e-5])[:5]
+                new = self.call(sparsify_ops.routed_layer_norm.default, x, self.ids_for(use.token_axes, lead, x),
+                                self.stacked(weight, stacked), self.stacked(bias, stacked), eps)
+            else:  # find_param_uses reported every other kind as a problem already
+                raise RoutingError(f"internal: no rewrite for {use.kind} at {describe_node(node)}")
+        new.meta.update(node.meta)
+        new.meta["sparsify_dense_node"] = node.name
+        node.replace_all_uses_with(new)
+        self.graph.erase_node(node)
+
+    def gathered(self, use: ParamUse, param: torch.fx.Node) -> torch.fx.Node:
+        """Per-token copies of an elementwise parameter, shaped to broadcast against the op's output."""
+        dense_shape = list(use.view_chain[-1].meta["val"].shape if use.view_chain else param.meta["val"].shape)
+        while dense_shape and dense_shape[0] == 1:
+            dense_shape.pop(0)
+        param = self.call(aten.reshape.default, param, [self.modalities] + dense_shape)  # drops leading ones
+        ids, dims = self.ids_with_tokens_in_order(use.token_axes)
+        out = self.call(sparsify_ops.routed_gather.default, param, ids)
+        for i in range(use.node.meta["val"].dim() - len(dense_shape)):
+            if i not in dims:
+                out = self.call(aten.unsqueeze.default, out, i)
+        return out

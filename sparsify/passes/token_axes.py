@@ -1,0 +1,63 @@
+"""Find which dims of a tensor are the tokens, from the symbolic shapes export records.
+
+The (batch, seq) dims of the token input are symbols s_b, s_t. A tensor carries
+tokens either split (one dim is s_b and another s_t: [B, T, D], [B, D, T],
+[T, B, D]) or flattened (one dim is s_b*s_t: GPT-2's Conv1D views x as
+[B*T, D]). Where export specialised a dim to a number, the same rules apply to
+numbers, and a number that appears twice is reported as ambiguous, not guessed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class TokenAxes:
+    """Token dims of one tensor: (batch_dim, seq_dim) when split, (flat_dim,) when flattened.
+
+    A flattened dim holds tokens in row-major (batch, seq) order, i.e. modality_ids.reshape(-1).
+    """
+
+    dims: tuple[int, ...]
+
+    @property
+    def flat(self) -> bool:
+        return len(self.dims) == 1
+
+    def __str__(self) -> str:
+        if self.flat:
+            return f"tokens flattened in dim {self.dims[0]}"
+        return f"batch dim {self.dims[0]}, seq dim {self.dims[1]}"
+
+
+def size_exprs(value) -> tuple:
+    """Shape of a node's example value as ints (static dims) and sympy expressions (dynamic dims)."""
+    return tuple(s.node.expr if isinstance(s, torch.SymInt) else int(s) for s in value.shape)
+
+
+def find_token_axes(shape: Sequence, token_dims: tuple) -> TokenAxes | str:
+    """TokenAxes of a tensor of this shape, or a string saying why they cannot be found."""
+    batch, seq = token_dims
+    matches = lambda target: [i for i, size in enumerate(shape) if size == target]  # noqa: E731
+    if batch == 1:
+        # A batch of one leaves no batch dim to find: the seq dim alone carries the tokens.
+        seq_dims = matches(seq)
+        if len(seq_dims) == 1:
+            return TokenAxes((seq_dims[0],))
+        return f"shape {list(shape)} has {len(seq_dims)} dims of the sequence length {seq}, expected exactly one"
+    batch_dims, seq_dims, flat_dims = matches(batch), matches(seq), matches(batch * seq)
+    if len(batch_dims) == 1 and len(seq_dims) == 1 and not flat_dims:
+        return TokenAxes((batch_dims[0], seq_dims[0]))
+    if len(flat_dims) == 1 and not batch_dims and not seq_dims:
+        return TokenAxes((flat_dims[0],))
+    if not batch_dims and not seq_dims and not flat_dims:
+        return f"shape {list(shape)} has no dim of batch {batch}, sequence {seq} or batch*sequence"
+    return (
+        f"shape {list(shape)} matches batch {batch} / sequence {seq} ambiguously "
+        f"(batch dims {batch_dims}, seq dims {seq_dims}, flattened dims {flat_dims}); "
+        "if the model specialised these sizes, capture with example inputs whose batch and sequence "
+        "sizes differ from every feature size"
+    )

@@ -1,0 +1,209 @@
+"""RoutingPlan: which parameters are routed, in what role, over how many modalities.
+
+Presets pick parameters by what the graph does with them, never by model class:
+- "mot":  linear and norm parameters inside repeated blocks (Mixture-of-Transformers)
+- "mom":  linear parameters inside repeated blocks (Mixture-of-Mamba: in/x/dt/out_proj)
+- "auto": per block, "mom" where a frontend marked the block's ops as a state-space scan, else "mot"
+- "all":  every parameter whose every use can be routed
+- "none": nothing (use `include` alone)
+Then `include` regexes add parameters and `exclude` regexes remove them (re.search on the FQN).
+Embeddings, the final norm and the LM head sit outside the repeated blocks and stay shared.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from sparsify.capture import CapturedGraph
+from sparsify.errors import SparsifyError
+from sparsify.passes.param_uses import find_param_uses
+
+POLICIES = ("auto", "mot", "mom", "all", "none")
+INIT_MODES = ("copy", "independent")
+ROUTABLE_ROLES = ("linear", "norm", "elementwise")
+# Op names (str(node.target)) that frontends register as state-space scans; see sparsify.frontends.
+SCAN_OPS: set[str] = set()
+
+
+@dataclass
+class PlannedParam:
+    fqn: str
+    role: str                       # linear | norm | elementwise | embedding | unsupported | unused
+    shape: list[int]                # dense shape; routed shape is [modalities, *shape]
+    uses: list[str] = field(default_factory=list)  # one line per use: op and token dims
+    aliases: list[str] = field(default_factory=list)  # other FQNs of the same tensor (tied weights)
+    reason: str = ""                # why a shared parameter is shared
+
+
+@dataclass
+class RoutingPlan:
+    modalities: int
+    init: str = "copy"
+    policy: str = "auto"
+    include: str | None = None
+    exclude: str | None = None
+    params: list[PlannedParam] = field(default_factory=list)   # routed
+    shared: list[PlannedParam] = field(default_factory=list)   # kept as they are
+
+    @property
+    def routed(self) -> list[str]:
+        """FQNs of routed parameters, tied aliases included."""
+        return [name for p in self.params for name in [p.fqn, *p.aliases]]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RoutingPlan":
+        try:
+            params = [PlannedParam(**p) for p in data.get("params", [])]
+            shared = [PlannedParam(**p) for p in data.get("shared", [])]
+            fields = {k: data[k] for k in ("modalities", "init", "policy", "include", "exclude") if k in data}
+            return cls(params=params, shared=shared, **fields)
+        except (TypeError, KeyError) as e:
+            raise SparsifyError(f"not a valid RoutingPlan: {e}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RoutingPlan":
+        return cls.from_dict(json.loads(text))
+
+    def summary(self) -> str:
+        def count(shape):
+            n = 1
+            for s in shape:
+                n *= s
+            return n
+
+        rows = [("parameter", "role", "dense shape", "routed shape", "uses")]
+        for p in self.params:
+            rows.append((p.fqn, p.role, str(p.shape), str([self.modalities, *p.shape]), "; ".join(p.uses)))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = [f"RoutingPlan: {self.modalities} modalities, policy={self.policy}, init={self.init}"
+                 + (f", include={self.include!r}" if self.include else "")
+                 + (f", exclude={self.exclude!r}" if self.exclude else "")]
+        for r in rows:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+        dense_routed = sum(count(p.shape) for p in self.params)
+        dense_shared = sum(count(p.shape) for p in self.shared)
+        total_dense = dense_routed + dense_shared
+        total_routed = dense_routed * self.modalities + dense_shared
+        lines.append(f"shared ({len(self.shared)}): " + ", ".join(f"{p.fqn} [{p.reason}]" for p in self.shared))
+        lines.append(
+            f"parameters: dense {total_dense:,} -> routed {total_routed:,} "
+            f"({total_routed / max(total_dense, 1):.2f}x); routed tensors {len(self.params)} of "
+            f"{len(self.params) + len(self.shared)}; compute per token unchanged"
+        )
+        return "\n".join(lines)
+
+
+def _block_of(fqn: str) -> str | None:
+    """The repeated block a parameter lives in: FQN up to its first numeric component (layers.3)."""
+    parts = fqn.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return None
+
+
+def _scan_blocks(captured: CapturedGraph) -> set[str]:
+    blocks = set()
+    for node in captured.graph_module.graph.nodes:
+        if node.op == "call_function" and str(node.target) in SCAN_OPS:
+            for fqn, _ in (node.meta.get("nn_module_stack") or {}).values():
+                block = _block_of(fqn + ".x")
+                if block:
+                    blocks.add(block)
+    return blocks
+
+
+def _role(uses) -> tuple[str, str]:
+    """(role, reason-if-not-routable) of a parameter from all its uses."""
+    if not uses:
+        return "unused", "not used by the captured forward"
+    bad = [u for u in uses if u.problem]
+    if bad:
+        return bad[0].role, bad[0].problem
+    roles = {u.role for u in uses}
+    for role in ROUTABLE_ROLES:
+        if role in roles:
+            return role, ""
+    return roles.pop(), ""
+
+
+def _selected(policy: str, role: str, block: str | None, scan_blocks: set[str], routable: bool) -> bool:
+    if not routable or policy == "none":
+        return False
+    if policy == "all":
+        return True
+    if block is None:
+        return False
+    if policy == "mom" or (policy == "auto" and block in scan_blocks):
+        return role == "linear"
+    return role in ("linear", "norm")
+
+
+def _compile(pattern, what):
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise SparsifyError(f"{what}={pattern!r} is not a valid regular expression: {e}") from None
+
+
+def build_plan(
+    captured: CapturedGraph,
+    module: torch.nn.Module,
+    modalities: int,
+    policy: str = "auto",
+    include: str | None = None,
+    exclude: str | None = None,
+    init: str = "copy",
+) -> RoutingPlan:
+    """Plan routing for a captured dense module (the plan pass: analysis only, the graph is unchanged)."""
+    if not isinstance(modalities, int) or isinstance(modalities, bool) or modalities < 1:
+        raise SparsifyError(f"modalities must be a positive int (e.g. 3 for text, image, speech), got {modalities!r}")
+    if policy not in POLICIES:
+        raise SparsifyError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    if init not in INIT_MODES:
+        raise SparsifyError(f"unknown init {init!r}; choose 'copy' (equal to dense at init) or 'independent'")
+    include_re, exclude_re = _compile(include, "include"), _compile(exclude, "exclude")
+
+    # Tied weights are one tensor under several FQNs: plan them once, under the first name.
+    names_of: dict[int, list[str]] = {}
+    for fqn, param in module.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(fqn)
+    canonical = {fqn: names[0] for names in names_of.values() for fqn in names}
+
+    placeholders = [n for n in captured.graph_module.graph.nodes if n.op == "placeholder"]
+    param_nodes = {n: canonical.get(t, t) for n, (kind, t) in zip(placeholders, captured.placeholders)
+                   if kind == "parameter"}
+    uses = find_param_uses(captured.graph_module, param_nodes, captured.token_dims)
+    scan_blocks = _scan_blocks(captured)
+
+    plan = RoutingPlan(modalities=modalities, init=init, policy=policy, include=include, exclude=exclude)
+    for names in names_of.values():
+        fqn = names[0]
+        param_uses = uses.get(fqn, [])
+        role, reason = _role(param_uses)
+        routable = not reason
+        pick = _selected(policy, role, _block_of(fqn), scan_blocks, routable)
+        if include_re and any(include_re.search(n) for n in names):
+            pick = True
+        if exclude_re and any(exclude_re.search(n) for n in names):
+            pick, reason = False, reason or f"excluded by {exclude!r}"
+        entry = PlannedParam(fqn=fqn, role=role, shape=list(module.get_parameter(fqn).shape),
+                             uses=[u.describe() for u in param_uses], aliases=names[1:])
+        if pick:
+            plan.params.append(entry)
+        else:
+            entry.reason = reason or ("outside the repeated blocks" if _block_of(fqn) is None
+                                      else f"not a {policy} parameter")
+            plan.shared.append(entry)
+    return plan

@@ -1,0 +1,171 @@
+"""RoutedModel: the nn.Module a conversion returns.
+
+It owns the dense model's module tree, with each routed parameter replaced by a
+stacked [M, *S] parameter under the same FQN, and runs captured-and-routed
+graphs that take those parameters as inputs. A graph is valid for one
+train/eval mode, one dtype/device and one input structure, and for the shapes
+export kept dynamic; other calls capture again (cached), binding the same
+parameters, the way torch.compile recompiles.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from sparsify.capture import CapturedGraph, bind_call, capture, primary_tensor
+from sparsify.errors import SparsifyError
+from sparsify.ops import check_modality_ids
+from sparsify.passes import run_passes
+from sparsify.passes.route import route
+from sparsify.plan import RoutingPlan
+
+
+@dataclass
+class GraphEntry:
+    routed: CapturedGraph              # graph_module routed; last placeholder is modality_ids
+    dense_graph_module: torch.fx.GraphModule  # the same capture before routing, for verify
+
+
+class RoutedModel(nn.Module):
+    def __init__(self, dense: nn.Module, plan: RoutingPlan, call_defaults: dict[str, Any] | None = None):
+        super().__init__()
+        # Share the dense root's registries instead of nesting it, so parameter FQNs,
+        # state_dict keys and get_parameter() names are exactly the dense model's.
+        self._modules = dense._modules
+        self._parameters = dense._parameters
+        self._buffers = dense._buffers
+        self._non_persistent_buffers_set = dense._non_persistent_buffers_set
+        self.training = dense.training
+        object.__setattr__(self, "_dense", dense)
+        self.plan = plan
+        self.call_defaults = dict(call_defaults or {})
+        self._graphs: dict[tuple, list[GraphEntry]] = {}
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # Attributes of the dense root (e.g. a Hugging Face `config`) stay reachable.
+            dense = self.__dict__.get("_dense")
+            if dense is None:
+                raise
+            return getattr(dense, name)
+
+    @property
+    def dense_class(self) -> type:
+        return type(self._dense)
+
+    def extra_repr(self) -> str:
+        return f"modalities={self.plan.modalities}, routed={len(self.plan.params)} parameters"
+
+    # -- calling ---------------------------------------------------------------------------
+    def bind_inputs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """Inputs as keywords in forward-signature order, with capture-time defaults (use_cache=False)."""
+        inputs = bind_call(self._dense, args, kwargs)
+        missing = {k: v for k, v in self.call_defaults.items() if k not in inputs}
+        return bind_call(self._dense, (), {**inputs, **missing}) if missing else inputs
+
+    def forward(self, *args, modality_ids=None, **kwargs):
+        if modality_ids is None:
+            raise SparsifyError(
+                "modality_ids is required: pass modality_ids=LongTensor[batch, seq] with one id in "
+                f"[0, {self.plan.modalities}) per token, e.g. routed(input_ids, modality_ids=ids)."
+            )
+        inputs = self.bind_inputs(args, kwargs)
+        token = primary_tensor(inputs)
+        ids = check_modality_ids(modality_ids, token.shape[:2], self.plan.modalities).to(token.device)
+        entry, flat = self.graph_for(inputs)
+        graph = entry.routed
+        outputs = graph.graph_module(*self.graph_args(graph, flat), ids)
+        return self.unpack_outputs(graph, outputs)
+
+    def graph_args(self, graph: CapturedGraph, flat_inputs: list, params: dict | None = None) -> list:
+        """Placeholder values in order; `params` overrides parameters by FQN (verify uses it)."""
+        values = []
+        for kind, target in graph.placeholders:
+            if kind == "parameter":
+                values.append(params[target] if params and target in params else self.get_parameter(target))
+            elif kind == "buffer":
+                values.append(self.get_buffer(target))
+            elif kind == "constant":
+                values.append(graph.constants[target])
+            else:
+                values.append(flat_inputs[target])
+        return values
+
+    def unpack_outputs(self, graph: CapturedGraph, outputs):
+        outputs = list(outputs)
+        mutated = len(graph.mutated_buffers)
+        with torch.no_grad():
+            for name, value in zip(graph.mutated_buffers, outputs[:mutated]):
+                self.get_buffer(name).copy_(value)
+        return pytree.tree_unflatten(outputs[mutated:], graph.output_spec)
+
+    # -- capture cache ---------------------------------------------------------------------
+    def _cache_key(self, flat: list, spec) -> tuple:
+        leaves = tuple(
+            ("tensor", leaf.dtype, leaf.device, leaf.dim()) if isinstance(leaf, torch.Tensor) else ("value", repr(leaf))
+            for leaf in flat
+        )
+        params = frozenset((p.dtype, p.device) for p in self.parameters())
+        return (self.training, str(spec), leaves, params)
+
+    def graph_for(self, inputs: dict[str, Any]) -> tuple[GraphEntry, list]:
+        """The routed graph for these inputs, capturing and routing a new one if none accepts them."""
+        flat, spec = pytree.tree_flatten(((), inputs))
+        key = self._cache_key(flat, spec)
+        entries = self._graphs.setdefault(key, [])
+        for entry in entries:
+            if entry.routed.accepts(flat):
+                return entry, flat
+        entry = self._capture(inputs)
+        entries.append(entry)
+        return entry, flat
+
+    @contextmanager
+    def dense_view(self, modality: int = 0):
+        """Temporarily give each routed parameter its dense shape (a view of one modality's copy)."""
+        views: dict[int, nn.Parameter] = {}
+        swapped = []
+        for fqn in self.plan.routed:
+            owner_name, _, name = fqn.rpartition(".")
+            owner = self.get_submodule(owner_name)
+            stacked = owner._parameters[name]
+            if id(stacked) not in views:  # tied aliases keep sharing one tensor
+                views[id(stacked)] = nn.Parameter(stacked.detach()[modality], requires_grad=stacked.requires_grad)
+            owner._parameters[name] = views[id(stacked)]
+            swapped.append((owner, name, stacked))
+        try:
+            yield
+        finally:
+            for owner, name, stacked in reversed(swapped):
+                owner._parameters[name] = stacked
+
+    def _capture(self, inputs: dict[str, Any]) -> GraphEntry:
+        self._dense.training = self.training  # children share the flag already; the root does not
+        with self.dense_view():
+            captured = capture(self._dense, inputs)
+        return self.route_captured(captured)
+
+    def route_captured(self, captured: CapturedGraph) -> GraphEntry:
+        dense_graph_module = copy.deepcopy(captured.graph_module)
+        placeholders = [n for n in captured.graph_module.graph.nodes if n.op == "placeholder"]
+        param_fqns = {n.name: t for n, (k, t) in zip(placeholders, captured.placeholders) if k == "parameter"}
+
+        def route_pass(graph_module):
+            return route(graph_module, param_fqns=param_fqns, routed=set(self.plan.routed),
+                         modalities=self.plan.modalities, token_dims=captured.token_dims)
+
+        captured.graph_module = run_passes(captured.graph_module, [route_pass])
+        return GraphEntry(routed=captured, dense_graph_module=dense_graph_module)
+
+    def seed_graph(self, inputs: dict[str, Any], captured: CapturedGraph) -> None:
+        """Cache a graph captured outside (convert captures once for planning and routing)."""
+        flat, spec = pytree.tree_flatten(((), inputs))
+        self._graphs.setdefault(self._cache_key(flat, spec), []).append(self.route_captured(captured))
