@@ -298,8 +298,8 @@ def read_metadata(path) -> dict:
 
 
 def load(path, model: nn.Module | Callable[[], nn.Module] | None = None) -> RoutedModel:
-    """Rebuild a routed model saved by `save`. Hugging Face models need no `model`; others pass the dense
-    module (it is copied, not modified) or a factory that builds it."""
+    """Rebuild a routed model saved by `save`, in eval mode. Hugging Face models need no `model`; others
+    pass the dense module (it is copied, not modified) or a factory that builds it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
@@ -340,4 +340,4 @@ def load(path, model: nn.Module | Callable[[], nn.Module] | None = None) -> Rout
         raise SparsifyError(f"{path / WEIGHTS_FILE} is corrupted or truncated ({e}); re-save the model") from None
     except RuntimeError as e:
         raise SparsifyError(f"checkpoint {path} does not match the model: {str(e).strip()[:1500]}") from None
-    return routed
+    return routed.eval()  # as from_pretrained does: call .train() to train

@@ -42,6 +42,12 @@ def find_token_axes(shape: Sequence, token_dims: tuple) -> TokenAxes | str:
     """TokenAxes of a tensor of this shape, or a string saying why they cannot be found."""
     batch, seq = token_dims
     matches = lambda target: [i for i, size in enumerate(shape) if size == target]  # noqa: E731
+    if batch == 1 and seq == 1:
+        # One token: any unit dim can carry its id; the ids broadcast over the rest.
+        unit_dims = matches(1)
+        if unit_dims:
+            return TokenAxes((unit_dims[0],))
+        return f"shape {list(shape)} has no dim for the single token"
     if batch == 1:
         # A batch of one leaves no batch dim to find: the seq dim alone carries the tokens.
         seq_dims = matches(seq)
