@@ -16,3 +16,8 @@ def rows_by_modality(flat_ids: torch.Tensor, modalities: int) -> list[torch.Tens
             f"[{int(flat_ids.min())}, {int(flat_ids.max())}]."
         )
     return [(flat_ids == m).nonzero().squeeze(1) for m in range(modalities)]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half types, the dtype itself for fp32/fp64: reductions never lose precision."""
+    return torch.promote_types(dtype, torch.float32)

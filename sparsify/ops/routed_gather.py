@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sparsify.ops._grouping import rows_by_modality
+from sparsify.ops._grouping import accumulation_dtype, rows_by_modality
 
 
 def routed_gather_ref(weight: Tensor, modality_ids: Tensor) -> Tensor:
@@ -19,11 +19,11 @@ def routed_gather_ref(weight: Tensor, modality_ids: Tensor) -> Tensor:
 
 
 def routed_gather_backward_ref(grad: Tensor, modality_ids: Tensor, modalities: int) -> Tensor:
-    """Sum of the per-token gradients into each modality's copy, accumulated in fp32."""
+    """Sum of the per-token gradients into each modality's copy, accumulated in at least fp32."""
     flat_ids = modality_ids.reshape(-1)
     param_shape = grad.shape[modality_ids.dim():]
-    dweight = grad.new_zeros((modalities, *param_shape), dtype=torch.float32)
-    dweight.index_add_(0, flat_ids, grad.reshape(flat_ids.numel(), *param_shape).float())
+    dweight = grad.new_zeros((modalities, *param_shape), dtype=accumulation_dtype(grad.dtype))
+    dweight.index_add_(0, flat_ids, grad.reshape(flat_ids.numel(), *param_shape).to(dweight.dtype))
     return dweight.to(grad.dtype)
 
 

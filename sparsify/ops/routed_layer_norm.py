@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparsify.ops._grouping import rows_by_modality
+from sparsify.ops._grouping import accumulation_dtype, rows_by_modality
 
 
 def routed_layer_norm_ref(
@@ -34,21 +34,22 @@ def routed_layer_norm_backward_ref(
     grad: Tensor, x: Tensor, modality_ids: Tensor, weight: Optional[Tensor], modalities: int, eps: float,
     has_bias: bool,
 ):
-    """(dx, dweight, dbias) in fp32 accumulation; dweight/dbias are empty when absent."""
+    """(dx, dweight, dbias), accumulated in at least fp32; dweight/dbias are empty when absent."""
     d = x.shape[-1]
-    x32 = x.reshape(-1, d).float()
-    g32 = grad.reshape(-1, d).float()
+    acc = accumulation_dtype(x.dtype)
+    x32 = x.reshape(-1, d).to(acc)
+    g32 = grad.reshape(-1, d).to(acc)
     mean = x32.mean(-1, keepdim=True)
     rstd = torch.rsqrt(x32.var(-1, unbiased=False, keepdim=True) + eps)
     xhat = (x32 - mean) * rstd
     dx = torch.empty_like(x32)
-    dweight = x.new_zeros((modalities, d) if weight is not None else (0,), dtype=torch.float32)
-    dbias = x.new_zeros((modalities, d) if has_bias else (0,), dtype=torch.float32)
+    dweight = x.new_zeros((modalities, d) if weight is not None else (0,), dtype=acc)
+    dbias = x.new_zeros((modalities, d) if has_bias else (0,), dtype=acc)
     for m, rows in enumerate(rows_by_modality(modality_ids.reshape(-1), modalities)):
         if not rows.numel():
             continue
         g, xh = g32.index_select(0, rows), xhat.index_select(0, rows)
-        gw = g * weight[m].float() if weight is not None else g
+        gw = g * weight[m].to(acc) if weight is not None else g
         dx.index_copy_(
             0, rows,
             rstd.index_select(0, rows) * (gw - gw.mean(-1, keepdim=True) - xh * (gw * xh).mean(-1, keepdim=True)),

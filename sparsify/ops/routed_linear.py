@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparsify.ops._grouping import rows_by_modality
+from sparsify.ops._grouping import accumulation_dtype, rows_by_modality
 
 
 def routed_linear_ref(x: Tensor, modality_ids: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -39,7 +39,7 @@ def routed_linear_backward_ref(grad: Tensor, x: Tensor, modality_ids: Tensor, we
             dx.index_copy_(0, rows, (g @ weight[m]).to(dx.dtype))
             dweight[m] = g.t() @ x_rows.index_select(0, rows)
             if has_bias:
-                dbias[m] = g.sum(0, dtype=torch.float32).to(dbias.dtype)
+                dbias[m] = g.sum(0, dtype=accumulation_dtype(g.dtype)).to(dbias.dtype)
     return dx.reshape(x.shape), dweight, dbias
 
 

@@ -1,0 +1,117 @@
+"""Routed ops vs a per-token reference written with plain indexing, forward and every gradient."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsify import ops
+
+CASES = [  # (token shape, features in, features out, modalities)
+    ((2, 7), 5, 3, 3),
+    ((1, 1), 4, 6, 1),
+    ((13,), 9, 11, 2),
+    ((3, 5), 16, 8, 8),
+]
+DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float64, 1e-10, 1e-10)]
+
+
+def make(token_shape, d_in, d_out, modalities, dtype, empty_modality=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*token_shape, d_in, generator=g, dtype=dtype, requires_grad=True)
+    ids = torch.randint(0, modalities, token_shape, generator=g)
+    if empty_modality and modalities > 1:
+        ids[ids == modalities - 1] = 0  # the last modality gets no token
+    w = torch.randn(modalities, d_out, d_in, generator=g, dtype=dtype, requires_grad=True)
+    b = torch.randn(modalities, d_out, generator=g, dtype=dtype, requires_grad=True)
+    return x, ids, w, b
+
+
+def grads(out, inputs, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    upstream = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    return torch.autograd.grad(out, inputs, upstream, retain_graph=True)
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("token_shape,d_in,d_out,modalities", CASES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_routed_linear(token_shape, d_in, d_out, modalities, dtype, atol, rtol, with_bias):
+    x, ids, w, b = make(token_shape, d_in, d_out, modalities, dtype)
+    b = b if with_bias else None
+    out = ops.routed_linear(x, ids, w, b)
+    expected = torch.einsum("...i,...oi->...o", x, w[ids]) + (b[ids] if with_bias else 0)
+    torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
+    inputs = [x, w] + ([b] if with_bias else [])
+    for got, want in zip(grads(out, inputs), grads(expected, inputs)):
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    if modalities > 1:  # the empty modality's copy gets exactly zero gradient
+        assert torch.count_nonzero(grads(out, [w])[0][modalities - 1]) == 0
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("token_shape,d,_,modalities", CASES)
+@pytest.mark.parametrize("affine", ["both", "weight", "bias"])
+def test_routed_layer_norm(token_shape, d, _, modalities, dtype, atol, rtol, affine):
+    x, ids, _w, _b = make(token_shape, d, d, modalities, dtype)
+    g = torch.Generator().manual_seed(5)
+    w = (1 + torch.randn(modalities, d, generator=g, dtype=dtype)).requires_grad_() if affine != "bias" else None
+    b = torch.randn(modalities, d, generator=g, dtype=dtype, requires_grad=True) if affine != "weight" else None
+    out = ops.routed_layer_norm(x, ids, w, b, 1e-5)
+    expected = F.layer_norm(x, (d,), eps=1e-5)
+    if w is not None:
+        expected = expected * w[ids]
+    if b is not None:
+        expected = expected + b[ids]
+    torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
+    inputs = [t for t in (x, w, b) if t is not None]
+    for got, want in zip(grads(out, inputs), grads(expected, inputs)):
+        torch.testing.assert_close(got, want, atol=atol * 10, rtol=rtol * 10)
+
+
+@pytest.mark.parametrize("param_shape", [(5,), (2, 3)])
+def test_routed_gather(param_shape):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, *param_shape, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[0, 2, 2, 0], [0, 0, 2, 0]])  # modality 1 empty
+    out = ops.routed_gather(w, ids)
+    assert out.shape == (2, 4, *param_shape)
+    torch.testing.assert_close(out, w[ids])
+    (got,) = grads(out, [w])
+    (want,) = grads(w[ids], [w])
+    torch.testing.assert_close(got, want)
+    assert torch.count_nonzero(got[1]) == 0
+
+
+def test_ops_pass_torch_library_opcheck():
+    x, ids, w, b = make((2, 5), 4, 3, 3, torch.float32)
+    torch.library.opcheck(torch.ops.sparsify.routed_linear.default, (x, ids, w, b))
+    torch.library.opcheck(torch.ops.sparsify.routed_linear.default, (x, ids, w, None))
+    d = 4
+    torch.library.opcheck(torch.ops.sparsify.routed_layer_norm.default,
+                          (x, ids, torch.randn(3, d, requires_grad=True), torch.randn(3, d, requires_grad=True), 1e-5))
+    torch.library.opcheck(torch.ops.sparsify.routed_gather.default, (torch.randn(3, d, requires_grad=True), ids))
+
+
+def test_ops_reject_out_of_range_ids_instead_of_leaving_garbage():
+    x, ids, w, b = make((2, 5), 4, 3, 2, torch.float32)
+    ids[0, 0] = 2
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+        ops.routed_linear(x, ids, w, b)
+    ids[0, 0] = -1
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+        ops.routed_gather(w, ids)
+
+
+def test_torch_compile_keeps_routed_linear_as_one_op():
+    x, ids, w, b = make((2, 5), 4, 3, 3, torch.float32)
+    counts = {}
+
+    def backend(gm, example_inputs):
+        counts["graphs"] = counts.get("graphs", 0) + 1
+        counts["routed"] = sum(n.target is torch.ops.sparsify.routed_linear.default for n in gm.graph.nodes)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, ids, w, b: ops.routed_linear(x, ids, w, b).relu(), backend=backend,
+                             fullgraph=True)
+    torch.testing.assert_close(compiled(x, ids, w, b), ops.routed_linear(x, ids, w, b).relu())
+    assert counts == {"graphs": 1, "routed": 1}
