@@ -123,24 +123,26 @@ def _scan_blocks(captured: CapturedGraph) -> set[str]:
 
 
 def _role(uses) -> tuple[str, str]:
-    """(role, reason-if-not-routable) of a parameter from all its uses."""
+    """(role, problem) of a parameter: its routable role if any use has one, and the first use's problem.
+
+    A linear weight with one odd use keeps the role "linear": a preset picks it, and the
+    route pass then reports the odd use (node, module, source line) instead of silently sharing it.
+    """
     if not uses:
         return "unused", "not used by the captured forward"
-    bad = [u for u in uses if u.problem]
-    if bad:
-        return bad[0].role, bad[0].problem
-    roles = {u.role for u in uses}
+    problem = next((u.problem for u in uses if u.problem), "")
+    roles = {u.role for u in uses if not u.problem}
     for role in ROUTABLE_ROLES:
         if role in roles:
-            return role, ""
-    return roles.pop(), ""
+            return role, problem
+    return uses[0].role, problem
 
 
 def _selected(policy: str, role: str, block: str | None, scan_blocks: set[str], routable: bool) -> bool:
-    if not routable or policy == "none":
+    if policy == "none" or role not in ROUTABLE_ROLES:
         return False
     if policy == "all":
-        return True
+        return routable
     if block is None:
         return False
     if policy == "mom" or (policy == "auto" and block in scan_blocks):

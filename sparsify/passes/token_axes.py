@@ -61,6 +61,9 @@ def find_token_axes(shape: Sequence, token_dims: tuple) -> TokenAxes | str:
         return TokenAxes((flat_dims[0],))
     if not batch_dims and not seq_dims and not flat_dims:
         return f"shape {list(shape)} has no dim of batch {batch}, sequence {seq} or batch*sequence"
+    if len(batch_dims) == 1 and not seq_dims and not flat_dims:
+        return (f"shape {list(shape)} has the batch dim but no sequence dim: it holds part of the sequence "
+                "(e.g. x[:, t] inside a Python loop over time), which sparsify cannot route per token yet")
     return (
         f"shape {list(shape)} matches batch {batch} / sequence {seq} ambiguously "
         f"(batch dims {batch_dims}, seq dims {seq_dims}, flattened dims {flat_dims}); "

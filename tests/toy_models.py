@@ -1,0 +1,101 @@
+"""Tiny modules that exercise one routing form each (not Hugging Face, no frontend help)."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(d))
+        self.eps = eps
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Block(nn.Module):
+    """Linear, Conv1D-style addmm with an [in, out] weight, a left matmul (w @ x), LayerNorm, RMSNorm, a bias add."""
+
+    def __init__(self, d=8, hidden=12):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.rms = RMSNorm(d)
+        self.up = nn.Linear(d, hidden)
+        self.conv1d_weight = nn.Parameter(0.1 * torch.randn(hidden, d))   # [in, out] as GPT-2's Conv1D
+        self.conv1d_bias = nn.Parameter(0.1 * torch.randn(d))
+        self.left = nn.Parameter(0.1 * torch.randn(d, d))                 # used as left @ x^T (mamba_ssm style)
+        self.shift = nn.Parameter(0.1 * torch.randn(d))
+
+    def forward(self, x):
+        h = F.gelu(self.up(self.norm(x)))
+        batch, seq, _ = x.shape
+        flat = torch.addmm(self.conv1d_bias, h.view(-1, h.shape[-1]), self.conv1d_weight).view(batch, seq, -1)
+        channels_first = self.left @ flat.transpose(1, 2)                  # [B, d, T]: tokens in the last dim
+        return x + self.rms(channels_first.transpose(1, 2)) + self.shift
+
+
+class ToyLM(nn.Module):
+    def __init__(self, vocab=50, d=8, layers=2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(Block(d) for _ in range(layers))
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+class SeqFirst(nn.Module):
+    """Takes [seq, batch, d]: the token dims come in (seq, batch) order."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(d, d)])
+
+    def forward(self, x):
+        return self.layers[0](x).transpose(0, 1).transpose(0, 1)
+
+
+class LoopOverTime(nn.Module):
+    """A Python loop over the sequence: export specialises the sequence length."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(d, d)])
+
+    def forward(self, x):
+        h = self.layers[0](x)
+        state = torch.zeros_like(h[:, 0])
+        outs = []
+        for t in range(x.shape[1]):
+            state = 0.5 * state + h[:, t]
+            outs.append(state)
+        return torch.stack(outs, 1)
+
+
+class DataDependent(nn.Module):
+    def __init__(self, d=6):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(d, d)])
+
+    def forward(self, x):
+        if x.sum() > 0:  # Python control flow on a tensor value: not capturable
+            return self.layers[0](x)
+        return x
+
+
+class WeightInSoftmax(nn.Module):
+    """A block parameter used by an op sparsify cannot route."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(d, d)])
+
+    def forward(self, x):
+        return self.layers[0](x) + torch.softmax(self.layers[0].weight, -1).sum()
