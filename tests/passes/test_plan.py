@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+import sparsify
+from sparsify.capture import capture
+from sparsify.plan import RoutingPlan, build_plan
+from tests.toy_models import ToyLM
+
+
+@pytest.fixture(scope="module")
+def captured_toy():
+    torch.manual_seed(0)
+    model = ToyLM().eval()
+    return model, capture(model, {"tokens": torch.randint(0, 50, (2, 7))})
+
+
+def block_params(layer, names):
+    return {f"layers.{layer}.{n}" for n in names}
+
+
+MOT = ["norm.weight", "norm.bias", "rms.weight", "up.weight", "up.bias", "conv1d_weight", "conv1d_bias", "left"]
+
+
+def test_presets_pick_by_graph_role_and_block(captured_toy):
+    model, captured = captured_toy
+    plan = lambda **kw: set(build_plan(captured, model, 3, **kw).routed)  # noqa: E731
+    mot = block_params(0, MOT) | block_params(1, MOT)
+    assert plan(policy="mot") == mot
+    assert plan(policy="auto") == mot  # no scan op in this graph
+    linears = {p for p in mot if "norm" not in p and "rms" not in p}
+    assert plan(policy="mom") == linears
+    assert plan(policy="all") == mot | {"layers.0.shift", "layers.1.shift", "head.weight"}
+    assert plan(policy="none") == set()
+
+
+def test_include_adds_and_exclude_removes(captured_toy):
+    model, captured = captured_toy
+    plan = build_plan(captured, model, 3, policy="mot", include=r"\.shift$", exclude=r"\.left$|layers\.1\.")
+    assert set(plan.routed) == (block_params(0, MOT) - {"layers.0.left"}) | {"layers.0.shift"}
+    reasons = {p.fqn: p.reason for p in plan.shared}
+    assert "excluded" in reasons["layers.0.left"]
+    assert "embedding" in reasons["embed.weight"]
+
+
+def test_roles_and_token_dims_are_recorded(captured_toy):
+    model, captured = captured_toy
+    plan = build_plan(captured, model, 2, policy="all")
+    by_fqn = {p.fqn: p for p in plan.params}
+    assert by_fqn["layers.0.up.weight"].role == "linear"
+    assert by_fqn["layers.0.rms.weight"].role == "norm"          # an RMSNorm scale (mul after rsqrt)
+    assert by_fqn["layers.0.shift"].role == "elementwise"
+    assert "tokens flattened in dim 0" in by_fqn["layers.0.conv1d_weight"].uses[0]
+    # w @ x routes x.mT, whose tokens are [batch, seq, d_in] again
+    assert by_fqn["layers.0.left"].uses[0] == "matmul_weight_left in aten.matmul.default, batch dim 0, seq dim 1"
+    assert by_fqn["layers.0.up.weight"].shape == [12, 8]
+
+
+def test_plan_json_round_trip_and_bad_json(captured_toy):
+    model, captured = captured_toy
+    plan = build_plan(captured, model, 3, policy="mot", exclude="left")
+    assert RoutingPlan.from_json(plan.to_json()) == plan
+    with pytest.raises(sparsify.SparsifyError, match="not a valid RoutingPlan"):
+        RoutingPlan.from_dict({"modalities": 3, "params": [{"nope": 1}]})
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(policy="moe"), "unknown policy 'moe'"),
+    (dict(init="zeros"), "unknown init 'zeros'"),
+    (dict(modalities=0), "modalities must be a positive int"),
+    (dict(include="("), "not a valid regular expression"),
+])
+def test_bad_options(captured_toy, kwargs, message):
+    model, captured = captured_toy
+    options = dict(modalities=3) | kwargs
+    with pytest.raises(sparsify.SparsifyError, match=message):
+        build_plan(captured, model, **options)
