@@ -206,6 +206,6 @@ def build_plan(
             plan.params.append(entry)
         else:
             entry.reason = reason or ("outside the repeated blocks" if _block_of(fqn) is None
-                                      else f"not a {policy} parameter")
+                                      else f"not selected by policy={policy!r}")
             plan.shared.append(entry)
     return plan

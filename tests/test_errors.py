@@ -1,0 +1,116 @@
+"""Bad input gets a clear error saying what was wrong and how to fix it; failures leave nothing behind."""
+import json
+
+import pytest
+import torch
+
+import sparsify
+from tests.conftest import tiny_gpt2, tiny_llama
+from tests.toy_models import DataDependent, ToyLM
+
+
+@pytest.fixture(scope="module")
+def toy_routed():
+    torch.manual_seed(0)
+    model = ToyLM().eval()
+    return model, sparsify.convert(model, 3, example_inputs=(torch.randint(0, 50, (2, 7)),))
+
+
+@pytest.mark.parametrize("ids,message", [
+    (torch.full((2, 7), 3), r"must lie in \[0, 3\).*\[3, 3\]"),
+    (torch.full((2, 7), -1), r"must lie in \[0, 3\)"),
+    (torch.zeros(2, 6, dtype=torch.long), r"shape \(2, 6\) but the tokens have shape \(2, 7\)"),
+    (torch.zeros(14, dtype=torch.long), r"shape \(14,\) but the tokens have shape \(2, 7\)"),
+    (torch.zeros(2, 7), r"integer modality indices.*float32"),
+    ([[0] * 7] * 2, r"must be a torch.LongTensor"),
+])
+def test_bad_modality_ids(toy_routed, ids, message):
+    _, routed = toy_routed
+    with pytest.raises(ValueError, match=message):
+        routed(torch.randint(0, 50, (2, 7)), modality_ids=ids)
+
+
+def test_missing_modality_ids(toy_routed):
+    _, routed = toy_routed
+    with pytest.raises(sparsify.SparsifyError, match="modality_ids is required"):
+        routed(torch.randint(0, 50, (2, 7)))
+
+
+def test_int32_ids_are_accepted(toy_routed):
+    model, routed = toy_routed
+    tokens = torch.randint(0, 50, (2, 7))
+    out = routed(tokens, modality_ids=torch.zeros(2, 7, dtype=torch.int32))
+    torch.testing.assert_close(out, model(tokens), rtol=1e-5, atol=1e-6)
+
+
+def test_untraceable_model():
+    with pytest.raises(sparsify.CaptureError, match="torch.export could not capture DataDependent"):
+        sparsify.convert(DataDependent(), 2, example_inputs=(torch.randn(2, 5, 6),))
+
+
+def test_plain_module_needs_example_inputs():
+    with pytest.raises(sparsify.SparsifyError, match="pass example_inputs"):
+        sparsify.convert(ToyLM(), 2)
+
+
+def test_converting_a_routed_model(toy_routed):
+    _, routed = toy_routed
+    with pytest.raises(sparsify.SparsifyError, match="already routed"):
+        sparsify.convert(routed, 2)
+
+
+def test_nothing_to_route_lists_why():
+    with pytest.raises(sparsify.SparsifyError, match="(?s)selected no parameters.*embed.weight: an embedding"):
+        sparsify.convert(ToyLM(), 2, example_inputs=(torch.randint(0, 50, (2, 7)),), policy="none")
+
+
+def test_load_errors(toy_routed, tmp_path):
+    model, routed = toy_routed
+    with pytest.raises(sparsify.SparsifyError, match="no sparsify.json"):
+        sparsify.load(tmp_path)
+    path = sparsify.save(routed, tmp_path / "toy")
+    with pytest.raises(sparsify.SparsifyError, match="pass model="):
+        sparsify.load(path)  # not a Hugging Face model: sparsify cannot rebuild it alone
+    loaded = sparsify.load(path, model=ToyLM)  # a factory works
+    tokens, ids = torch.randint(0, 50, (2, 7)), torch.randint(0, 3, (2, 7))
+    assert torch.equal(loaded(tokens, modality_ids=ids), routed(tokens, modality_ids=ids))
+    with pytest.raises(sparsify.SparsifyError, match=r"does not match the model: 'layers.0.\S+' is \["):
+        sparsify.load(path, model=lambda: ToyLM(d=16))
+
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(sparsify.SparsifyError, match="corrupted or truncated"):
+        sparsify.load(path, model=ToyLM)
+    (path / "sparsify.json").write_text("{ not json")
+    with pytest.raises(sparsify.SparsifyError, match="corrupted"):
+        sparsify.load(path, model=ToyLM)
+
+
+def test_hf_checkpoint_from_another_architecture(tmp_path):
+    routed = sparsify.convert(tiny_llama(), 2)
+    path = sparsify.save(routed, tmp_path / "llama")
+    metadata = json.loads((path / "sparsify.json").read_text())
+    metadata["model"]["config"]["hidden_size"] = 64
+    (path / "sparsify.json").write_text(json.dumps(metadata))
+    with pytest.raises(sparsify.SparsifyError, match="does not match the model"):
+        sparsify.load(path)
+
+
+def test_failed_save_leaves_nothing(toy_routed, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    _, routed = toy_routed
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", broken)
+    with pytest.raises(OSError, match="disk full"):
+        sparsify.save(routed, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gpt2_verify_against_the_wrong_model():
+    routed = sparsify.convert(tiny_gpt2(), 2)
+    with pytest.raises(sparsify.SparsifyError, match="is it the model that was converted"):
+        sparsify.verify(tiny_gpt2(n_embd=64), routed)
