@@ -67,8 +67,11 @@ def _stack_parameters(dense: nn.Module, plan: RoutingPlan, init: str) -> None:
         routed = set(plan.routed)
         owners = sorted({fqn.rpartition(".")[0] for fqn in routed})
         # Re-initialising a module also resets its shared parameters: keep those as they are.
-        keep = {f"{o}.{n}" if o else n: t.detach().clone() for o in owners
-                for n, t in dense.get_submodule(o).named_parameters(recurse=False) if (f"{o}.{n}" if o else n) not in routed}
+        keep = {}
+        for owner in owners:
+            for name, tensor in dense.get_submodule(owner).named_parameters(prefix=owner, recurse=False):
+                if name not in routed:
+                    keep[name] = tensor.detach().clone()
         per_modality: dict[str, list[torch.Tensor]] = {p.fqn: [] for p in plan.params}
         with torch.no_grad():
             for _ in range(modalities):
