@@ -2,10 +2,6 @@
 from __future__ import annotations
 
 import copy
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,17 +9,14 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
+from sparsify import checkpoint
 from sparsify.capture import bind_call, capture, primary_tensor
 from sparsify.errors import SparsifyError, VerificationError
 from sparsify.frontends import huggingface as hf
 from sparsify.passes.verify import VerifyReport, compare_graphs
 from sparsify.plan import INIT_MODES, RoutingPlan, build_plan
 from sparsify.routed_model import RoutedModel
-
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-METADATA_FILE = "sparsify.json"
-
+from sparsify.safetensors_io import write_checkpoint
 
 def _example_inputs(model: nn.Module, example_inputs, example_kwargs) -> dict[str, Any]:
     if example_inputs is None and example_kwargs is None:
@@ -231,116 +224,34 @@ def verify(model: nn.Module, routed: RoutedModel, example_inputs=None, seed: int
 
 
 # -- save / load ----------------------------------------------------------------------------------
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"torch": torch.__version__}
-    for package in ("sparsify", "transformers", "safetensors"):
-        try:
-            out[package] = version(package)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def save(routed: RoutedModel, path, *, overwrite: bool = False) -> Path:
-    """Write a directory: model.safetensors (stacked weights under dense FQNs), sparsify.json, config.json (HF)."""
-    from safetensors.torch import save_model
-
+def save(routed: RoutedModel, path, *, overwrite: bool = False,
+         max_shard_bytes: int = checkpoint.DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Write a routed checkpoint directory (see sparsify.checkpoint); nothing is left behind on failure."""
     if not isinstance(routed, RoutedModel):
         raise SparsifyError(f"save() takes a RoutedModel (from sparsify.convert), got {type(routed).__name__}")
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise SparsifyError(f"{path} already exists; choose a new path or pass overwrite=True")
-    path.parent.mkdir(parents=True, exist_ok=True)
     dense = routed._dense
-    dtypes = {p.dtype for p in routed.parameters()}
-    metadata = {
-        "format": "sparsify",
-        "format_version": FORMAT_VERSION,
-        "versions": _versions(),
-        "modalities": routed.plan.modalities,
-        "plan": routed.plan.to_dict(),
-        "model": hf.describe(dense) if hf.is_hf_model(dense) else
-        {"kind": "module", "class": f"{type(dense).__module__}:{type(dense).__qualname__}"},
-        "call_defaults": routed.call_defaults,
-        "dtype": str(dtypes.pop()).replace("torch.", "") if len(dtypes) == 1 else None,
-    }
-    # Written next to the target and renamed into place, so a failure leaves no half-written directory.
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.partial-"))
-    try:
-        save_model(routed, str(staging / WEIGHTS_FILE))
-        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+    metadata = checkpoint.make_metadata(routed.plan, checkpoint.describe_model(dense), routed.call_defaults,
+                                        checkpoint.single_dtype(routed))
+    path = Path(path)
+    with checkpoint.staged_directory(path, overwrite) as staging:
+        write_checkpoint(staging, checkpoint.module_tensors(routed), max_shard_bytes)
+        checkpoint.write_metadata(staging, metadata)
         if hf.is_hf_model(dense):
             dense.config.save_pretrained(staging)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return path
 
 
-def read_metadata(path) -> dict:
-    path = Path(path)
-    meta_file = path / METADATA_FILE
-    if not meta_file.is_file():
-        raise SparsifyError(f"{path} is not a sparsify checkpoint: it has no {METADATA_FILE} "
-                            "(write one with sparsify.save(routed, path))")
-    try:
-        metadata = json.loads(meta_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SparsifyError(f"{meta_file} is corrupted (not valid JSON: {e}); re-save the model") from None
-    if metadata.get("format") != "sparsify" or "plan" not in metadata:
-        raise SparsifyError(f"{meta_file} is not sparsify metadata (no format/plan fields)")
-    if metadata.get("format_version", 0) > FORMAT_VERSION:
-        raise SparsifyError(f"{path} was written by a newer sparsify (format {metadata['format_version']}); "
-                            "upgrade sparsify to load it")
-    return metadata
-
-
 def load(path, model: nn.Module | Callable[[], nn.Module] | None = None) -> RoutedModel:
-    """Rebuild a routed model saved by `save`, in eval mode. Hugging Face models need no `model`; others
-    pass the dense module (it is copied, not modified) or a factory that builds it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
-
+    """Rebuild a routed model saved by `save` or `sparsify convert`, in eval mode. Hugging Face models need
+    no `model`; others pass the dense module (it is copied, not modified) or a factory that builds it."""
     path = Path(path)
-    metadata = read_metadata(path)
+    metadata = checkpoint.read_metadata(path)
     plan = RoutingPlan.from_dict(metadata["plan"])
-    if model is None:
-        if metadata["model"].get("kind") != "huggingface":
-            raise SparsifyError(f"{path} holds a {metadata['model'].get('class')} model, which sparsify cannot "
-                                "rebuild on its own: pass model=<the dense module> or a factory to load()")
-        dense = hf.rebuild(metadata["model"])
-    elif isinstance(model, nn.Module):
-        dense = copy.deepcopy(model)
-    elif callable(model):
-        dense = model()
-        if not isinstance(dense, nn.Module):
-            raise SparsifyError(f"the model factory returned {type(dense).__name__}, not an nn.Module")
-    else:
-        raise SparsifyError(f"model must be an nn.Module or a factory, got {type(model).__name__}")
-    for p in plan.params:
-        try:
-            shape = list(dense.get_parameter(p.fqn).shape)
-        except AttributeError:
-            raise SparsifyError(f"checkpoint {path} does not match the model: it routes {p.fqn!r}, "
-                                f"which {type(dense).__name__} does not have") from None
-        if shape != p.shape:
-            raise SparsifyError(f"checkpoint {path} does not match the model: {p.fqn!r} is {p.shape} in the "
-                                f"checkpoint but {shape} in {type(dense).__name__}")
+    dense, _ = checkpoint.build_dense(metadata["model"], model)
+    checkpoint.check_plan_matches(plan, dense, path)
     _stack_parameters(dense, plan, "empty")
     routed = RoutedModel(dense, plan, metadata.get("call_defaults") or {})
     if metadata.get("dtype"):
         routed.to(getattr(torch, metadata["dtype"]))
-    try:
-        load_model(routed, str(path / WEIGHTS_FILE), strict=True)
-    except FileNotFoundError:
-        raise SparsifyError(f"{path} has no {WEIGHTS_FILE}: the checkpoint is incomplete") from None
-    except SafetensorError as e:
-        raise SparsifyError(f"{path / WEIGHTS_FILE} is corrupted or truncated ({e}); re-save the model") from None
-    except RuntimeError as e:
-        raise SparsifyError(f"checkpoint {path} does not match the model: {str(e).strip()[:1500]}") from None
+    checkpoint.load_weights(routed, path)
     return routed.eval()  # as from_pretrained does: call .train() to train

@@ -11,7 +11,7 @@ from sparsify.errors import SparsifyError
 
 
 def inspect_checkpoint(path: str) -> str:
-    from sparsify.api import read_metadata
+    from sparsify.checkpoint import read_metadata
     from sparsify.plan import RoutingPlan
 
     metadata = read_metadata(path)

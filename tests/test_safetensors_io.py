@@ -1,0 +1,62 @@
+"""Our streaming safetensors reader/writer agree with the safetensors library, both ways."""
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import sparsify
+from sparsify.safetensors_io import (OutputTensor, iter_chunks, read_checkpoint_dir, read_header, read_tensor,
+                                     write_checkpoint)
+from tests.toy_models import ToyLM
+
+TENSORS = {
+    "a.weight": torch.randn(5, 3),
+    "b.bf16": torch.randn(7).to(torch.bfloat16),
+    "c.ids": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+    "d.scalar": torch.tensor(2.5),
+}
+
+
+def test_reads_library_files(tmp_path):
+    save_file(TENSORS, tmp_path / "model.safetensors")
+    entries = read_checkpoint_dir(tmp_path)
+    for name, tensor in TENSORS.items():
+        assert torch.equal(read_tensor(entries[name]), tensor)
+        assert torch.equal(torch.cat(list(iter_chunks(entries[name], chunk_bytes=8))), tensor.reshape(-1))
+
+
+def test_library_reads_our_files_including_shards(tmp_path):
+    outputs = [OutputTensor(n, t.dtype, tuple(t.shape), lambda t=t: iter(t.reshape(-1).split(2)))
+               for n, t in TENSORS.items()]
+    names = write_checkpoint(tmp_path, outputs, max_shard_bytes=40)
+    assert len(names) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+    loaded = {}
+    for name in names:
+        loaded.update(load_file(tmp_path / name))
+    assert loaded.keys() == TENSORS.keys()
+    for name, tensor in TENSORS.items():
+        assert torch.equal(loaded[name], tensor)
+    assert {n: read_tensor(e).shape for n, e in read_checkpoint_dir(tmp_path).items()} == \
+        {n: t.shape for n, t in TENSORS.items()}
+
+
+def test_truncation_and_corruption_are_named(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file(TENSORS, path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-5])
+    with pytest.raises(sparsify.SparsifyError, match="is truncated"):
+        read_header(path)
+    path.write_bytes(data[:8] + b"{" * (len(data) - 8))
+    with pytest.raises(sparsify.SparsifyError, match="corrupted"):
+        read_header(path)
+
+
+def test_sharded_save_and_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 50, (2, 7))
+    routed = sparsify.convert(ToyLM(), 3, example_inputs=(tokens,))
+    path = sparsify.save(routed, tmp_path / "toy", max_shard_bytes=2000)
+    assert len(list(path.glob("model-*-of-*.safetensors"))) > 1
+    loaded = sparsify.load(path, model=ToyLM)
+    ids = torch.randint(0, 3, (2, 7))
+    assert torch.equal(loaded(tokens, modality_ids=ids), routed(tokens, modality_ids=ids))
