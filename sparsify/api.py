@@ -199,7 +199,9 @@ def verify(model: nn.Module, routed: RoutedModel, example_inputs=None, seed: int
            example_kwargs: dict | None = None) -> VerifyReport:
     """Compare `routed` (random modality ids) with the dense `model` on random inputs like the examples.
 
-    Holds at initialisation with init='copy': every copy equals the dense weight.
+    Holds at initialisation with init='copy': every copy equals the dense weight. A plan made with
+    init='independent' has no dense equivalent: each modality alone is then checked against the
+    dense graph run with that modality's copies.
     """
     if not isinstance(routed, RoutedModel):
         raise SparsifyError(f"verify(model, routed) takes a RoutedModel second, got {type(routed).__name__}")
@@ -207,6 +209,8 @@ def verify(model: nn.Module, routed: RoutedModel, example_inputs=None, seed: int
         inputs = getattr(routed, "example_inputs", None) or _example_inputs(model, None, None)
     else:
         inputs = _example_inputs(model, example_inputs, example_kwargs)
+    if routed.plan.init == "independent":
+        return _verify_modalities(routed, inputs, seed)
     dense_params = {}
     for fqn in routed.plan.routed:
         try:

@@ -1,39 +1,129 @@
-"""The `sparsify` command. Today: `sparsify inspect PATH` prints a routed checkpoint's plan.
+"""The `sparsify` command: convert, inspect and verify checkpoints on disk.
 
-Exit codes: 0 ok, 2 bad input (one line on stderr saying what and how to fix).
+Exit codes: 0 ok, 1 verification failed, 2 bad input (one line on stderr saying
+what and how to fix, no traceback).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from sparsify.errors import SparsifyError
+from sparsify.errors import SparsifyError, VerificationError
+
+EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
-def inspect_checkpoint(path: str) -> str:
-    from sparsify.checkpoint import read_metadata
-    from sparsify.plan import RoutingPlan
+def _size(text: str) -> int:
+    units = {"kb": 2**10, "mb": 2**20, "gb": 2**30}
+    lowered = text.strip().lower()
+    for suffix, factor in units.items():
+        if lowered.endswith(suffix):
+            return int(float(lowered[: -len(suffix)]) * factor)
+    return int(lowered)
 
-    metadata = read_metadata(path)
-    plan = RoutingPlan.from_dict(metadata["plan"])
-    header = (f"{path}: routed {metadata['model'].get('class', '?')}, written with "
-              + ", ".join(f"{k} {v}" for k, v in sorted(metadata.get("versions", {}).items())))
-    return header + "\n" + plan.summary()
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsify", description="Modality-routed models from dense checkpoints.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def routing_options(p, modalities_required):
+        p.add_argument("--modalities", type=int, required=modalities_required, default=3)
+        p.add_argument("--policy", default="auto", help="auto | mot | mom | all | none")
+        p.add_argument("--include", help="regex: also route parameters whose FQN matches")
+        p.add_argument("--exclude", help="regex: keep parameters whose FQN matches shared")
+        p.add_argument("--model", help="package.module:factory building the dense module (state-dict checkpoints); "
+                                       "it may return (module, example_inputs)")
+
+    convert = commands.add_parser("convert", help="convert a dense checkpoint into a routed one")
+    convert.add_argument("src", help="Hugging Face model directory, .safetensors or .pt state dict")
+    convert.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
+    routing_options(convert, modalities_required=True)
+    convert.add_argument("--init", default="copy", help="copy | independent")
+    convert.add_argument("--dtype", default="keep", help="keep | float32 | bfloat16 | float16")
+    convert.add_argument("--no-verify", action="store_true", help="skip comparing the result with the dense model")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    convert.add_argument("--max-shard-size", type=_size, default="5GB", help="e.g. 5GB, 500MB")
+    convert.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+    inspect = commands.add_parser("inspect", help="what a checkpoint routes (or would route), params before/after")
+    inspect.add_argument("path")
+    routing_options(inspect, modalities_required=False)
+
+    verify = commands.add_parser("verify", help="compare a routed checkpoint with its dense one")
+    verify.add_argument("dense")
+    verify.add_argument("routed")
+    verify.add_argument("--model", help="package.module:factory, for state-dict checkpoints")
+    return parser
+
+
+def run(args) -> int:
+    if args.command == "inspect":
+        from pathlib import Path
+
+        from sparsify.checkpoint import METADATA_FILE, read_metadata
+        from sparsify.plan import RoutingPlan
+
+        if (Path(args.path) / METADATA_FILE).exists():
+            metadata = read_metadata(args.path)
+            plan = RoutingPlan.from_dict(metadata["plan"])
+            versions = ", ".join(f"{k} {v}" for k, v in sorted(metadata.get("versions", {}).items()))
+            print(f"{args.path}: routed {metadata['model'].get('class', '?')}, written with {versions}")
+            print(plan.summary())
+        else:
+            from sparsify.convert_checkpoint import describe_source
+
+            print(describe_source(args.path, args.model, args.modalities, args.policy, args.include, args.exclude))
+        return EXIT_OK
+
+    if args.command == "verify":
+        import sparsify
+        from sparsify.convert_checkpoint import load_factory, materialize, open_source
+
+        factory = load_factory(args.model)
+        dense, example = materialize(open_source(args.dense), factory)
+        routed = sparsify.load(args.routed, model=factory)
+        report = sparsify.verify(dense, routed, example_inputs=example)
+        print(report)
+        return EXIT_OK if report.ok else EXIT_VERIFY_FAILED
+
+    from sparsify.convert_checkpoint import convert_checkpoint
+
+    bars = []
+
+    def progress(total_bytes):
+        from tqdm import tqdm
+
+        bars.append(tqdm(total=total_bytes, unit="B", unit_scale=True, desc="writing", file=sys.stderr))
+        return bars[-1].update
+
+    try:
+        result = convert_checkpoint(
+            args.src, args.output, modalities=args.modalities, policy=args.policy, include=args.include,
+            exclude=args.exclude, init=args.init, dtype=args.dtype, verify=not args.no_verify, model=args.model,
+            overwrite=args.overwrite, max_shard_bytes=args.max_shard_size, progress=None if args.quiet else progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    if not args.quiet:
+        print(result["plan"].summary())
+        print(result["report"] if result["report"] else "verification skipped (--no-verify)")
+        print(f"wrote {args.output}: {', '.join(result['files'])}, sparsify.json")
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sparsify", description="modality-routed models from dense ones")
-    commands = parser.add_subparsers(dest="command", required=True)
-    inspect = commands.add_parser("inspect", help="print what a routed checkpoint routes, params before/after")
-    inspect.add_argument("path")
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     try:
-        if args.command == "inspect":
-            print(inspect_checkpoint(args.path))
+        return run(args)
+    except VerificationError as e:
+        print(f"sparsify: verification failed: {e}", file=sys.stderr)
+        return EXIT_VERIFY_FAILED
     except SparsifyError as e:
         print(f"sparsify: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("sparsify: interrupted; no output was left behind", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

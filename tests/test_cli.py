@@ -1,27 +1,151 @@
+"""The `sparsify` CLI as a subprocess on checkpoints the tests write."""
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 import sparsify
-from tests.toy_models import ToyLM
+from tests.cli_factories import toy
+from tests.conftest import tiny_gpt2, tiny_llama
+
+REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "sparsify.cli", *args], capture_output=True, text=True)
+def cli(*args):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "sparsify.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=300)
 
 
-def test_inspect_prints_the_plan_of_a_saved_routed_model(tmp_path):
-    torch.manual_seed(0)
-    routed = sparsify.convert(ToyLM(), 3, example_inputs=(torch.randint(0, 50, (2, 7)),))
-    path = sparsify.save(routed, tmp_path / "toy")
-    result = run_cli("inspect", str(path))
+def rel_err(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def check_equal_to_dense(dst, dense, model=None, dtype=torch.float32):
+    routed = sparsify.load(dst, model=model)
+    tokens = torch.randint(0, 50, (3, 11))
+    ids = torch.randint(0, 3, (3, 11))
+    with torch.no_grad():
+        got = routed(tokens, modality_ids=ids)
+        want = dense(tokens, use_cache=False) if model is None else dense(tokens)
+    got, want = (got.logits, want.logits) if model is None else (got, want)
+    assert got.dtype == dtype
+    assert rel_err(got.float(), want.float()) <= (1e-5 if dtype == torch.float32 else 2e-2)
+    return routed
+
+
+@pytest.mark.parametrize("factory,shard", [(tiny_gpt2, None), (tiny_llama, "20KB")])
+def test_convert_hugging_face_directory(tmp_path, factory, shard):
+    dense = factory()
+    src = tmp_path / "dense"
+    dense.save_pretrained(src, **({"max_shard_size": shard} if shard else {}))
+    if shard:
+        assert (src / "model.safetensors.index.json").exists()
+    dst = tmp_path / "routed"
+    extra = ["--max-shard-size", "40KB"] if shard else []
+    result = cli("convert", src, "-o", dst, "--modalities", 3, *extra)
     assert result.returncode == 0, result.stderr
-    assert "3 modalities" in result.stdout and "layers.0.up.weight" in result.stdout
-    assert "ToyLM" in result.stdout
+    assert "verify OK" in result.stdout and "max rel err" in result.stdout
+    assert (dst / "config.json").exists() and (dst / "sparsify.json").exists()
+    if shard:
+        assert len(list(dst.glob("model-*-of-*.safetensors"))) > 1
+    routed = check_equal_to_dense(dst, dense)
+    assert json.loads((dst / "sparsify.json").read_text())["modalities"] == 3
+    assert routed.plan.routed == sparsify.convert(dense, 3, verify=False).plan.routed
 
 
-def test_inspect_bad_path_is_one_line_and_exit_2(tmp_path):
-    result = run_cli("inspect", str(tmp_path))
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and "no sparsify.json" in result.stderr
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_convert_state_dict_with_factory(tmp_path, suffix):
+    dense, _ = toy()
+    src = tmp_path / f"toy{suffix}"
+    if suffix == ".pt":
+        torch.save(dense.state_dict(), src)
+    else:
+        from safetensors.torch import save_file
+        save_file(dense.state_dict(), src)
+    dst = tmp_path / "routed"
+    result = cli("convert", src, "-o", dst, "--modalities", 3, "--model", "tests.cli_factories:toy", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    check_equal_to_dense(dst, dense, model=toy)
+
+
+def test_dtype_and_independent_init(tmp_path):
+    dense, _ = toy()
+    src = tmp_path / "toy.pt"
+    torch.save(dense.state_dict(), src)
+    dst = tmp_path / "bf16"
+    result = cli("convert", src, "-o", dst, "--modalities", 3, "--model", "tests.cli_factories:toy",
+                 "--dtype", "bfloat16")
+    assert result.returncode == 0, result.stderr
+    check_equal_to_dense(dst, dense.to(torch.bfloat16), model=toy, dtype=torch.bfloat16)
+    dst = tmp_path / "independent"
+    result = cli("convert", src, "-o", dst, "--modalities", 2, "--model", "tests.cli_factories:toy",
+                 "--policy", "none", "--include", r"\.up\.weight$", "--init", "independent")
+    assert result.returncode == 0, result.stderr
+    weight = sparsify.load(dst, model=toy).get_parameter("layers.0.up.weight")
+    assert weight.shape[0] == 2 and not torch.equal(weight[0], weight[1])
+
+
+def test_inspect_dense_and_routed_and_verify(tmp_path):
+    dense = tiny_llama()
+    src = tmp_path / "dense"
+    dense.save_pretrained(src)
+    result = cli("inspect", src, "--modalities", 2)
+    assert result.returncode == 0, result.stderr
+    assert "would route" in result.stdout and "model.layers.0.mlp.up_proj.weight" in result.stdout
+    dst = tmp_path / "routed"
+    assert cli("convert", src, "-o", dst, "--modalities", 2, "--no-verify", "--quiet").returncode == 0
+    result = cli("inspect", dst)
+    assert result.returncode == 0 and "2 modalities" in result.stdout and "LlamaForCausalLM" in result.stdout
+    result = cli("verify", src, dst)
+    assert result.returncode == 0 and "verify OK" in result.stdout
+    # a routed checkpoint whose copies no longer match the dense weights fails verification: exit 1
+    routed = sparsify.load(dst)
+    with torch.no_grad():
+        weight = routed.get_parameter("model.layers.1.mlp.up_proj.weight")[1]
+        weight.add_(torch.randn_like(weight))
+    sparsify.save(routed, dst, overwrite=True)
+    result = cli("verify", src, dst)
+    assert result.returncode == 1 and "MISMATCH" in result.stdout and "first divergent" in result.stdout
+
+
+def test_bad_inputs_exit_2_with_one_clear_line(tmp_path):
+    dense, _ = toy()
+    src = tmp_path / "toy.safetensors"
+    from safetensors.torch import save_file
+    save_file(dense.state_dict(), src)
+    dst = tmp_path / "out"
+
+    def fails(*args, message):
+        result = cli(*args)
+        assert result.returncode == 2, (result.stdout, result.stderr)
+        assert message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+        assert not dst.exists()
+
+    fails("convert", src, "-o", dst, "--modalities", 3, message="plain state dict: name the module")
+    fails("convert", src, "-o", dst, "--modalities", 3, "--model", "tests.cli_factories:nope",
+          message="cannot import the model factory")
+    fails("convert", src, "-o", dst, "--modalities", 3, "--model", "tests.cli_factories:toy_wide",
+          message="does not match ToyLM")
+    fails("convert", src, "-o", dst, "--modalities", 3, "--model", "tests.cli_factories:toy", "--policy", "moe",
+          message="unknown policy 'moe'")
+    fails("convert", tmp_path / "missing.pt", "-o", dst, "--modalities", 3, message="does not exist")
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(src.read_bytes()[:-100])
+    fails("convert", truncated, "-o", dst, "--modalities", 3, "--model", "tests.cli_factories:toy",
+          message="is truncated")
+
+    assert cli("convert", src, "-o", dst, "--modalities", 3, "--model", "tests.cli_factories:toy",
+               "--quiet").returncode == 0
+    result = cli("convert", src, "-o", dst, "--modalities", 3, "--model", "tests.cli_factories:toy")
+    assert result.returncode == 2 and "already exists" in result.stderr
+    result = cli("convert", dst, "-o", tmp_path / "again", "--modalities", 3)
+    assert result.returncode == 2 and "already routed" in result.stderr
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging leftovers
