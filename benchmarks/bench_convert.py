@@ -1,0 +1,82 @@
+"""Peak memory of `sparsify convert` on a generated >= 1 GB checkpoint, as a ratio to its size.
+
+Writes a random-weight Llama checkpoint (Hugging Face directory, fp32) without ever
+holding the model in memory, converts it with `--no-verify` in a child process and
+reads the child's peak RSS (resource.getrusage). Also measures a child that only
+imports sparsify and transformers, the fixed cost of the interpreter and libraries.
+Target: peak RSS / checkpoint size <= 0.5.
+Usage: python benchmarks/bench_convert.py [--layers 20] [--workdir DIR]
+"""
+import argparse
+import math
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def write_dense_checkpoint(directory: Path, layers: int) -> int:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparsify.safetensors_io import OutputTensor, write_checkpoint
+
+    config = LlamaConfig(num_hidden_layers=layers, hidden_size=1024, intermediate_size=2816,
+                         num_attention_heads=16, num_key_value_heads=16, vocab_size=32000,
+                         tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    generator = torch.Generator().manual_seed(0)
+
+    def random_chunks(numel):
+        def chunks():
+            for start in range(0, numel, 2**22):
+                yield torch.randn(min(2**22, numel - start), generator=generator) * 0.02
+        return chunks
+
+    tensors = [OutputTensor(name, torch.float32, tuple(t.shape), random_chunks(math.prod(t.shape)))
+               for name, t in model.state_dict().items()]
+    directory.mkdir(parents=True)
+    write_checkpoint(directory, tensors, max_shard_bytes=2**31)
+    config.save_pretrained(directory)
+    return sum(t.nbytes for t in tensors)
+
+
+def child_peak_rss(command) -> tuple[int, float]:
+    """Peak RSS in bytes of one child process (a fresh process per measurement)."""
+    probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", probe, *command], check=True, capture_output=True, text=True)
+    return int(out.stdout.strip().splitlines()[-1]) * 1024, time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--layers", type=int, default=20)
+    parser.add_argument("--modalities", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(dir=args.workdir, prefix="bench-convert-"))
+    try:
+        size = write_dense_checkpoint(workdir / "dense", args.layers)
+        baseline, _ = child_peak_rss([sys.executable, "-c", "import sparsify, transformers"])
+        peak, seconds = child_peak_rss([sys.executable, "-m", "sparsify.cli", "convert", str(workdir / "dense"),
+                                        "-o", str(workdir / "routed"), "--modalities", str(args.modalities),
+                                        "--no-verify", "--quiet"])
+        written = sum(p.stat().st_size for p in (workdir / "routed").iterdir())
+        print(f"dense checkpoint {size / 2**30:.2f} GiB fp32 -> routed {written / 2**30:.2f} GiB "
+              f"({args.modalities} modalities) in {seconds:.1f} s")
+        print(f"peak RSS of the convert process  {peak / 2**20:8.0f} MiB   {peak / size:.2f}x checkpoint size "
+              f"(target <= 0.50)")
+        print(f"  of which importing sparsify+transformers alone {baseline / 2**20:.0f} MiB")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
