@@ -3,7 +3,7 @@
 Presets pick parameters by what the graph does with them, never by model class:
 - "mot":  linear and norm parameters inside repeated blocks (Mixture-of-Transformers)
 - "mom":  linear parameters inside repeated blocks (Mixture-of-Mamba: in/x/dt/out_proj)
-- "auto": per block, "mom" where a frontend marked the block's ops as a state-space scan, else "mot"
+- "auto": per block, "mot" where the block computes attention (an SDPA or softmax op), else "mom"
 - "all":  every parameter whose every use can be routed
 - "none": nothing (use `include` alone)
 Then `include` regexes add parameters and `exclude` regexes remove them (re.search on the FQN).
@@ -24,8 +24,11 @@ from sparsify.passes.param_uses import find_param_uses
 POLICIES = ("auto", "mot", "mom", "all", "none")
 INIT_MODES = ("copy", "independent")
 ROUTABLE_ROLES = ("linear", "norm", "elementwise")
-# Op names (str(node.target)) that frontends register as state-space scans; see sparsify.frontends.
-SCAN_OPS: set[str] = set()
+# Ops that mark a block as an attention block for policy="auto".
+ATTENTION_OPS = {
+    torch.ops.aten.scaled_dot_product_attention.default, torch.ops.aten._softmax.default,
+    torch.ops.aten.softmax.int, torch.ops.aten._safe_softmax.default,
+}
 
 
 @dataclass
@@ -111,10 +114,11 @@ def _block_of(fqn: str) -> str | None:
     return None
 
 
-def _scan_blocks(captured: CapturedGraph) -> set[str]:
+def _attention_blocks(captured: CapturedGraph) -> set[str]:
+    """Repeated blocks whose forward contains an attention op."""
     blocks = set()
     for node in captured.graph_module.graph.nodes:
-        if node.op == "call_function" and str(node.target) in SCAN_OPS:
+        if node.op == "call_function" and node.target in ATTENTION_OPS:
             for fqn, _ in (node.meta.get("nn_module_stack") or {}).values():
                 block = _block_of(fqn + ".x")
                 if block:
@@ -138,14 +142,14 @@ def _role(uses) -> tuple[str, str]:
     return uses[0].role, problem
 
 
-def _selected(policy: str, role: str, block: str | None, scan_blocks: set[str], routable: bool) -> bool:
+def _selected(policy: str, role: str, block: str | None, attention_blocks: set[str], routable: bool) -> bool:
     if policy == "none" or role not in ROUTABLE_ROLES:
         return False
     if policy == "all":
         return routable
     if block is None:
         return False
-    if policy == "mom" or (policy == "auto" and block in scan_blocks):
+    if policy == "mom" or (policy == "auto" and block not in attention_blocks):
         return role == "linear"
     return role in ("linear", "norm")
 
@@ -187,7 +191,7 @@ def build_plan(
     param_nodes = {n: canonical.get(t, t) for n, (kind, t) in zip(placeholders, captured.placeholders)
                    if kind == "parameter"}
     uses = find_param_uses(captured.graph_module, param_nodes, captured.token_dims)
-    scan_blocks = _scan_blocks(captured)
+    attention_blocks = _attention_blocks(captured)
 
     plan = RoutingPlan(modalities=modalities, init=init, policy=policy, include=include, exclude=exclude)
     for names in names_of.values():
@@ -195,7 +199,7 @@ def build_plan(
         param_uses = uses.get(fqn, [])
         role, reason = _role(param_uses)
         routable = not reason
-        pick = _selected(policy, role, _block_of(fqn), scan_blocks, routable)
+        pick = _selected(policy, role, _block_of(fqn), attention_blocks, routable)
         if include_re and any(include_re.search(n) for n in names):
             pick = True
         if exclude_re and any(exclude_re.search(n) for n in names):

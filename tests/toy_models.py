@@ -99,3 +99,30 @@ class WeightInSoftmax(nn.Module):
 
     def forward(self, x):
         return self.layers[0](x) + torch.softmax(self.layers[0].weight, -1).sum()
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x):
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
+        return x + self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+class Hybrid(nn.Module):
+    """An attention block followed by a block without attention (as in hybrid attention/SSM models)."""
+
+    def __init__(self, vocab=50, d=8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList([AttentionBlock(d), Block(d)])
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        for layer in self.layers:
+            x = layer(x)
+        return x

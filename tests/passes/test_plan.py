@@ -4,7 +4,7 @@ import torch
 import sparsify
 from sparsify.capture import capture
 from sparsify.plan import RoutingPlan, build_plan
-from tests.toy_models import ToyLM
+from tests.toy_models import Hybrid, ToyLM
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +26,9 @@ def test_presets_pick_by_graph_role_and_block(captured_toy):
     plan = lambda **kw: set(build_plan(captured, model, 3, **kw).routed)  # noqa: E731
     mot = block_params(0, MOT) | block_params(1, MOT)
     assert plan(policy="mot") == mot
-    assert plan(policy="auto") == mot  # no scan op in this graph
     linears = {p for p in mot if "norm" not in p and "rms" not in p}
     assert plan(policy="mom") == linears
+    assert plan(policy="auto") == linears  # no attention in these blocks: the Mixture-of-Mamba choice
     assert plan(policy="all") == mot | {"layers.0.shift", "layers.1.shift", "head.weight"}
     assert plan(policy="none") == set()
 
@@ -74,3 +74,14 @@ def test_bad_options(captured_toy, kwargs, message):
     options = dict(modalities=3) | kwargs
     with pytest.raises(sparsify.SparsifyError, match=message):
         build_plan(captured, model, **options)
+
+
+def test_auto_routes_attention_blocks_as_mot_and_others_as_mom():
+    torch.manual_seed(0)
+    model = Hybrid().eval()
+    captured = capture(model, {"tokens": torch.randint(0, 50, (2, 7))})
+    routed = set(build_plan(captured, model, 2, policy="auto").routed)
+    attention = {f"layers.0.{n}" for n in ["norm.weight", "norm.bias", "qkv.weight", "qkv.bias", "out.weight",
+                                          "out.bias"]}
+    no_attention = {f"layers.1.{n}" for n in ["up.weight", "up.bias", "conv1d_weight", "conv1d_bias", "left"]}
+    assert routed == attention | no_attention
