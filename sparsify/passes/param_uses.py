@@ -20,12 +20,21 @@ aten = torch.ops.aten
 PARAM_VIEW_OPS = {
     aten.t.default, aten.transpose.int, aten.permute.default, aten.view.default, aten.reshape.default,
     aten.unsqueeze.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.clone.default,
-    aten.contiguous.default, aten.detach.default, aten.alias.default,
+    aten.contiguous.default, aten.detach.default, aten.alias.default, aten.squeeze.dim,
+}
+# Elementwise ops of the parameter alone (A = -exp(A_log)): they commute with stacking, so they
+# are re-applied to the stacked parameter unchanged and the op their result feeds is the use.
+PARAM_UNARY_OPS = {
+    aten.exp.default, aten.neg.default, aten.sigmoid.default, aten.tanh.default, aten.abs.default,
+    aten.sqrt.default, aten.rsqrt.default, aten.log.default, aten.softplus.default, aten.reciprocal.default,
+    aten.mul.Scalar, aten.add.Scalar, aten.div.Scalar, aten.sub.Scalar, aten.pow.Tensor_Scalar,
 }
 # Ops that only assert a tensor's dtype/device: not a use.
 METADATA_ASSERTS = {aten._assert_tensor_metadata.default}
 ELEMENTWISE_OPS = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, operator.mul, operator.add}
 MATMUL_OPS = {aten.mm.default, aten.matmul.default}
+# Uses routed by replacing the parameter operand with its per-token copies.
+ELEMENTWISE_KINDS = ("elementwise", "norm_scale", "bias_add")
 
 
 @dataclass
@@ -41,7 +50,7 @@ class ParamUse:
 
     @property
     def role(self) -> str:
-        if self.kind.startswith(("linear", "addmm", "matmul")):
+        if self.kind.startswith(("linear", "addmm", "matmul")) or self.kind == "bias_add":
             return "linear"
         if self.kind.startswith("layer_norm") or self.kind == "norm_scale":
             return "norm"
@@ -68,6 +77,23 @@ def _reaches_rsqrt(node, depth: int = 4) -> bool:
                 return True
             nxt.extend(a for a in n.all_input_nodes)
         frontier = nxt
+    return False
+
+
+SHAPE_OPS = PARAM_VIEW_OPS | {aten.squeeze.default, aten.expand.default}
+LINEAR_OPS = {aten.linear.default, aten.addmm.default} | MATMUL_OPS
+
+
+def _is_matmul_output(node, depth: int = 4) -> bool:
+    """Whether `node` is a linear/matmul result, possibly reshaped: a parameter added to it is a bias."""
+    for _ in range(depth):
+        if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+            return False
+        if node.target in LINEAR_OPS:
+            return True
+        if node.target not in SHAPE_OPS:
+            return False
+        node = node.args[0]
     return False
 
 
@@ -118,6 +144,8 @@ def classify(node: torch.fx.Node, operand: int, param_val) -> tuple[str, str | N
         other = args[1 - operand] if len(args) > 1 else None
         if target == aten.mul.Tensor and _reaches_rsqrt(other):
             return "norm_scale", None
+        if target == aten.add.Tensor and _is_matmul_output(other):
+            return "bias_add", None  # e.g. softplus(dt_proj.weight @ x + dt_proj.bias[:, None])
         return "elementwise", None
     return "unsupported", f"{target} is not an op sparsify can route (linear, addmm, mm/matmul, layer_norm, elementwise)"
 
@@ -134,7 +162,9 @@ def find_param_uses(
             for user in value.users:
                 if user.target in METADATA_ASSERTS:
                     continue
-                if user.target in PARAM_VIEW_OPS and user.args[0] is value:
+                if user.args and user.args[0] is value and (
+                        user.target in PARAM_VIEW_OPS or user.target in PARAM_UNARY_OPS
+                        or _scalar_elementwise(user, value)):
                     stack.append((user, chain + [user]))
                     continue
                 operand = next(i for i, a in enumerate(user.args) if a is value) if value in user.args else -1
@@ -150,7 +180,7 @@ def find_param_uses(
                         "no shape information recorded for this node"
                     if isinstance(axes, str):
                         use.problem = f"cannot find its token dims: {axes}"
-                    elif max(axes.dims) >= _routable_lead_dims(use, _val(value)):
+                    elif not _tokens_outside_param(use, axes, _val(value)):
                         use.problem = (f"its tokens ({axes}) fall inside the dims the parameter covers; "
                                        "only per-token parameters can be routed")
                     else:
@@ -159,16 +189,26 @@ def find_param_uses(
     return uses
 
 
-def _routable_lead_dims(use: ParamUse, param_val) -> int:
-    """Token dims must lie before this index: before the features (matmul-like ops) or before the dims
-    an elementwise parameter broadcasts over (its shape without leading ones)."""
+def _scalar_elementwise(node: torch.fx.Node, value: torch.fx.Node) -> bool:
+    """`w * 2.0`, `w + 1`: an elementwise op of the parameter and a Python number."""
+    return node.target in ELEMENTWISE_OPS and len(node.args) == 2 and node.args[0] is value and \
+        not isinstance(node.args[1], torch.fx.Node)
+
+
+def param_shape_in_output(param_val, out_rank: int) -> list[int]:
+    """The parameter's shape aligned to an elementwise op's output by broadcasting (left-padded with ones)."""
+    shape = list(param_val.shape)
+    return [1] * (out_rank - len(shape)) + shape
+
+
+def _tokens_outside_param(use: ParamUse, axes: TokenAxes, param_val) -> bool:
+    """Token dims must be dims the parameter does not span: features for matmul-like ops, or dims where
+    an elementwise parameter broadcasts (size 1 after aligning it to the output)."""
     tensor, lead = _token_tensor(use)
-    if use.kind in ("elementwise", "norm_scale"):
-        shape = list(param_val.shape)
-        while shape and shape[0] == 1:
-            shape.pop(0)
-        return tensor.dim() - len(shape)
-    return lead
+    if use.kind in ELEMENTWISE_KINDS:
+        aligned = param_shape_in_output(param_val, tensor.dim())
+        return all(aligned[d] == 1 for d in axes.dims)
+    return max(axes.dims) < lead
 
 
 def token_tensor_lead_dims(use: ParamUse) -> int:

@@ -20,7 +20,8 @@ import torch.fx
 from sparsify import ops  # noqa: F401  (registers torch.ops.sparsify.*)
 from sparsify.errors import RoutingError, describe_node
 from sparsify.passes import PassResult
-from sparsify.passes.param_uses import ParamUse, find_param_uses, token_tensor_lead_dims
+from sparsify.passes.param_uses import (ELEMENTWISE_KINDS, ParamUse, find_param_uses, param_shape_in_output,
+                                        token_tensor_lead_dims)
 from sparsify.passes.token_axes import TokenAxes
 
 aten = torch.ops.aten
@@ -89,6 +90,8 @@ def _lift_view(node: torch.fx.Node) -> None:
         node.args = (source, [-1] + list(node.args[1]))
     elif node.target == aten.unsqueeze.default:
         node.args = (source, node.args[1] % (rank + 1) + 1)
+    elif node.target == aten.squeeze.dim:
+        node.args = (source, node.args[1] % rank + 1)
     # casts, clone, contiguous, detach, alias act elementwise: unchanged
 
 
@@ -137,7 +140,7 @@ class _Rewriter:
         use = uses[0]
         args = list(node.args)
         with self.graph.inserting_before(node):
-            if use.kind in ("elementwise", "norm_scale"):
+            if use.kind in ELEMENTWISE_KINDS:
                 for u in uses:
                     node.update_arg(u.operand, self.gathered(u, args[u.operand]))
                 return
@@ -174,14 +177,21 @@ class _Rewriter:
         self.graph.erase_node(node)
 
     def gathered(self, use: ParamUse, param: torch.fx.Node) -> torch.fx.Node:
-        """Per-token copies of an elementwise parameter, shaped to broadcast against the op's output."""
-        dense_shape = list(use.view_chain[-1].meta["val"].shape if use.view_chain else param.meta["val"].shape)
-        while dense_shape and dense_shape[0] == 1:
-            dense_shape.pop(0)
-        param = self.call(aten.reshape.default, param, [self.modalities] + dense_shape)  # drops leading ones
-        ids, dims = self.ids_with_tokens_in_order(use.token_axes)
+        """Per-token copies of an elementwise parameter, laid out to broadcast against the op's output.
+
+        The parameter aligned to the output has size 1 at the token dims (checked by find_param_uses):
+        drop those, gather per token ([tokens..., *rest]), then move the token dims into place.
+        """
+        dense_val = (use.view_chain[-1] if use.view_chain else param).meta["val"]
+        out_rank = use.node.meta["val"].dim()
+        aligned = param_shape_in_output(dense_val, out_rank)
+        ids, token_dims = self.ids_with_tokens_in_order(use.token_axes)
+        rest = [size for d, size in enumerate(aligned) if d not in token_dims]
+        param = self.call(aten.reshape.default, param, [self.modalities] + rest)
         out = self.call(sparsify_ops.routed_gather.default, param, ids)
-        for i in range(use.node.meta["val"].dim() - len(dense_shape)):
-            if i not in dims:
-                out = self.call(aten.unsqueeze.default, out, i)
+        rest_dims = iter(range(len(token_dims), out_rank))
+        token_sources = iter(range(len(token_dims)))
+        permutation = [next(token_sources) if d in token_dims else next(rest_dims) for d in range(out_rank)]
+        if permutation != list(range(out_rank)):
+            out = self.call(aten.permute.default, out, permutation)
         return out
