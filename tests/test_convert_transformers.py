@@ -104,7 +104,8 @@ def test_each_copy_gets_gradient_only_from_its_own_tokens(converted):
         assert grad[0].abs().max() > 0 and grad[1].abs().max() > 0, fqn
         # all copies equal the dense weight, so their gradients add up to the dense gradient
         dense_grad = dense.get_parameter(fqn).grad
-        assert torch.allclose(grad.sum(0), dense_grad, rtol=1e-4, atol=1e-6), fqn
+        # fp32: summation order differs, so bound the difference by the gradient's scale
+        assert float((grad.sum(0) - dense_grad).abs().max()) <= 1e-4 * float(dense_grad.abs().max()), fqn
     # shared parameters still train
     for p in routed.plan.shared:
         if p.role == "embedding":

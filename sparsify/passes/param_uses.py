@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
-from sparsify.passes.token_axes import TokenAxes, find_token_axes, size_exprs
+from sparsify.passes.token_axes import TokenAxes, find_token_axes, shape_env_of, size_exprs
 
 aten = torch.ops.aten
 
@@ -176,7 +176,8 @@ def find_param_uses(
                     use = ParamUse(user, operand, kind, chain, problem=problem)
                 if use.problem is None:
                     tensor, _ = _token_tensor(use)
-                    axes = find_token_axes(size_exprs(tensor), token_dims) if tensor is not None else \
+                    axes = find_token_axes(size_exprs(tensor), token_dims, shape_env_of(tensor)) \
+                        if tensor is not None else \
                         "no shape information recorded for this node"
                     if isinstance(axes, str):
                         use.problem = f"cannot find its token dims: {axes}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import sympy
 import torch
 
 
@@ -33,15 +34,34 @@ class TokenAxes:
         return f"batch dim {self.dims[0]}, seq dim {self.dims[1]}"
 
 
+def shape_env_of(value):
+    """The ShapeEnv holding the guards of the capture `value` (a FakeTensor) came from, if any."""
+    fake_mode = getattr(value, "fake_mode", None)
+    return getattr(fake_mode, "shape_env", None)
+
+
 def size_exprs(value) -> tuple:
     """Shape of a node's example value as ints (static dims) and sympy expressions (dynamic dims)."""
     return tuple(s.node.expr if isinstance(s, torch.SymInt) else int(s) for s in value.shape)
 
 
-def find_token_axes(shape: Sequence, token_dims: tuple) -> TokenAxes | str:
+def _same_size(a, b, shape_env) -> bool:
+    if a == b:
+        return True
+    if shape_env is None or not isinstance(a, sympy.Expr) or not isinstance(b, sympy.Expr):
+        return False
+    # Sizes equal only under the guards export recorded (e.g. a padded length where the pad is
+    # zero for every input the graph accepts): ask the shape environment, which knows them.
+    try:
+        return bool(shape_env._maybe_evaluate_static(sympy.Eq(a, b)))
+    except Exception:  # a private API: if it changes, fall back to structural equality
+        return False
+
+
+def find_token_axes(shape: Sequence, token_dims: tuple, shape_env=None) -> TokenAxes | str:
     """TokenAxes of a tensor of this shape, or a string saying why they cannot be found."""
     batch, seq = token_dims
-    matches = lambda target: [i for i, size in enumerate(shape) if size == target]  # noqa: E731
+    matches = lambda target: [i for i, size in enumerate(shape) if _same_size(size, target, shape_env)]  # noqa: E731
     if batch == 1 and seq == 1:
         # One token: any unit dim can carry its id; the ids broadcast over the rest.
         unit_dims = matches(1)

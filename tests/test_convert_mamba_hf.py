@@ -1,0 +1,100 @@
+"""Hugging Face Mamba and Mamba2 (slow CPU paths) into Mixture-of-Mamba, 3 modalities, fp32."""
+import copy
+
+import pytest
+import torch
+
+import sparsify
+
+
+def tiny_mamba():
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    config = MambaConfig(num_hidden_layers=2, hidden_size=32, state_size=8, vocab_size=101, intermediate_size=64,
+                         conv_kernel=4, use_mambapy=False)
+    return MambaForCausalLM(config).eval()
+
+
+def tiny_mamba2():
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Mamba2Config(num_hidden_layers=2, hidden_size=32, state_size=8, vocab_size=101, expand=2, head_dim=8,
+                          num_heads=8, n_groups=1, chunk_size=4, conv_kernel=4)
+    return Mamba2ForCausalLM(config).eval()
+
+
+# The Mixture-of-Mamba set: every mixer's projections (Mamba2 has no x_proj/dt_proj); dt_proj's
+# bias is the scan's delta bias and moves with dt_proj.
+MOM = {
+    "mamba": ["in_proj.weight", "x_proj.weight", "dt_proj.weight", "dt_proj.bias", "out_proj.weight"],
+    "mamba2": ["in_proj.weight", "out_proj.weight"],
+}
+FACTORIES = {"mamba": tiny_mamba, "mamba2": tiny_mamba2}
+
+
+@pytest.fixture(scope="module", params=sorted(FACTORIES))
+def mamba(request):
+    dense = FACTORIES[request.param]()
+    return request.param, dense, sparsify.convert(dense, modalities=3)
+
+
+def test_routes_exactly_the_mom_set(mamba):
+    name, _, routed = mamba
+    expected = {f"backbone.layers.{i}.mixer.{p}" for i in range(2) for p in MOM[name]}
+    assert set(routed.plan.routed) == expected
+    assert routed.verify_report.ok
+
+
+@pytest.mark.parametrize("seq", [13, 6, 21])
+def test_equals_dense_at_any_sequence_length(mamba, seq):
+    _, dense, routed = mamba
+    g = torch.Generator().manual_seed(seq)
+    x, ids = torch.randint(0, 101, (2, seq), generator=g), torch.randint(0, 3, (2, seq), generator=g)
+    with torch.no_grad():
+        want = dense(x, use_cache=False).logits
+        got = routed(x, modality_ids=ids).logits
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+
+
+def test_routing_is_real_and_the_scan_carries_it_forward(mamba):
+    _, _, routed = mamba
+    routed = copy.deepcopy(routed)
+    x = torch.randint(0, 101, (1, 12), generator=torch.Generator().manual_seed(0))
+    ids = torch.zeros(1, 12, dtype=torch.long)
+    ids[0, 6] = 2
+    with torch.no_grad():
+        before = routed(x, modality_ids=ids).logits
+        text_only = routed(x, modality_ids=torch.zeros_like(ids)).logits
+        for fqn in routed.plan.routed:
+            p = routed.get_parameter(fqn)[2]
+            p.add_(0.3 * torch.randn_like(p))
+        after = routed(x, modality_ids=ids).logits
+        text_only_after = routed(x, modality_ids=torch.zeros_like(ids)).logits
+    assert torch.equal(text_only, text_only_after)
+    assert torch.equal(before[:, :6], after[:, :6])          # before the modality-2 token: unchanged
+    changed = (before - after).abs().amax(-1)[0]
+    assert bool((changed[6:] > 1e-5).all())                     # at it and after it: changed
+
+
+def test_gradients_reach_each_copy_from_its_own_tokens(mamba):
+    _, dense, routed = mamba
+    routed, dense = copy.deepcopy(routed), copy.deepcopy(dense)
+    g = torch.Generator().manual_seed(2)
+    x, ids = torch.randint(0, 101, (2, 9), generator=g), torch.randint(0, 2, (2, 9), generator=g)
+    weights = torch.randn(2, 9, 101, generator=g)
+    (routed(x, modality_ids=ids).logits * weights).sum().backward()
+    (dense(x, use_cache=False).logits * weights).sum().backward()
+    for fqn in routed.plan.routed:
+        grad = routed.get_parameter(fqn).grad
+        assert torch.count_nonzero(grad[2]) == 0, fqn
+        assert grad[0].abs().max() > 0 and grad[1].abs().max() > 0, fqn
+        dense_grad = dense.get_parameter(fqn).grad  # fp32: summation order differs, so bound by its scale
+        assert float((grad.sum(0) - dense_grad).abs().max()) <= 1e-4 * float(dense_grad.abs().max()), fqn
+
+
+def test_each_projection_can_be_left_shared():
+    routed = sparsify.convert(tiny_mamba(), 2, exclude=r"\.x_proj\.", verify=False)
+    assert not any(".x_proj." in fqn for fqn in routed.plan.routed)
+    assert any(".dt_proj." in fqn for fqn in routed.plan.routed)
