@@ -1,11 +1,51 @@
-"""Routed custom ops (`torch.ops.sparsify.*`): schema, fake impl, torch reference, autograd.
+"""Routed ops: the functional API over the `torch.ops.sparsify.*` custom ops.
 
-Importing this package registers the ops. Each takes `modality_ids` shaped like
-the input's token dims and stacked parameters with a leading modality dim M.
+Each takes `modality_ids` shaped like the input's token dims and stacked
+parameters with a leading modality dim M. `backend` is "auto" (Triton on CUDA,
+the torch reference elsewhere), "torch" or "triton" (on CPU the kernels then run
+under TRITON_INTERPRET=1). These functions check modality_ids (dtype, shape,
+range: one host sync); the graph ops a routed model runs skip that, as the model
+checks the ids once per forward.
 """
-from sparsify.ops.modality_ids import check_modality_ids
-from sparsify.ops.routed_gather import routed_gather
-from sparsify.ops.routed_layer_norm import routed_layer_norm
-from sparsify.ops.routed_linear import routed_linear
+from __future__ import annotations
 
-__all__ = ["check_modality_ids", "routed_gather", "routed_layer_norm", "routed_linear"]
+import torch
+
+from sparsify.ops import routed_gather as _gather_op  # noqa: F401  (registers the ops)
+from sparsify.ops import routed_layer_norm as _layer_norm_op  # noqa: F401
+from sparsify.ops import routed_linear as _linear_op  # noqa: F401
+from sparsify.ops import routed_rms_norm as _rms_norm_op  # noqa: F401
+from sparsify.ops.backend import BACKENDS
+from sparsify.ops.modality_ids import check_modality_ids
+
+__all__ = ["BACKENDS", "check_modality_ids", "routed_gather", "routed_layer_norm", "routed_linear", "routed_rms_norm"]
+
+
+def _ids(modality_ids, x, modalities):
+    return check_modality_ids(modality_ids, x.shape[:-1], modalities)
+
+
+def routed_linear(x, modality_ids, weight, bias=None, *, backend="auto"):
+    """y[t] = x[t] @ weight[ids[t]].T + bias[ids[t]]; x [..., in], weight [M, out, in], bias [M, out]."""
+    return torch.ops.sparsify.routed_linear(x, _ids(modality_ids, x, weight.shape[0]), weight, bias, backend)
+
+
+def routed_layer_norm(x, modality_ids, weight, bias, eps=1e-5, *, backend="auto"):
+    """Layer norm over the last dim with weight [M, D] and bias [M, D] (either may be None)."""
+    stacked = weight if weight is not None else bias
+    if stacked is None:
+        raise ValueError("routed_layer_norm needs a stacked weight or bias; use F.layer_norm when neither is routed")
+    return torch.ops.sparsify.routed_layer_norm(x, _ids(modality_ids, x, stacked.shape[0]), weight, bias, eps,
+                                                backend)
+
+
+def routed_rms_norm(x, modality_ids, weight, eps=1e-6, *, backend="auto"):
+    """RMS norm over the last dim with scale weight [M, D]; statistics in fp32."""
+    return torch.ops.sparsify.routed_rms_norm(x, _ids(modality_ids, x, weight.shape[0]), weight, eps, backend)
+
+
+def routed_gather(weight, modality_ids):
+    """weight[ids]: the per-token copy of a stacked parameter [M, *S], shaped [*ids.shape, *S]."""
+    ids = check_modality_ids(modality_ids, modality_ids.shape, weight.shape[0]) \
+        if isinstance(modality_ids, torch.Tensor) else check_modality_ids(modality_ids, (), weight.shape[0])
+    return torch.ops.sparsify.routed_gather(weight, ids)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparsify.ops._grouping import accumulation_dtype, rows_by_modality
+from sparsify.ops.backend import use_triton
 
 
 def routed_layer_norm_ref(
@@ -64,28 +65,37 @@ def routed_layer_norm_backward_ref(
 
 @torch.library.custom_op("sparsify::routed_layer_norm", mutates_args=())
 def routed_layer_norm(
-    x: Tensor, modality_ids: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-5
+    x: Tensor, modality_ids: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-5,
+    backend: str = "auto",
 ) -> Tensor:
     if weight is None and bias is None:
         raise ValueError("routed_layer_norm needs a stacked weight or bias; use F.layer_norm when neither is routed.")
+    if use_triton(backend, x.device):
+        from sparsify.kernels.routed_layer_norm import norm_forward
+
+        return norm_forward(x, modality_ids, weight, bias, eps, is_rms=False)
     return routed_layer_norm_ref(x, modality_ids, weight, bias, eps)
 
 
 @routed_layer_norm.register_fake
-def _(x, modality_ids, weight, bias, eps=1e-5):
+def _(x, modality_ids, weight, bias, eps=1e-5, backend="auto"):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("sparsify::routed_layer_norm_backward", mutates_args=())
 def routed_layer_norm_backward(
     grad: Tensor, x: Tensor, modality_ids: Tensor, weight: Optional[Tensor], modalities: int, eps: float,
-    has_bias: bool,
+    has_bias: bool, backend: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
+    if use_triton(backend, x.device):
+        from sparsify.kernels.routed_layer_norm import norm_backward
+
+        return norm_backward(grad, x, modality_ids, weight, modalities, eps, has_bias, is_rms=False)
     return routed_layer_norm_backward_ref(grad, x, modality_ids, weight, modalities, eps, has_bias)
 
 
 @routed_layer_norm_backward.register_fake
-def _(grad, x, modality_ids, weight, modalities, eps, has_bias):
+def _(grad, x, modality_ids, weight, modalities, eps, has_bias, backend="auto"):
     d = x.shape[-1]
     dtype = weight.dtype if weight is not None else x.dtype
     return (
@@ -96,7 +106,8 @@ def _(grad, x, modality_ids, weight, modalities, eps, has_bias):
 
 
 def _setup_context(ctx, inputs, output):
-    x, modality_ids, weight, bias, eps = inputs
+    x, modality_ids, weight, bias, eps, backend = inputs
+    ctx.backend = backend
     ctx.save_for_backward(x, modality_ids, weight)
     ctx.modalities = (weight if weight is not None else bias).shape[0]
     ctx.eps = eps
@@ -106,9 +117,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     x, modality_ids, weight = ctx.saved_tensors
     dx, dweight, dbias = torch.ops.sparsify.routed_layer_norm_backward(
-        grad, x, modality_ids, weight, ctx.modalities, ctx.eps, ctx.has_bias
+        grad.contiguous(), x, modality_ids, weight, ctx.modalities, ctx.eps, ctx.has_bias, ctx.backend
     )
-    return dx, None, (dweight if ctx.has_weight else None), (dbias if ctx.has_bias else None), None
+    return dx, None, (dweight if ctx.has_weight else None), (dbias if ctx.has_bias else None), None, None
 
 
 routed_layer_norm.register_autograd(_backward, setup_context=_setup_context)

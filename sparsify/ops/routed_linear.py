@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparsify.ops._grouping import accumulation_dtype, rows_by_modality
+from sparsify.ops.backend import use_triton
 
 
 def routed_linear_ref(x: Tensor, modality_ids: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -44,38 +45,50 @@ def routed_linear_backward_ref(grad: Tensor, x: Tensor, modality_ids: Tensor, we
 
 
 @torch.library.custom_op("sparsify::routed_linear", mutates_args=())
-def routed_linear(x: Tensor, modality_ids: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def routed_linear(
+    x: Tensor, modality_ids: Tensor, weight: Tensor, bias: Optional[Tensor] = None, backend: str = "auto"
+) -> Tensor:
+    if use_triton(backend, x.device):
+        from sparsify.kernels.routed_linear import routed_linear_forward
+
+        return routed_linear_forward(x, modality_ids, weight, bias)
     return routed_linear_ref(x, modality_ids, weight, bias)
 
 
 @routed_linear.register_fake
-def _(x, modality_ids, weight, bias=None):
+def _(x, modality_ids, weight, bias=None, backend="auto"):
     return x.new_empty(*x.shape[:-1], weight.shape[1], dtype=torch.result_type(x, weight))
 
 
 @torch.library.custom_op("sparsify::routed_linear_backward", mutates_args=())
 def routed_linear_backward(
-    grad: Tensor, x: Tensor, modality_ids: Tensor, weight: Tensor, has_bias: bool
+    grad: Tensor, x: Tensor, modality_ids: Tensor, weight: Tensor, has_bias: bool, backend: str = "auto"
 ) -> tuple[Tensor, Tensor, Tensor]:
+    if use_triton(backend, x.device):
+        from sparsify.kernels.routed_linear import routed_linear_backward as triton_backward
+
+        return triton_backward(grad, x, modality_ids, weight, has_bias)
     return routed_linear_backward_ref(grad, x, modality_ids, weight, has_bias)
 
 
 @routed_linear_backward.register_fake
-def _(grad, x, modality_ids, weight, has_bias):
+def _(grad, x, modality_ids, weight, has_bias, backend="auto"):
     dbias_shape = (weight.shape[0], weight.shape[1]) if has_bias else (0,)
     return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(dbias_shape)
 
 
 def _setup_context(ctx, inputs, output):
-    x, modality_ids, weight, bias = inputs
+    x, modality_ids, weight, bias, backend = inputs
     ctx.save_for_backward(x, modality_ids, weight)
     ctx.has_bias = bias is not None
+    ctx.backend = backend
 
 
 def _backward(ctx, grad):
     x, modality_ids, weight = ctx.saved_tensors
-    dx, dweight, dbias = torch.ops.sparsify.routed_linear_backward(grad, x, modality_ids, weight, ctx.has_bias)
-    return dx, None, dweight, (dbias if ctx.has_bias else None)
+    dx, dweight, dbias = torch.ops.sparsify.routed_linear_backward(
+        grad.contiguous(), x, modality_ids, weight, ctx.has_bias, ctx.backend)
+    return dx, None, dweight, (dbias if ctx.has_bias else None), None
 
 
 routed_linear.register_autograd(_backward, setup_context=_setup_context)

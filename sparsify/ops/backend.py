@@ -1,0 +1,24 @@
+"""Which implementation a routed op runs: the torch reference or the Triton kernel."""
+from __future__ import annotations
+
+import importlib.util
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(backend: str, device) -> bool:
+    """'auto': Triton on CUDA when triton is installed, the torch reference elsewhere. 'triton' forces the
+    kernels (on CPU they then need TRITON_INTERPRET=1, set before triton is imported)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if not triton_available():
+            raise ValueError("backend='triton' needs the triton package: pip install triton")
+        return True
+    return getattr(device, "type", device) == "cuda" and triton_available()

@@ -1,0 +1,88 @@
+"""`sparsify::routed_rms_norm`: RMS norm over the last dim with the scale of each token's modality.
+
+y = weight[ids] * (x * rsqrt(mean(x^2) + eps)), statistics in fp32 (as Llama's RMSNorm).
+x is [..., D], modality_ids x.shape[:-1], weight [M, D]. The Triton kernel is the
+shared norm kernel in sparsify/kernels/routed_layer_norm.py (IS_RMS=True).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sparsify.ops._grouping import accumulation_dtype, rows_by_modality
+from sparsify.ops.backend import use_triton
+
+
+def routed_rms_norm_ref(x: Tensor, modality_ids: Tensor, weight: Tensor, eps: float) -> Tensor:
+    acc = accumulation_dtype(x.dtype)
+    x_rows = x.reshape(-1, x.shape[-1]).to(acc)
+    normed = x_rows * torch.rsqrt(x_rows.pow(2).mean(-1, keepdim=True) + eps)
+    out = torch.empty(x_rows.shape, device=x.device, dtype=torch.result_type(x, weight))
+    for m, rows in enumerate(rows_by_modality(modality_ids.reshape(-1), weight.shape[0])):
+        if rows.numel():
+            out.index_copy_(0, rows, (normed.index_select(0, rows) * weight[m].to(acc)).to(out.dtype))
+    return out.reshape(x.shape)
+
+
+def routed_rms_norm_backward_ref(grad: Tensor, x: Tensor, modality_ids: Tensor, weight: Tensor, eps: float):
+    acc = accumulation_dtype(x.dtype)
+    d = x.shape[-1]
+    x_rows, g_rows = x.reshape(-1, d).to(acc), grad.reshape(-1, d).to(acc)
+    rstd = torch.rsqrt(x_rows.pow(2).mean(-1, keepdim=True) + eps)
+    xhat = x_rows * rstd
+    dx = torch.empty_like(x_rows)
+    dweight = torch.zeros(weight.shape, device=x.device, dtype=acc)
+    for m, rows in enumerate(rows_by_modality(modality_ids.reshape(-1), weight.shape[0])):
+        if rows.numel():
+            g, xh = g_rows.index_select(0, rows), xhat.index_select(0, rows)
+            gw = g * weight[m].to(acc)
+            dx.index_copy_(0, rows, rstd.index_select(0, rows) * (gw - xh * (gw * xh).mean(-1, keepdim=True)))
+            dweight[m] = (g * xh).sum(0)
+    return dx.to(x.dtype).reshape(x.shape), dweight.to(weight.dtype)
+
+
+@torch.library.custom_op("sparsify::routed_rms_norm", mutates_args=())
+def routed_rms_norm(x: Tensor, modality_ids: Tensor, weight: Tensor, eps: float = 1e-6, backend: str = "auto") -> Tensor:
+    if use_triton(backend, x.device):
+        from sparsify.kernels.routed_layer_norm import norm_forward
+
+        return norm_forward(x, modality_ids, weight, None, eps, is_rms=True)
+    return routed_rms_norm_ref(x, modality_ids, weight, eps)
+
+
+@routed_rms_norm.register_fake
+def _(x, modality_ids, weight, eps=1e-6, backend="auto"):
+    return torch.empty(x.shape, device=x.device, dtype=torch.result_type(x, weight))
+
+
+@torch.library.custom_op("sparsify::routed_rms_norm_backward", mutates_args=())
+def routed_rms_norm_backward(
+    grad: Tensor, x: Tensor, modality_ids: Tensor, weight: Tensor, eps: float, backend: str = "auto"
+) -> tuple[Tensor, Tensor]:
+    if use_triton(backend, x.device):
+        from sparsify.kernels.routed_layer_norm import norm_backward
+
+        dx, dweight, _ = norm_backward(grad, x, modality_ids, weight, weight.shape[0], eps, False, is_rms=True)
+        return dx, dweight
+    return routed_rms_norm_backward_ref(grad, x, modality_ids, weight, eps)
+
+
+@routed_rms_norm_backward.register_fake
+def _(grad, x, modality_ids, weight, eps, backend="auto"):
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, modality_ids, weight, eps, backend = inputs
+    ctx.save_for_backward(x, modality_ids, weight)
+    ctx.eps, ctx.backend = eps, backend
+
+
+def _backward(ctx, grad):
+    x, modality_ids, weight = ctx.saved_tensors
+    dx, dweight = torch.ops.sparsify.routed_rms_norm_backward(grad.contiguous(), x, modality_ids, weight, ctx.eps,
+                                                              ctx.backend)
+    return dx, None, dweight, None, None
+
+
+routed_rms_norm.register_autograd(_backward, setup_context=_setup_context)
