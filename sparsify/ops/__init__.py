@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import torch
 
-from sparsify.ops import routed_gather as _gather_op  # noqa: F401  (registers the ops)
+from sparsify.ops import routed_conv1d as _conv1d_op  # noqa: F401  (registers the ops)
+from sparsify.ops import routed_gather as _gather_op  # noqa: F401
 from sparsify.ops import routed_layer_norm as _layer_norm_op  # noqa: F401
 from sparsify.ops import routed_linear as _linear_op  # noqa: F401
 from sparsify.ops import routed_rms_norm as _rms_norm_op  # noqa: F401
 from sparsify.ops.backend import BACKENDS
 from sparsify.ops.modality_ids import check_modality_ids
 
-__all__ = ["BACKENDS", "check_modality_ids", "routed_gather", "routed_layer_norm", "routed_linear", "routed_rms_norm"]
+__all__ = ["BACKENDS", "check_modality_ids", "routed_conv1d", "routed_gather", "routed_layer_norm", "routed_linear",
+           "routed_rms_norm"]
 
 
 def _ids(modality_ids, x, modalities):
@@ -49,3 +51,11 @@ def routed_gather(weight, modality_ids):
     ids = check_modality_ids(modality_ids, modality_ids.shape, weight.shape[0]) \
         if isinstance(modality_ids, torch.Tensor) else check_modality_ids(modality_ids, (), weight.shape[0])
     return torch.ops.sparsify.routed_gather(weight, ids)
+
+
+def routed_conv1d(x, modality_ids, weight, bias=None, *, backend="auto"):
+    """Depthwise causal conv1d, x [B, C, T], ids [B, T], weight [M, C, K]: position t uses modality(t)'s kernel."""
+    if x.dim() != 3:
+        raise ValueError(f"routed_conv1d: x must be [B, C, T], got {tuple(x.shape)}")
+    ids = check_modality_ids(modality_ids, (x.shape[0], x.shape[2]), weight.shape[0])
+    return torch.ops.sparsify.routed_conv1d(x, ids, weight, bias, backend)

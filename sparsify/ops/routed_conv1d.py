@@ -1,0 +1,109 @@
+"""`sparsify::routed_conv1d`: depthwise causal conv1d whose output position t uses modality(t)'s kernel.
+
+x [B, C, T], modality_ids [B, T], weight [M, C, K], bias [M, C] or None; output [B, C, T]:
+    out[b, c, t] = bias[m, c] + sum_k weight[m, c, k] * x[b, c, t - (K - 1) + k],  m = ids[b, t]
+(x is zero before t = 0). This is nn.Conv1d(C, C, K, groups=C, padding=K-1)(x)[..., :T]
+with the weights of each output token's modality, the conv of every Mamba mixer.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sparsify.ops._grouping import accumulation_dtype, rows_by_modality
+from sparsify.ops.backend import use_triton
+
+
+def _check(x: Tensor, modality_ids: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    if x.dim() != 3 or weight.dim() != 3 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"routed_conv1d: x must be [B, C, T] and weight [M, C, K], got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if tuple(modality_ids.shape) != (x.shape[0], x.shape[2]):
+        raise ValueError(f"routed_conv1d: modality_ids must be [B, T] = {(x.shape[0], x.shape[2])}, "
+                         f"got {tuple(modality_ids.shape)}")
+    if bias is not None and tuple(bias.shape) != tuple(weight.shape[:2]):
+        raise ValueError(f"routed_conv1d: bias must be [M, C] = {tuple(weight.shape[:2])}, got {tuple(bias.shape)}")
+
+
+def _windows(x: Tensor, kernel_size: int) -> Tensor:
+    """[B, C, T, K]: the causal window of every output position."""
+    return F.pad(x, (kernel_size - 1, 0)).unfold(2, kernel_size, 1)
+
+
+def routed_conv1d_ref(x: Tensor, modality_ids: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    _check(x, modality_ids, weight, bias)
+    rows_by_modality(modality_ids.reshape(-1), weight.shape[0])  # range check
+    per_token = weight[modality_ids].permute(0, 2, 1, 3)  # [B, C, T, K]
+    out = (_windows(x, weight.shape[-1]) * per_token).sum(-1)
+    if bias is not None:
+        out = out + bias[modality_ids].permute(0, 2, 1)
+    return out
+
+
+def routed_conv1d_backward_ref(grad: Tensor, x: Tensor, modality_ids: Tensor, weight: Tensor, has_bias: bool):
+    acc = accumulation_dtype(x.dtype)
+    modalities, channels, kernel_size = weight.shape
+    t = x.shape[2]
+    g = grad.to(acc)
+    grad_windows = weight[modality_ids].permute(0, 2, 1, 3).to(acc) * g[..., None]  # [B, C, T, K]
+    dx = torch.zeros(x.shape, device=x.device, dtype=acc)
+    for k in range(kernel_size):  # position t reads x[t - (K - 1) + k]
+        shift = kernel_size - 1 - k
+        if shift < t:
+            dx[:, :, : t - shift] += grad_windows[:, :, shift:, k]
+    contrib = (g[..., None] * _windows(x.to(acc), kernel_size)).permute(0, 2, 1, 3).reshape(-1, channels * kernel_size)
+    flat_ids = modality_ids.reshape(-1)
+    dweight = torch.zeros(modalities, channels * kernel_size, device=x.device, dtype=acc).index_add_(0, flat_ids, contrib)
+    dbias = torch.zeros(modalities, channels, device=x.device, dtype=acc).index_add_(
+        0, flat_ids, g.permute(0, 2, 1).reshape(-1, channels)) if has_bias else x.new_zeros((0,), dtype=acc)
+    return dx.to(x.dtype), dweight.reshape(weight.shape).to(weight.dtype), dbias.to(weight.dtype)
+
+
+@torch.library.custom_op("sparsify::routed_conv1d", mutates_args=())
+def routed_conv1d(x: Tensor, modality_ids: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                  backend: str = "auto") -> Tensor:
+    if use_triton(backend, x.device):
+        from sparsify.kernels.routed_conv1d import routed_conv1d_forward
+
+        _check(x, modality_ids, weight, bias)
+        return routed_conv1d_forward(x, modality_ids, weight, bias)
+    return routed_conv1d_ref(x, modality_ids, weight, bias)
+
+
+@routed_conv1d.register_fake
+def _(x, modality_ids, weight, bias=None, backend="auto"):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("sparsify::routed_conv1d_backward", mutates_args=())
+def routed_conv1d_backward(grad: Tensor, x: Tensor, modality_ids: Tensor, weight: Tensor, has_bias: bool,
+                           backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    if use_triton(backend, x.device):
+        from sparsify.kernels.routed_conv1d import routed_conv1d_backward as triton_backward
+
+        return triton_backward(grad, x, modality_ids, weight, has_bias)
+    return routed_conv1d_backward_ref(grad, x, modality_ids, weight, has_bias)
+
+
+@routed_conv1d_backward.register_fake
+def _(grad, x, modality_ids, weight, has_bias, backend="auto"):
+    return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[:2] if has_bias else (0,))
+
+
+def _setup_context(ctx, inputs, output):
+    x, modality_ids, weight, bias, backend = inputs
+    ctx.save_for_backward(x, modality_ids, weight)
+    ctx.has_bias, ctx.backend = bias is not None, backend
+
+
+def _backward(ctx, grad):
+    x, modality_ids, weight = ctx.saved_tensors
+    dx, dweight, dbias = torch.ops.sparsify.routed_conv1d_backward(grad.contiguous(), x, modality_ids, weight,
+                                                                   ctx.has_bias, ctx.backend)
+    return dx, None, dweight, (dbias if ctx.has_bias else None), None
+
+
+routed_conv1d.register_autograd(_backward, setup_context=_setup_context)
