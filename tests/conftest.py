@@ -1,5 +1,13 @@
-import pytest
+import os
+
 import torch
+
+# Kernel tests run the Triton kernels on CPU through the interpreter when no GPU is present.
+# Set before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 def tiny_gpt2(**overrides):
