@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_routed_linear.py
+	$(PY) benchmarks/bench_routed_ops.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

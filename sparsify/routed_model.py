@@ -22,6 +22,7 @@ from sparsify.capture import CapturedGraph, bind_call, capture, primary_tensor
 from sparsify.errors import SparsifyError
 from sparsify.ops import check_modality_ids
 from sparsify.passes import run_passes
+from sparsify.passes.lower import lower
 from sparsify.passes.route import route
 from sparsify.plan import RoutingPlan
 
@@ -45,6 +46,8 @@ class RoutedModel(nn.Module):
         object.__setattr__(self, "_dense", dense)
         self.plan = plan
         self.call_defaults = dict(call_defaults or {})
+        # Implementation of the routed ops: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
+        self.backend = "auto"
         self._graphs: dict[tuple, list[GraphEntry]] = {}
 
     def __getattr__(self, name: str):
@@ -114,7 +117,7 @@ class RoutedModel(nn.Module):
             for leaf in flat
         )
         params = frozenset((p.dtype, p.device) for p in self.parameters())
-        return (self.training, str(spec), leaves, params)
+        return (self.training, self.backend, str(spec), leaves, params)
 
     def graph_for(self, inputs: dict[str, Any]) -> tuple[GraphEntry, list]:
         """The routed graph for these inputs, capturing and routing a new one if none accepts them."""
@@ -162,7 +165,11 @@ class RoutedModel(nn.Module):
             return route(graph_module, param_fqns=param_fqns, routed=set(self.plan.routed),
                          modalities=self.plan.modalities, token_dims=captured.token_dims)
 
-        captured.graph_module = run_passes(captured.graph_module, [route_pass])
+        def lower_pass(graph_module):
+            device = next(self.parameters()).device
+            return lower(graph_module, backend=self.backend, device=device)
+
+        captured.graph_module = run_passes(captured.graph_module, [route_pass, lower_pass])
         return GraphEntry(routed=captured, dense_graph_module=dense_graph_module)
 
     def seed_graph(self, inputs: dict[str, Any], captured: CapturedGraph) -> None:

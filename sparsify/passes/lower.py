@@ -1,0 +1,34 @@
+"""Lower: choose the implementation of every routed op for the device the graph runs on.
+
+    sparsify.routed_linear(x, ids, w, b)  =>  sparsify.routed_linear(x, ids, w, b, backend="triton")
+
+"auto" resolves to Triton on CUDA (when triton is installed) and to the torch
+reference elsewhere; "triton" forces the kernels (on CPU under TRITON_INTERPRET=1),
+"torch" forces the reference. The graph is captured per device, so the choice
+is made once here rather than on every call.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from sparsify.ops.backend import use_triton
+from sparsify.passes import PassResult
+
+ROUTED_OPS = {
+    torch.ops.sparsify.routed_linear.default, torch.ops.sparsify.routed_layer_norm.default,
+    torch.ops.sparsify.routed_rms_norm.default, torch.ops.sparsify.routed_conv1d.default,
+}
+
+
+def lower(graph_module: torch.fx.GraphModule, *, backend: str, device) -> PassResult:
+    chosen = "triton" if use_triton(backend, device) else "torch"
+    changed = False
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and node.target in ROUTED_OPS and node.kwargs.get("backend") != chosen:
+            node.update_kwarg("backend", chosen)
+            changed = True
+    if changed:
+        graph_module.graph.lint()
+        graph_module.recompile()
+    return PassResult(graph_module, changed)
