@@ -23,7 +23,7 @@ from sparsify.passes.param_uses import find_param_uses
 
 POLICIES = ("auto", "mot", "mom", "all", "none")
 INIT_MODES = ("copy", "independent")
-ROUTABLE_ROLES = ("linear", "norm", "elementwise")
+ROUTABLE_ROLES = ("linear", "norm", "conv", "elementwise")
 # Ops that mark a block as an attention block for policy="auto".
 ATTENTION_OPS = {
     torch.ops.aten.scaled_dot_product_attention.default, torch.ops.aten._softmax.default,
@@ -34,7 +34,7 @@ ATTENTION_OPS = {
 @dataclass
 class PlannedParam:
     fqn: str
-    role: str                       # linear | norm | elementwise | embedding | unsupported | unused
+    role: str                       # linear | norm | conv | elementwise | embedding | unsupported | unused
     shape: list[int]                # dense shape; routed shape is [modalities, *shape]
     uses: list[str] = field(default_factory=list)  # one line per use: op and token dims
     aliases: list[str] = field(default_factory=list)  # other FQNs of the same tensor (tied weights)

@@ -98,3 +98,21 @@ def test_each_projection_can_be_left_shared():
     routed = sparsify.convert(tiny_mamba(), 2, exclude=r"\.x_proj\.", verify=False)
     assert not any(".x_proj." in fqn for fqn in routed.plan.routed)
     assert any(".dt_proj." in fqn for fqn in routed.plan.routed)
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_policy_all_routes_the_causal_conv1d_per_output_token(name):
+    dense = FACTORIES[name]()
+    routed = sparsify.convert(dense, 2, policy="all")
+    conv = [fqn for fqn in routed.plan.routed if ".conv1d." in fqn]
+    assert len(conv) == 4 and routed.verify_report.ok  # weight and bias of both layers
+    x = torch.randint(0, 101, (2, 10), generator=torch.Generator().manual_seed(0))
+    ids = torch.zeros(2, 10, dtype=torch.long)
+    ids[:, 4] = 1
+    with torch.no_grad():
+        before = routed(x, modality_ids=ids).logits
+        for fqn in conv:
+            routed.get_parameter(fqn)[1].add_(0.5)
+        after = routed(x, modality_ids=ids).logits
+    changed = (before - after).abs().amax(-1)
+    assert bool((changed[:, :4] == 0).all()) and bool((changed[:, 4] > 1e-3).all())

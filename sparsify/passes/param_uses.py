@@ -54,6 +54,8 @@ class ParamUse:
             return "linear"
         if self.kind.startswith("layer_norm") or self.kind == "norm_scale":
             return "norm"
+        if self.kind.startswith("conv1d"):
+            return "conv"
         return self.kind
 
     def describe(self) -> str:
@@ -106,6 +108,9 @@ def _token_tensor(use: ParamUse):
     if use.kind in ("addmm_weight", "addmm_bias"):
         x = _val(args[1])
         return (x, x.dim() - 1) if x is not None else (None, 0)
+    if use.kind in ("conv1d_weight", "conv1d_bias"):
+        x = _val(args[0])  # [batch, channels, time]
+        return (x, 3) if x is not None else (None, 0)
     if use.kind == "matmul_weight_left":
         x = _val(args[1])  # w @ x contracts x's dim -2; tokens sit in the others
         return (x.transpose(-1, -2), x.dim() - 1) if x is not None else (None, 0)
@@ -138,6 +143,8 @@ def classify(node: torch.fx.Node, operand: int, param_val) -> tuple[str, str | N
         if operand in (2, 3) and len(args[1]) == 1:
             return ("layer_norm_weight" if operand == 2 else "layer_norm_bias"), None
         return "unsupported", "layer_norm over more than the last dim"
+    if target == aten.conv1d.default and operand in (1, 2):
+        return _classify_conv1d(node, operand)
     if target == aten.embedding.default and operand == 0:
         return "embedding", "an embedding table is looked up by token id, not applied per modality"
     if target in ELEMENTWISE_OPS:
@@ -148,6 +155,51 @@ def classify(node: torch.fx.Node, operand: int, param_val) -> tuple[str, str | N
             return "bias_add", None  # e.g. softplus(dt_proj.weight @ x + dt_proj.bias[:, None])
         return "elementwise", None
     return "unsupported", f"{target} is not an op sparsify can route (linear, addmm, mm/matmul, layer_norm, elementwise)"
+
+
+def _as_int(value):
+    return value[0] if isinstance(value, (list, tuple)) and len(value) == 1 else value
+
+
+FULL_SLICE_END = 2**63 - 1
+
+
+def conv1d_trim_chain(conv: torch.fx.Node) -> list[torch.fx.Node] | None:
+    """The slices that cut a causal conv's output back to the sequence: full slices of dims 0 and 1
+    (what `out[:, :, :T]` exports as) and one slice of the time dim from 0. None if the output is
+    used any other way."""
+    chain, node, trimmed_time = [], conv, False
+    while len(node.users) == 1 and not trimmed_time:
+        user = next(iter(node.users))
+        if user.target != aten.slice.Tensor or user.args[0] is not node:
+            break
+        dim, start = user.args[1] if len(user.args) > 1 else 0, user.args[2] if len(user.args) > 2 else None
+        end = user.args[3] if len(user.args) > 3 else None
+        if start not in (0, None):
+            return None
+        if dim in (2, -1):
+            trimmed_time = True
+        elif end not in (None, FULL_SLICE_END):
+            return None
+        chain.append(user)
+        node = user
+    return chain if trimmed_time else None
+
+
+def _classify_conv1d(node: torch.fx.Node, operand: int) -> tuple[str, str | None]:
+    """Only the depthwise causal form Mamba mixers use: conv1d(x, w[C,1,K], b, padding=K-1, groups=C)[..., :T]."""
+    args = list(node.args) + [None] * (7 - len(node.args))
+    x, weight, _, stride, padding, dilation, groups = args[:7]
+    weight_val, x_val = _val(weight), _val(x)
+    if weight_val is None or x_val is None or x_val.dim() != 3:
+        return "unsupported", "conv1d without shape information or not over [batch, channels, time]"
+    channels, per_group, kernel = weight_val.shape
+    depthwise = per_group == 1 and _as_int(groups) == channels
+    causal = _as_int(padding) == kernel - 1 and _as_int(stride or 1) == 1 and _as_int(dilation or 1) == 1
+    if not (depthwise and causal and conv1d_trim_chain(node)):
+        return "unsupported", ("only a depthwise causal conv1d (groups=channels, padding=kernel-1, output trimmed "
+                               "to the sequence) can be routed")
+    return ("conv1d_weight" if operand == 1 else "conv1d_bias"), None
 
 
 def find_param_uses(
@@ -209,6 +261,9 @@ def _tokens_outside_param(use: ParamUse, axes: TokenAxes, param_val) -> bool:
     if use.kind in ELEMENTWISE_KINDS:
         aligned = param_shape_in_output(param_val, tensor.dim())
         return all(aligned[d] == 1 for d in axes.dims)
+    if use.kind in ("conv1d_weight", "conv1d_bias"):
+        # [batch, channels, time]; with a batch of one the time dim alone carries the tokens
+        return axes.dims == (0, 2) or (axes.dims == (2,) and tensor.shape[0] == 1)
     return max(axes.dims) < lead
 
 

@@ -20,8 +20,8 @@ import torch.fx
 from sparsify import ops  # noqa: F401  (registers torch.ops.sparsify.*)
 from sparsify.errors import RoutingError, describe_node
 from sparsify.passes import PassResult
-from sparsify.passes.param_uses import (ELEMENTWISE_KINDS, ParamUse, find_param_uses, param_shape_in_output,
-                                        token_tensor_lead_dims)
+from sparsify.passes.param_uses import (ELEMENTWISE_KINDS, ParamUse, conv1d_trim_chain, find_param_uses,
+                                        param_shape_in_output, token_tensor_lead_dims)
 from sparsify.passes.token_axes import TokenAxes
 
 aten = torch.ops.aten
@@ -165,6 +165,9 @@ class _Rewriter:
                 y_t = self.call(sparsify_ops.routed_linear.default, x_t, self.ids_for(use.token_axes, lead, x_t),
                                 self.stacked(args[0], stacked), None)
                 new = self.call(aten.transpose.int, y_t, -1, -2)
+            elif use.kind in ("conv1d_weight", "conv1d_bias"):
+                self.rewrite_conv1d(node, args, stacked)
+                return
             elif use.kind in ("layer_norm_weight", "layer_norm_bias"):
                 x, _, weight, bias, eps = (args + [None, None, 1e-5])[:5]
                 new = self.call(sparsify_ops.routed_layer_norm.default, x, self.ids_for(use.token_axes, lead, x),
@@ -175,6 +178,21 @@ class _Rewriter:
         new.meta["sparsify_dense_node"] = node.name
         node.replace_all_uses_with(new)
         self.graph.erase_node(node)
+
+    def rewrite_conv1d(self, node: torch.fx.Node, args: list, stacked: set) -> None:
+        """conv1d(x, w, b, padding=K-1, groups=C)[..., :T]  =>  sparsify.routed_conv1d(x, ids, w[:, :, 0], b)."""
+        x, weight = args[0], args[1]
+        bias = args[2] if len(args) > 2 else None
+        channels, _, kernel = weight.meta["val"].shape  # dense [C, 1, K]; lifted nodes keep their dense meta
+        weight = self.call(aten.reshape.default, self.stacked(weight, stacked), [self.modalities, channels, kernel])
+        new = self.call(sparsify_ops.routed_conv1d.default, x, self.modality_ids, weight, self.stacked(bias, stacked))
+        new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+        chain = conv1d_trim_chain(node)  # the slices back to the sequence length: the routed conv replaces them
+        new.meta["val"] = chain[-1].meta.get("val")
+        new.meta["sparsify_dense_node"] = chain[-1].name
+        chain[-1].replace_all_uses_with(new)
+        for dead in reversed([node] + chain):
+            self.graph.erase_node(dead)
 
     def gathered(self, use: ParamUse, param: torch.fx.Node) -> torch.fx.Node:
         """Per-token copies of an elementwise parameter, laid out to broadcast against the op's output.
