@@ -11,6 +11,7 @@ import torch
 import sparsify
 from tests.cli_factories import toy
 from tests.conftest import tiny_gpt2, tiny_llama
+from tests.test_convert_mamba_hf import tiny_mamba
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,7 @@ def check_equal_to_dense(dst, dense, model=None, dtype=torch.float32):
     return routed
 
 
-@pytest.mark.parametrize("factory,shard", [(tiny_gpt2, None), (tiny_llama, "20KB")])
+@pytest.mark.parametrize("factory,shard", [(tiny_gpt2, None), (tiny_llama, "20KB"), (tiny_mamba, None)])
 def test_convert_hugging_face_directory(tmp_path, factory, shard):
     dense = factory()
     src = tmp_path / "dense"
