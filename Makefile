@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	# torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	# mamba_ssm without its CUDA extension (sparsify gives it a CPU path); the flags skip the CUDA build.
+	MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE $(PY) -m pip install -q --no-build-isolation 'mamba-ssm==2.3.2.post1'
 	touch $(STAMP)
 
 demo: $(STAMP)

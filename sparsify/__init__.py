@@ -1,10 +1,13 @@
 """sparsify: compile dense transformer and Mamba models into modality-routed ones."""
 from sparsify import ops
+from sparsify.frontends import mamba_ssm as _mamba_ssm_frontend
 from sparsify.api import convert, load, save, verify
 from sparsify.errors import CaptureError, RoutingError, SparsifyError, VerificationError
 from sparsify.passes.verify import VerifyReport
 from sparsify.plan import RoutingPlan
 from sparsify.routed_model import RoutedModel
+
+_mamba_ssm_frontend.install()  # `import mamba_ssm` works without its CUDA extension (see the module)
 
 __all__ = [
     "CaptureError", "RoutedModel", "RoutingError", "RoutingPlan", "SparsifyError", "VerificationError",

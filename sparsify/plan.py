@@ -8,6 +8,7 @@ Presets pick parameters by what the graph does with them, never by model class:
 - "none": nothing (use `include` alone)
 Then `include` regexes add parameters and `exclude` regexes remove them (re.search on the FQN).
 Embeddings, the final norm and the LM head sit outside the repeated blocks and stay shared.
+A model without repeated blocks (a bare mixer or layer) counts as one block.
 """
 from __future__ import annotations
 
@@ -114,11 +115,16 @@ def _block_of(fqn: str) -> str | None:
     return None
 
 
-def _attention_blocks(captured: CapturedGraph) -> set[str]:
+ROOT_BLOCK = "<root>"  # a model with no repeated blocks (one bare mixer or layer) is one block
+
+
+def _attention_blocks(captured: CapturedGraph, has_blocks: bool) -> set[str]:
     """Repeated blocks whose forward contains an attention op."""
     blocks = set()
     for node in captured.graph_module.graph.nodes:
         if node.op == "call_function" and node.target in ATTENTION_OPS:
+            if not has_blocks:
+                blocks.add(ROOT_BLOCK)
             for fqn, _ in (node.meta.get("nn_module_stack") or {}).values():
                 block = _block_of(fqn + ".x")
                 if block:
@@ -191,7 +197,8 @@ def build_plan(
     param_nodes = {n: canonical.get(t, t) for n, (kind, t) in zip(placeholders, captured.placeholders)
                    if kind == "parameter"}
     uses = find_param_uses(captured.graph_module, param_nodes, captured.token_dims)
-    attention_blocks = _attention_blocks(captured)
+    has_blocks = any(_block_of(fqn) for names in names_of.values() for fqn in names)
+    attention_blocks = _attention_blocks(captured, has_blocks)
 
     plan = RoutingPlan(modalities=modalities, init=init, policy=policy, include=include, exclude=exclude)
     for names in names_of.values():
@@ -199,7 +206,8 @@ def build_plan(
         param_uses = uses.get(fqn, [])
         role, reason = _role(param_uses)
         routable = not reason
-        pick = _selected(policy, role, _block_of(fqn), attention_blocks, routable)
+        block = _block_of(fqn) if has_blocks else ROOT_BLOCK
+        pick = _selected(policy, role, block, attention_blocks, routable)
         if include_re and any(include_re.search(n) for n in names):
             pick = True
         if exclude_re and any(exclude_re.search(n) for n in names):
@@ -209,7 +217,7 @@ def build_plan(
         if pick:
             plan.params.append(entry)
         else:
-            entry.reason = reason or ("outside the repeated blocks" if _block_of(fqn) is None
+            entry.reason = reason or ("outside the repeated blocks" if block is None
                                       else f"not selected by policy={policy!r}")
             plan.shared.append(entry)
     return plan

@@ -16,6 +16,8 @@ from sparsify.ops import routed_gather as _gather_op  # noqa: F401
 from sparsify.ops import routed_layer_norm as _layer_norm_op  # noqa: F401
 from sparsify.ops import routed_linear as _linear_op  # noqa: F401
 from sparsify.ops import routed_rms_norm as _rms_norm_op  # noqa: F401
+from sparsify.ops import selective_scan as _selective_scan_op  # noqa: F401
+from sparsify.ops import ssd_scan as _ssd_scan_op  # noqa: F401
 from sparsify.ops.backend import BACKENDS
 from sparsify.ops.modality_ids import check_modality_ids
 

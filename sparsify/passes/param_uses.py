@@ -50,7 +50,7 @@ class ParamUse:
 
     @property
     def role(self) -> str:
-        if self.kind.startswith(("linear", "addmm", "matmul")) or self.kind == "bias_add":
+        if self.kind.startswith(("linear", "addmm", "matmul")) or self.kind in ("bias_add", "scan_delta_bias"):
             return "linear"
         if self.kind.startswith("layer_norm") or self.kind == "norm_scale":
             return "norm"
@@ -111,6 +111,9 @@ def _token_tensor(use: ParamUse):
     if use.kind in ("conv1d_weight", "conv1d_bias"):
         x = _val(args[0])  # [batch, channels, time]
         return (x, 3) if x is not None else (None, 0)
+    if use.kind == "scan_delta_bias":
+        delta = _val(args[1])  # [batch, channels, time]
+        return (delta, 3) if delta is not None else (None, 0)
     if use.kind == "matmul_weight_left":
         x = _val(args[1])  # w @ x contracts x's dim -2; tokens sit in the others
         return (x.transpose(-1, -2), x.dim() - 1) if x is not None else (None, 0)
@@ -143,6 +146,8 @@ def classify(node: torch.fx.Node, operand: int, param_val) -> tuple[str, str | N
         if operand in (2, 3) and len(args[1]) == 1:
             return ("layer_norm_weight" if operand == 2 else "layer_norm_bias"), None
         return "unsupported", "layer_norm over more than the last dim"
+    if target == torch.ops.sparsify.selective_scan.default and operand == 7:
+        return "scan_delta_bias", None  # dt_proj's bias, which the scan adds to delta before softplus
     if target == aten.conv1d.default and operand in (1, 2):
         return _classify_conv1d(node, operand)
     if target == aten.embedding.default and operand == 0:
@@ -248,18 +253,24 @@ def _scalar_elementwise(node: torch.fx.Node, value: torch.fx.Node) -> bool:
         not isinstance(node.args[1], torch.fx.Node)
 
 
-def param_shape_in_output(param_val, out_rank: int) -> list[int]:
+def param_shape_in_output(param_shape, out_rank: int) -> list[int]:
     """The parameter's shape aligned to an elementwise op's output by broadcasting (left-padded with ones)."""
-    shape = list(param_val.shape)
+    shape = list(param_shape)
     return [1] * (out_rank - len(shape)) + shape
+
+
+def broadcast_param_shape(use: "ParamUse", param_val) -> list[int]:
+    """How the parameter broadcasts against the token tensor: as is, or [D, 1] for a scan's delta bias."""
+    shape = list(param_val.shape) + ([1] if use.kind == "scan_delta_bias" else [])
+    return param_shape_in_output(shape, _token_tensor(use)[0].dim())
 
 
 def _tokens_outside_param(use: ParamUse, axes: TokenAxes, param_val) -> bool:
     """Token dims must be dims the parameter does not span: features for matmul-like ops, or dims where
     an elementwise parameter broadcasts (size 1 after aligning it to the output)."""
     tensor, lead = _token_tensor(use)
-    if use.kind in ELEMENTWISE_KINDS:
-        aligned = param_shape_in_output(param_val, tensor.dim())
+    if use.kind in ELEMENTWISE_KINDS or use.kind == "scan_delta_bias":
+        aligned = broadcast_param_shape(use, param_val)
         return all(aligned[d] == 1 for d in axes.dims)
     if use.kind in ("conv1d_weight", "conv1d_bias"):
         # [batch, channels, time]; with a batch of one the time dim alone carries the tokens

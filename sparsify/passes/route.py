@@ -20,8 +20,8 @@ import torch.fx
 from sparsify import ops  # noqa: F401  (registers torch.ops.sparsify.*)
 from sparsify.errors import RoutingError, describe_node
 from sparsify.passes import PassResult
-from sparsify.passes.param_uses import (ELEMENTWISE_KINDS, ParamUse, conv1d_trim_chain, find_param_uses,
-                                        param_shape_in_output, token_tensor_lead_dims)
+from sparsify.passes.param_uses import (ELEMENTWISE_KINDS, ParamUse, broadcast_param_shape, conv1d_trim_chain,
+                                        find_param_uses, token_tensor_lead_dims)
 from sparsify.passes.token_axes import TokenAxes
 
 aten = torch.ops.aten
@@ -144,6 +144,12 @@ class _Rewriter:
                 for u in uses:
                     node.update_arg(u.operand, self.gathered(u, args[u.operand]))
                 return
+            if use.kind == "scan_delta_bias":
+                # softplus(delta + bias) inside the scan == the scan of (delta + per-token bias), no bias
+                delta = self.call(aten.add.Tensor, args[1], self.gathered(use, args[7]))
+                node.update_arg(1, delta)
+                node.update_arg(7, None)
+                return
             lead = token_tensor_lead_dims(use)
             if use.kind in ("linear_weight", "linear_bias"):
                 x = args[0]
@@ -201,8 +207,8 @@ class _Rewriter:
         drop those, gather per token ([tokens..., *rest]), then move the token dims into place.
         """
         dense_val = (use.view_chain[-1] if use.view_chain else param).meta["val"]
-        out_rank = use.node.meta["val"].dim()
-        aligned = param_shape_in_output(dense_val, out_rank)
+        aligned = broadcast_param_shape(use, dense_val)
+        out_rank = len(aligned)
         ids, token_dims = self.ids_with_tokens_in_order(use.token_axes)
         rest = [size for d, size in enumerate(aligned) if d not in token_dims]
         param = self.call(aten.reshape.default, param, [self.modalities] + rest)

@@ -1,0 +1,76 @@
+"""`sparsify::ssd_scan`: the Mamba2 (SSD) scan as one opaque op, per head with a scalar decay.
+
+    h_t = exp(dt_t * A_h) * h_{t-1} + dt_t * x_t B_t^T        (h: [headdim, dstate] per head)
+    y_t = h_t C_t + D * x_t,   out = y * silu(z)
+with dt = clamp(softplus(dt + dt_bias)) as mamba_ssm's mamba_chunk_scan_combined.
+Shapes: x, z [b, l, h, p]; dt [b, l, h]; A [h]; B, C [b, l, g, n]; D [h] or [h, p];
+dt_bias [h]. CPU runs this plain-PyTorch recurrence (mamba_ssm's chunked Triton
+kernels compute the same sums in another order); backward recomputes it under autograd.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def ssd_scan_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_min=0.0,
+                 dt_max=float("inf"), initial_state=None, return_final_state=False):
+    dtype = x.dtype
+    x, dt = x.float(), dt.float()
+    if dt_bias is not None:
+        dt = dt + dt_bias.float()
+    if dt_softplus:
+        dt = F.softplus(dt)
+    if dt_min > 0.0 or dt_max != float("inf"):
+        dt = dt.clamp(min=dt_min, max=dt_max)
+    heads = x.shape[2]
+    B = B.float().repeat_interleave(heads // B.shape[2], dim=2)  # groups -> heads
+    C = C.float().repeat_interleave(heads // C.shape[2], dim=2)
+    decay = torch.exp(dt * A.float())                             # [b, l, h]
+    state = x.new_zeros(x.shape[0], heads, x.shape[3], B.shape[-1]) if initial_state is None \
+        else initial_state.float()
+    outputs = []
+    for t in range(x.shape[1]):
+        drive = (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]   # [b, h, p, n]
+        state = decay[:, t, :, None, None] * state + drive
+        outputs.append((state * C[:, t, :, None, :]).sum(-1))
+    y = torch.stack(outputs, dim=1) if outputs else x.new_zeros(x.shape)
+    if D is not None:
+        y = y + x * (D.float()[:, None] if D.dim() == 1 else D.float())
+    if z is not None:
+        y = y * F.silu(z.float())
+    y = y.to(dtype)
+    return (y, state) if return_final_state else y
+
+
+@torch.library.custom_op("sparsify::ssd_scan", mutates_args=())
+def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+             z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool, dt_min: float,
+             dt_max: float) -> Tensor:
+    # no defaults: a schema cannot spell an infinite default, and the caller always knows dt_limit
+    return ssd_scan_ref(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max)
+
+
+@ssd_scan.register_fake
+def _(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max):
+    return torch.empty_like(x)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*[t if isinstance(t, Tensor) else None for t in inputs[:8]])
+    ctx.options = inputs[8:]
+
+
+def _backward(ctx, grad):
+    inputs = [t.detach().requires_grad_(t.is_floating_point()) if t is not None else None for t in ctx.saved_tensors]
+    with torch.enable_grad():
+        out = ssd_scan_ref(*inputs, *ctx.options)
+        wanted = [t for t in inputs if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
+    return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs) + (None,) * 3
+
+
+ssd_scan.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,138 @@
+"""mamba_ssm models on CPU: the import works without the CUDA extension, the scans match mamba_ssm's
+references, and Mamba1/Mamba2 mixers convert to Mixture-of-Mamba (3 modalities, fp32)."""
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sparsify  # installs the mamba_ssm hook before mamba_ssm is imported
+
+from mamba_ssm.models.config_mamba import MambaConfig  # noqa: E402
+from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel  # noqa: E402
+from mamba_ssm.modules.mamba_simple import Mamba  # noqa: E402
+from mamba_ssm.modules.ssd_minimal import ssd_minimal_discrete  # noqa: E402
+from mamba_ssm.ops.selective_scan_interface import selective_scan_ref  # noqa: E402
+
+from sparsify.ops.selective_scan import selective_scan_ref as our_selective_scan  # noqa: E402
+from sparsify.ops.ssd_scan import ssd_scan_ref  # noqa: E402
+
+
+def test_import_mamba_ssm_works_after_import_sparsify():
+    code = ("import sparsify, mamba_ssm, selective_scan_cuda, importlib.machinery as m; "
+            "print(mamba_ssm.__version__, m.PathFinder.find_spec('selective_scan_cuda') is None, "
+            "getattr(selective_scan_cuda, '__sparsify_stand_in__', False))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    version, missing, stand_in = result.stdout.split()
+    assert stand_in == missing  # the stand-in is used exactly when the real extension is missing
+
+
+@pytest.mark.parametrize("grouped,with_extras", [(False, True), (True, False), (False, False)])
+def test_selective_scan_matches_mamba_ssm_reference(grouped, with_extras):
+    g = torch.Generator().manual_seed(0)
+    b, d, n, length = 2, 6, 4, 11
+    u, delta = torch.randn(b, d, length, generator=g), 0.5 * torch.randn(b, d, length, generator=g)
+    A = -torch.rand(d, n, generator=g)
+    shape = (b, 2, n, length) if grouped else (b, n, length)
+    B, C = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+    extras = dict(D=torch.randn(d, generator=g), z=torch.randn(b, d, length, generator=g),
+                  delta_bias=torch.randn(d, generator=g), delta_softplus=True) if with_extras else {}
+    inputs = [u, delta, A, B, C]
+    ours_in = [t.clone().requires_grad_() for t in inputs]
+    theirs_in = [t.clone().requires_grad_() for t in inputs]
+    ours = torch.ops.sparsify.selective_scan(*ours_in, extras.get("D"), extras.get("z"), extras.get("delta_bias"),
+                                             extras.get("delta_softplus", False))
+    theirs = selective_scan_ref(*theirs_in, **extras)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn(ours.shape, generator=g)
+    for a, b_ in zip(torch.autograd.grad(ours, ours_in, upstream), torch.autograd.grad(theirs, theirs_in, upstream)):
+        torch.testing.assert_close(a, b_, rtol=1e-4, atol=1e-5)
+    assert torch.equal(our_selective_scan(u, delta, A, B, C, **extras), ours.detach())
+
+
+def test_ssd_scan_matches_ssd_minimal():
+    g = torch.Generator().manual_seed(1)
+    b, length, h, p, n = 2, 16, 3, 4, 5
+    x = torch.randn(b, length, h, p, generator=g)
+    dt = torch.rand(b, length, h, generator=g) * 0.5
+    A = -torch.rand(h, generator=g)
+    B, C = torch.randn(b, length, h, n, generator=g), torch.randn(b, length, h, n, generator=g)
+    theirs, _ = ssd_minimal_discrete(x * dt[..., None], A * dt, B, C, block_len=4)
+    ours = ssd_scan_ref(x, dt, A, B, C)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    op = torch.ops.sparsify.ssd_scan(x, dt, A, B, C, None, None, None, False, 0.0, float("inf"))
+    assert torch.equal(op, ours)
+
+
+def lm(layer, rms_norm=True, fused_add_norm=True):
+    torch.manual_seed(0)
+    ssm_cfg = {"layer": layer, "d_state": 8} | ({"headdim": 16} if layer == "Mamba2" else {})
+    config = MambaConfig(d_model=32, n_layer=2, vocab_size=101, ssm_cfg=ssm_cfg, rms_norm=rms_norm,
+                         fused_add_norm=fused_add_norm, residual_in_fp32=True, pad_vocab_size_multiple=1)
+    return MambaLMHeadModel(config).eval()
+
+
+MOM = {"Mamba1": ["in_proj.weight", "x_proj.weight", "dt_proj.weight", "dt_proj.bias", "out_proj.weight"],
+       "Mamba2": ["in_proj.weight", "out_proj.weight"]}
+CONFIGS = [("Mamba1", True, True), ("Mamba1", True, False), ("Mamba1", False, False), ("Mamba1", False, True),
+           ("Mamba2", True, True), ("Mamba2", False, False)]
+
+
+@pytest.mark.parametrize("layer,rms_norm,fused_add_norm", CONFIGS)
+def test_mamba_lm_head_model_converts_to_mom(layer, rms_norm, fused_add_norm):
+    dense = lm(layer, rms_norm, fused_add_norm)
+    x = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(0))
+    routed = sparsify.convert(dense, 3, example_inputs=(x,))
+    assert set(routed.plan.routed) == {f"backbone.layers.{i}.mixer.{p}" for i in range(2) for p in MOM[layer]}
+    assert routed.verify_report.ok
+    for batch, seq in [(2, 9), (3, 17), (1, 5)]:
+        g = torch.Generator().manual_seed(seq)
+        tokens, ids = torch.randint(0, 101, (batch, seq), generator=g), torch.randint(0, 3, (batch, seq), generator=g)
+        with torch.no_grad():
+            want, got = dense(tokens).logits, routed(tokens, modality_ids=ids).logits
+        assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
+def test_routing_is_real_and_gradients_stay_per_modality(layer):
+    dense = lm(layer)
+    routed = sparsify.convert(dense, 3, example_inputs=(torch.randint(0, 101, (2, 9)),))
+    tokens = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids = torch.zeros(2, 12, dtype=torch.long)
+    ids[:, 7] = 2
+    perturbed = copy.deepcopy(routed)
+    with torch.no_grad():
+        for fqn in perturbed.plan.routed:
+            p = perturbed.get_parameter(fqn)[2]
+            p.add_(0.3 * torch.randn_like(p))
+        before, after = routed(tokens, modality_ids=ids).logits, perturbed(tokens, modality_ids=ids).logits
+    changed = (before - after).abs().amax(-1)
+    assert bool((changed[:, :7] == 0).all()) and bool((changed[:, 7:] > 1e-6).all())
+
+    ids = torch.randint(0, 2, (2, 12), generator=torch.Generator().manual_seed(1))  # modality 2 absent
+    upstream = torch.randn(2, 12, 101, generator=torch.Generator().manual_seed(2))
+    (routed(tokens, modality_ids=ids).logits * upstream).sum().backward()
+    (dense(tokens).logits * upstream).sum().backward()
+    for fqn in routed.plan.routed:
+        grad = routed.get_parameter(fqn).grad
+        assert torch.count_nonzero(grad[2]) == 0 and grad[0].abs().max() > 0, fqn
+        dense_grad = dense.get_parameter(fqn).grad
+        assert float((grad.sum(0) - dense_grad).abs().max()) <= 1e-4 * float(dense_grad.abs().max()), fqn
+
+
+def test_bare_mamba_block_and_the_ablation():
+    torch.manual_seed(0)
+    block = Mamba(d_model=16, d_state=8).eval()
+    hidden = torch.randn(2, 9, 16)
+    routed = sparsify.convert(block, 2, example_inputs=(hidden,))
+    assert set(routed.plan.routed) == {"in_proj.weight", "x_proj.weight", "dt_proj.weight", "dt_proj.bias",
+                                       "out_proj.weight"}
+    other = torch.randn(3, 14, 16)
+    torch.testing.assert_close(routed(other, modality_ids=torch.randint(0, 2, (3, 14))), block(other),
+                               rtol=1e-5, atol=1e-5)
+    ablated = sparsify.convert(block, 2, example_inputs=(hidden,), exclude=r"^dt_proj\.")
+    assert set(ablated.plan.routed) == {"in_proj.weight", "x_proj.weight", "out_proj.weight"}
+    everything = sparsify.convert(block, 2, example_inputs=(hidden,), policy="all")
+    assert {"conv1d.weight", "conv1d.bias"} <= set(everything.plan.routed)
