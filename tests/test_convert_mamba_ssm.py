@@ -136,3 +136,17 @@ def test_bare_mamba_block_and_the_ablation():
     assert set(ablated.plan.routed) == {"in_proj.weight", "x_proj.weight", "out_proj.weight"}
     everything = sparsify.convert(block, 2, example_inputs=(hidden,), policy="all")
     assert {"conv1d.weight", "conv1d.bias"} <= set(everything.plan.routed)
+
+
+def test_hybrid_attention_and_mamba_layers_each_get_their_preset():
+    torch.manual_seed(0)
+    config = MambaConfig(d_model=32, n_layer=3, vocab_size=101, ssm_cfg={"layer": "Mamba1", "d_state": 8},
+                         attn_layer_idx=[1], attn_cfg={"num_heads": 4}, rms_norm=True, fused_add_norm=True,
+                         residual_in_fp32=True, pad_vocab_size_multiple=1)
+    dense = MambaLMHeadModel(config).eval()
+    routed = sparsify.convert(dense, 3, example_inputs=(torch.randint(0, 101, (2, 9)),))
+    mamba_layers = {f"backbone.layers.{i}.mixer.{p}" for i in (0, 2) for p in MOM["Mamba1"]}
+    attention_layer = {"backbone.layers.1.norm.weight"} | {f"backbone.layers.1.mixer.{p}.{w}"
+                                                         for p in ("in_proj", "out_proj") for w in ("weight", "bias")}
+    assert set(routed.plan.routed) == mamba_layers | attention_layer  # MoT for attention (norm too), MoM for Mamba
+    assert routed.verify_report.ok
