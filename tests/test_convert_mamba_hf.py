@@ -116,3 +116,17 @@ def test_policy_all_routes_the_causal_conv1d_per_output_token(name):
         after = routed(x, modality_ids=ids).logits
     changed = (before - after).abs().amax(-1)
     assert bool((changed[:, :4] == 0).all()) and bool((changed[:, 4] > 1e-3).all())
+
+
+def test_train_mode_matches_dense_train_mode(mamba):
+    """In train mode transformers calls mamba_ssm's fused mixer kernels when mamba_ssm imports; on CPU
+    those take sparsify's PyTorch paths, and the routed model (captured in train mode) agrees."""
+    _, dense, routed = mamba
+    dense, routed = copy.deepcopy(dense).train(), copy.deepcopy(routed).train()
+    g = torch.Generator().manual_seed(5)
+    x, ids = torch.randint(0, 101, (2, 10), generator=g), torch.randint(0, 3, (2, 10), generator=g)
+    want = dense(x, use_cache=False).logits
+    got = routed(x, modality_ids=ids).logits
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+    got.sum().backward()
+    assert all(routed.get_parameter(f).grad is not None for f in routed.plan.routed)

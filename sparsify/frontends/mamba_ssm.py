@@ -69,8 +69,9 @@ def _add_norm(x, weight, bias, residual=None, x1=None, weight1=None, bias1=None,
 
 
 def _causal_conv1d(x, weight, bias, activation=None):
-    """Depthwise causal conv over [b, d, l] with weight [d, k]: the form the route pass can route."""
-    out = F.conv1d(x, weight.unsqueeze(1), bias, padding=weight.shape[-1] - 1, groups=x.shape[1])[..., : x.shape[-1]]
+    """Depthwise causal conv over [b, d, l] with weight [d, k] (or [d, 1, k]): the form the route pass routes."""
+    weight = weight if weight.dim() == 3 else weight.unsqueeze(1)
+    out = F.conv1d(x, weight, bias, padding=weight.shape[-1] - 1, groups=x.shape[1])[..., : x.shape[-1]]
     return F.silu(out) if activation in ("silu", "swish") else out
 
 
