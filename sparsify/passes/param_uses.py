@@ -128,6 +128,8 @@ def classify(node: torch.fx.Node, operand: int, param_val) -> tuple[str, str | N
         return ("linear_weight", None) if operand == 1 else ("linear_bias", None) if operand == 2 else (
             "unsupported", "the parameter is the input of a linear, not its weight or bias")
     if target == aten.addmm.default:
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            return "unsupported", "addmm with beta/alpha scaling"
         if operand == 2 and param_val.dim() == 2:
             return "addmm_weight", None
         if operand == 0 and param_val.dim() == 1:
@@ -159,7 +161,7 @@ def classify(node: torch.fx.Node, operand: int, param_val) -> tuple[str, str | N
         if target == aten.add.Tensor and _is_matmul_output(other):
             return "bias_add", None  # e.g. softplus(dt_proj.weight @ x + dt_proj.bias[:, None])
         return "elementwise", None
-    return "unsupported", f"{target} is not an op sparsify can route (linear, addmm, mm/matmul, layer_norm, elementwise)"
+    return "unsupported", f"{target} is not an op sparsify can route (linear, addmm, mm/matmul, layer_norm, causal conv1d, elementwise)"
 
 
 def _as_int(value):
