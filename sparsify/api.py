@@ -18,6 +18,7 @@ from sparsify.plan import INIT_MODES, RoutingPlan, build_plan
 from sparsify.routed_model import RoutedModel
 from sparsify.safetensors_io import write_checkpoint
 
+
 def _example_inputs(model: nn.Module, example_inputs, example_kwargs) -> dict[str, Any]:
     if example_inputs is None and example_kwargs is None:
         if hf.is_hf_model(model):
@@ -34,7 +35,7 @@ def _example_inputs(model: nn.Module, example_inputs, example_kwargs) -> dict[st
     return bind_call(model, tuple(example_inputs or ()), kwargs)
 
 
-def _reinit(root: nn.Module, owner_fqn: str) -> None:
+def reinit_module(root: nn.Module, owner_fqn: str) -> None:
     """Re-initialise one module the way the dense model initialises it."""
     module = root.get_submodule(owner_fqn)
     if callable(getattr(root, "_init_weights", None)):  # Hugging Face PreTrainedModel
@@ -69,7 +70,7 @@ def _stack_parameters(dense: nn.Module, plan: RoutingPlan, init: str) -> None:
         with torch.no_grad():
             for _ in range(modalities):
                 for owner in owners:
-                    _reinit(dense, owner)
+                    reinit_module(dense, owner)
                 for p in plan.params:
                     per_modality[p.fqn].append(dense.get_parameter(p.fqn).detach().clone())
             for fqn, value in keep.items():

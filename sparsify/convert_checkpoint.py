@@ -152,7 +152,7 @@ def _routed_chunks(source: OutputTensor, modalities: int) -> Callable[[], Iterat
 
 def _independent_chunks(dense_meta: nn.Module, fqn: str, modalities: int) -> Callable[[], Iterator[torch.Tensor]]:
     """Each modality's copy freshly initialised the way the model initialises the owning module."""
-    from sparsify.api import _reinit
+    from sparsify.api import reinit_module
 
     owner_name, _, attr = fqn.rpartition(".")
 
@@ -162,7 +162,7 @@ def _independent_chunks(dense_meta: nn.Module, fqn: str, modalities: int) -> Cal
         try:
             for _ in range(modalities):
                 with torch.no_grad():
-                    _reinit(dense_meta, owner_name)
+                    reinit_module(dense_meta, owner_name)
                 yield owner._parameters[attr].detach().reshape(-1).clone()
         finally:
             owner.to("meta")
