@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsify.ops import selective_scan as selective_scan_module
+from sparsify.ops import ssd_scan as ssd_scan_module
 
 EXTENSION = "selective_scan_cuda"
 
@@ -259,6 +260,8 @@ def _patch(module: types.ModuleType) -> None:
         current = getattr(module, name, None)
         if current is None or getattr(current, "__module__", "") == __name__:
             continue
+        if name == "mamba_chunk_scan_combined" and module.__name__.endswith("ssd_combined"):
+            ssd_scan_module.cuda_chunk_scan = current  # the op's CUDA path: mamba_ssm's Triton kernels
         # The scan always goes through the sparsify op (it picks mamba_ssm's kernel on CUDA itself).
         setattr(module, name, selective_scan_fn if name == "selective_scan_fn" else _wrapped(name, current))
 

@@ -9,8 +9,8 @@ selective_scan_fn: u, delta, z [b, d, l]; A [d, n] (real); B, C [b, n, l] or
 Being one op keeps the capture dynamic in the sequence length (the reference
 loops over time) and lets the route pass see the scan's operands. CPU runs the
 plain-PyTorch reference; CUDA runs mamba_ssm's kernel when its extension is
-installed. Backward recomputes the reference under autograd (correct anywhere,
-not fast on GPU).
+installed. Backward recomputes the forward under autograd (mamba_ssm's kernel and
+its CUDA backward where available, the reference elsewhere).
 """
 from __future__ import annotations
 
@@ -82,7 +82,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     inputs = [t.detach().requires_grad_(t.is_floating_point()) if t is not None else None for t in ctx.saved_tensors]
     with torch.enable_grad():
-        out = selective_scan_ref(*inputs, delta_softplus=ctx.delta_softplus)
+        # Recompute under autograd: through mamba_ssm's kernel (and its CUDA backward) when it is there.
+        if inputs[0].is_cuda and cuda_selective_scan is not None:
+            out = cuda_selective_scan(*inputs, ctx.delta_softplus)
+        else:
+            out = selective_scan_ref(*inputs, delta_softplus=ctx.delta_softplus)
         wanted = [t for t in inputs if t is not None and t.requires_grad]
         grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
     return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs) + (None,)

@@ -5,7 +5,8 @@
 with dt = clamp(softplus(dt + dt_bias)) as mamba_ssm's mamba_chunk_scan_combined.
 Shapes: x, z [b, l, h, p]; dt [b, l, h]; A [h]; B, C [b, l, g, n]; D [h] or [h, p];
 dt_bias [h]. CPU runs this plain-PyTorch recurrence (mamba_ssm's chunked Triton
-kernels compute the same sums in another order); backward recomputes it under autograd.
+kernels compute the same sums in another order; they run on CUDA when mamba_ssm is installed);
+backward recomputes the forward under autograd.
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+# mamba_ssm's Triton mamba_chunk_scan_combined, set by sparsify.frontends.mamba_ssm when mamba_ssm loads.
+cuda_chunk_scan = None
 
 
 def ssd_scan_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_min=0.0,
@@ -51,7 +55,15 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
              z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool, dt_min: float,
              dt_max: float) -> Tensor:
     # no defaults: a schema cannot spell an infinite default, and the caller always knows dt_limit
+    if x.is_cuda and cuda_chunk_scan is not None:
+        return _cuda_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max)
     return ssd_scan_ref(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max)
+
+
+def _cuda_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max):
+    # The chunk size only changes the order of the sums; 256 is mamba_ssm's default.
+    return cuda_chunk_scan(x, dt, A, B, C, 256, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                           dt_limit=(dt_min, dt_max))
 
 
 @ssd_scan.register_fake
@@ -67,7 +79,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     inputs = [t.detach().requires_grad_(t.is_floating_point()) if t is not None else None for t in ctx.saved_tensors]
     with torch.enable_grad():
-        out = ssd_scan_ref(*inputs, *ctx.options)
+        scan = _cuda_scan if inputs[0].is_cuda and cuda_chunk_scan is not None else ssd_scan_ref
+        out = scan(*inputs, *ctx.options)
         wanted = [t for t in inputs if t is not None and t.requires_grad]
         grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
     return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs) + (None,) * 3
