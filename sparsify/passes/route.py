@@ -4,6 +4,7 @@
     addmm(b, x, w)       => sparsify.routed_linear(x, ids, w_stacked.transpose(1, 2), b_stacked)
     w @ x                => sparsify.routed_linear(x.mT, ids, w_stacked).mT
     layer_norm(x, w, b)  => sparsify.routed_layer_norm(x, ids, w_stacked, b_stacked)
+    mul(w, rmsnorm(h))   => sparsify.routed_rms_norm(h, ids, w_stacked)       (decomposed RMSNorm)
     mul(w, h)            => mul(sparsify.routed_gather(w_stacked, ids) shaped to broadcast, h)
 
 The routed parameter's placeholder receives the stacked [M, *S] tensor at run
@@ -20,8 +21,9 @@ import torch.fx
 from sparsify import ops  # noqa: F401  (registers torch.ops.sparsify.*)
 from sparsify.errors import RoutingError, describe_node
 from sparsify.passes import PassResult
-from sparsify.passes.param_uses import (ELEMENTWISE_KINDS, ParamUse, broadcast_param_shape, conv1d_trim_chain,
-                                        find_param_uses, token_tensor_lead_dims)
+from sparsify.passes.param_uses import (ELEMENTWISE_KINDS, METADATA_ASSERTS, ParamUse, broadcast_param_shape,
+                                        conv1d_trim_chain, find_param_uses, token_tensor_lead_dims)
+from sparsify.passes.rms_norm_pattern import match_rms_norm
 from sparsify.passes.token_axes import TokenAxes
 
 aten = torch.ops.aten
@@ -67,10 +69,22 @@ def route(
     for node in [n for n in graph.nodes if n in uses_by_node]:  # graph order: shared id views come first
         rewriter.rewrite(node, uses_by_node[node], stacked)
 
-    graph.eliminate_dead_code()
+    while graph.eliminate_dead_code() | _drop_orphan_asserts(graph):
+        pass
     graph.lint()
     graph_module.recompile()
     return PassResult(graph_module, True)
+
+
+def _drop_orphan_asserts(graph: torch.fx.Graph) -> bool:
+    """Remove dtype/device asserts on values nothing else uses any more (e.g. an RMSNorm replaced by the
+    fused op): dead-code elimination keeps asserts, and they would keep the whole old subgraph running."""
+    changed = False
+    for node in list(graph.nodes):
+        if node.target in METADATA_ASSERTS and all(u.target in METADATA_ASSERTS for u in node.args[0].users):
+            graph.erase_node(node)
+            changed = True
+    return changed
 
 
 def _rank(node: torch.fx.Node) -> int:
@@ -140,6 +154,8 @@ class _Rewriter:
         use = uses[0]
         args = list(node.args)
         with self.graph.inserting_before(node):
+            if use.kind == "norm_scale" and len(uses) == 1 and self.fuse_rms_norm(node, use, args, stacked):
+                return
             if use.kind in ELEMENTWISE_KINDS:
                 for u in uses:
                     node.update_arg(u.operand, self.gathered(u, args[u.operand]))
@@ -184,6 +200,26 @@ class _Rewriter:
         new.meta["sparsify_dense_node"] = node.name
         node.replace_all_uses_with(new)
         self.graph.erase_node(node)
+
+    def fuse_rms_norm(self, node: torch.fx.Node, use: ParamUse, args: list, stacked: set) -> bool:
+        """mul(w, rmsnorm(h)) => sparsify.routed_rms_norm(h, ids, w), cast to the mul's dtype; False if no match."""
+        match = match_rms_norm(node, use.operand)
+        weight = args[use.operand]
+        if match is None or weight.meta.get("val") is None or weight.meta["val"].dim() != 1:
+            return False
+        h = match.normalized
+        lead = h.meta["val"].dim() - 1
+        out = self.call(sparsify_ops.routed_rms_norm.default, h, self.ids_for(use.token_axes, lead, h),
+                        self.stacked(weight, stacked), match.eps)
+        dtype = node.meta["val"].dtype
+        if dtype != torch.promote_types(h.meta["val"].dtype, weight.meta["val"].dtype):
+            out = self.call(aten._to_copy.default, out)
+            out.kwargs = {"dtype": dtype}
+        out.meta.update(node.meta)
+        out.meta["sparsify_dense_node"] = node.name
+        node.replace_all_uses_with(out)
+        self.graph.erase_node(node)
+        return True
 
     def rewrite_conv1d(self, node: torch.fx.Node, args: list, stacked: set) -> None:
         """conv1d(x, w, b, padding=K-1, groups=C)[..., :T]  =>  sparsify.routed_conv1d(x, ids, w[:, :, 0], b)."""

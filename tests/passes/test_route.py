@@ -38,7 +38,9 @@ def test_route_rewrites_every_form_in_the_toy_graph():
     # per block: up (linear), conv1d (addmm), left (w @ x); plus the LM head (linear)
     assert after[sp.routed_linear.default] == 7
     assert after[sp.routed_layer_norm.default] == 2
-    assert after[sp.routed_gather.default] == 4  # RMSNorm scale and the shift, per block
+    assert after[sp.routed_rms_norm.default] == 2  # the decomposed RMSNorm, fused
+    assert after[sp.routed_gather.default] == 2  # the shift, per block
+    assert after[aten.rsqrt.default] == 0  # the RMSNorm's own ops are gone
     for dense_op in (aten.linear.default, aten.addmm.default, aten.matmul.default, aten.layer_norm.default):
         assert after[dense_op] == 0
     result.graph_module.graph.lint()
