@@ -1,4 +1,5 @@
-"""Convert a small Llama-style transformer into a 3-modality Mixture-of-Transformers and check it.
+"""Convert a small Llama-style transformer into a 3-modality Mixture-of-Transformers and check it,
+then a small Mamba into a Mixture-of-Mamba.
 
 Runs on CPU in seconds: builds the model from a config (random weights), converts it,
 prints the routing table and the measured error against the dense model, then
@@ -50,6 +51,16 @@ def main():
             same = torch.equal(loaded(input_ids, modality_ids=modality_ids).logits,
                                routed(input_ids, modality_ids=modality_ids).logits)
         print(f"saved to {path.name}/ ({', '.join(sorted(p.name for p in path.iterdir()))}); reload identical: {same}")
+
+    # Mixture-of-Mamba: the same call; blocks without attention get the MoM preset.
+    from transformers import MambaConfig, MambaForCausalLM
+
+    mamba = MambaForCausalLM(MambaConfig(num_hidden_layers=2, hidden_size=64, state_size=8, vocab_size=1000,
+                                         intermediate_size=128)).eval()
+    routed_mamba = sparsify.convert(mamba, modalities=3)
+    print()
+    print(routed_mamba.plan.summary())
+    print(routed_mamba.verify_report)
 
 
 if __name__ == "__main__":
