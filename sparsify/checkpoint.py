@@ -121,25 +121,31 @@ def module_tensors(module: nn.Module) -> list[OutputTensor]:
     return out
 
 
-def load_weights(module: nn.Module, directory: Path) -> None:
-    """Load a directory's tensors into `module`, strictly: every key present (tied aliases once), shapes equal."""
-    entries = read_checkpoint_dir(directory)
+def check_tensors_match(module: nn.Module, shapes: dict[str, tuple], where, hint: str = "") -> None:
+    """Raise unless `shapes` (name -> shape) are exactly the module's state dict: every key present (a tied
+    tensor once, under any of its names), nothing extra, shapes equal."""
     expected = module.state_dict(keep_vars=True)
-    unexpected = sorted(set(entries) - set(expected))
-    missing = set(expected) - set(entries)
-    # A tied tensor is stored under one of its names: the others are not missing.
-    present_ids = {id(expected[name]) for name in entries if name in expected}
-    missing = sorted(name for name in missing if id(expected[name]) not in present_ids)
+    unexpected = sorted(set(shapes) - set(expected))
+    present_ids = {id(expected[name]) for name in shapes if name in expected}
+    missing = sorted(name for name in set(expected) - set(shapes) if id(expected[name]) not in present_ids)
+    what = f"{where} does not match {type(module).__name__}"
     if unexpected or missing:
         raise SparsifyError(
-            f"checkpoint {directory} does not match the model: "
+            f"{what}: "
             + (f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''} " if missing else "")
-            + (f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}" if unexpected else "")
+            + (f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}" if unexpected else "") + hint
         )
-    for name, entry in entries.items():
-        if tuple(expected[name].shape) != entry.shape:
-            raise SparsifyError(f"checkpoint {directory} does not match the model: {name!r} is "
-                                f"{list(entry.shape)} in the checkpoint but {list(expected[name].shape)} in the model")
+    for name, shape in shapes.items():
+        if tuple(expected[name].shape) != tuple(shape):
+            raise SparsifyError(f"{what}: {name!r} is {list(shape)} in the checkpoint but "
+                                f"{list(expected[name].shape)} in the model{hint}")
+
+
+def load_weights(module: nn.Module, directory: Path) -> None:
+    """Load a directory's tensors into `module`, strictly (see check_tensors_match)."""
+    entries = read_checkpoint_dir(directory)
+    check_tensors_match(module, {name: entry.shape for name, entry in entries.items()}, f"checkpoint {directory}")
+    expected = module.state_dict(keep_vars=True)
     with torch.no_grad():
         for name, entry in entries.items():
             expected[name].copy_(read_tensor(entry))

@@ -106,28 +106,12 @@ def open_source(path) -> DenseSource:
     raise SparsifyError(f"{path}: expected a Hugging Face model directory, a .safetensors file or a .pt state dict")
 
 
-def check_source_matches(source: DenseSource, dense: nn.Module) -> None:
-    expected = dense.state_dict(keep_vars=True)
-    present_ids = {id(expected[n]) for n in source.tensors if n in expected}
-    missing = sorted(n for n in set(expected) - set(source.tensors) if id(expected[n]) not in present_ids)
-    unexpected = sorted(set(source.tensors) - set(expected))
-    if missing or unexpected:
-        raise SparsifyError(
-            f"{source.path} does not match {type(dense).__name__}: "
-            + (f"missing {missing[:5]} " if missing else "") + (f"unexpected {unexpected[:5]}" if unexpected else "")
-            + "; is --model (or config.json) the architecture of this checkpoint?"
-        )
-    for name, tensor in source.tensors.items():
-        if tuple(expected[name].shape) != tensor.shape:
-            raise SparsifyError(f"{source.path} does not match {type(dense).__name__}: {name!r} is "
-                                f"{list(tensor.shape)} in the checkpoint but {list(expected[name].shape)} in the model")
-
-
 def plan_for(source: DenseSource, factory, modalities, policy, include, exclude, init) -> tuple[RoutingPlan, nn.Module, Any]:
     """Build the dense module on the meta device, capture it there and plan."""
     dense, example = source.build(factory, "meta")
     dense.eval()
-    check_source_matches(source, dense)
+    checkpoint.check_tensors_match(dense, {n: t.shape for n, t in source.tensors.items()}, source.path,
+                                   "; is --model (or config.json) the architecture of this checkpoint?")
     if example is None:
         if not hf.is_hf_model(dense):
             raise SparsifyError("the model factory must return (module, example_inputs) so sparsify can capture it")
