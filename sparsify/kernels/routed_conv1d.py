@@ -17,18 +17,24 @@ BLOCK_C, BLOCK_T = (16, 16) if INTERPRET else (32, 128)
 
 
 @triton.jit
+def _tile(ids_ptr, C, T, stride_ib, stride_it, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
+    """This program's (batch, channel block, time block) tile, its masks and the modality of each position."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    c_ok, t_ok = offs_c < C, offs_t < T
+    ids = tl.load(ids_ptr + b * stride_ib + offs_t * stride_it, mask=t_ok, other=0)
+    return b, offs_c, offs_t, c_ok, c_ok[:, None] & t_ok[None, :], ids
+
+
+@triton.jit
 def _conv_forward_kernel(
     x_ptr, ids_ptr, w_ptr, b_ptr, out_ptr, C, T, K,
     stride_xb, stride_xc, stride_xt, stride_ib, stride_it, stride_wm, stride_wc, stride_wk, stride_bm,
     stride_ob, stride_oc, stride_ot,
     HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
-    c_ok, t_ok = offs_c < C, offs_t < T
-    ok = c_ok[:, None] & t_ok[None, :]
-    ids = tl.load(ids_ptr + b * stride_ib + offs_t * stride_it, mask=t_ok, other=0)
+    b, offs_c, offs_t, c_ok, ok, ids = _tile(ids_ptr, C, T, stride_ib, stride_it, BLOCK_C, BLOCK_T)
     acc = tl.zeros((BLOCK_C, BLOCK_T), dtype=tl.float32)
     for k in range(0, K):
         src = offs_t - (K - 1) + k
@@ -49,12 +55,7 @@ def _conv_backward_kernel(
     stride_wm, stride_wc, stride_wk,
     HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
-    c_ok, t_ok = offs_c < C, offs_t < T
-    ok = c_ok[:, None] & t_ok[None, :]
-    ids = tl.load(ids_ptr + b * stride_ib + offs_t * stride_it, mask=t_ok, other=0)
+    b, offs_c, offs_t, c_ok, ok, ids = _tile(ids_ptr, C, T, stride_ib, stride_it, BLOCK_C, BLOCK_T)
     grad = tl.load(grad_ptr + b * stride_gb + offs_c[:, None] * stride_gc + offs_t[None, :] * stride_gt,
                    mask=ok, other=0.0).to(tl.float32)
     dx = tl.zeros((BLOCK_C, BLOCK_T), dtype=tl.float32)
