@@ -60,10 +60,6 @@ class RoutedModel(nn.Module):
                 raise
             return getattr(dense, name)
 
-    @property
-    def dense_class(self) -> type:
-        return type(self._dense)
-
     def extra_repr(self) -> str:
         return f"modalities={self.plan.modalities}, routed={len(self.plan.params)} parameters"
 
