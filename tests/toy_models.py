@@ -126,3 +126,21 @@ class Hybrid(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return x
+
+
+class StepwiseRecurrent(nn.Module):
+    """An RNN-style loop applying its projections to one time step at a time: x[:, t]."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.ModuleDict({"inp": nn.Linear(d, d), "rec": nn.Linear(d, d, bias=False),
+                                                    "norm": nn.LayerNorm(d)})])
+
+    def forward(self, x):
+        cell = self.layers[0]
+        state = torch.zeros_like(x[:, 0])
+        outs = []
+        for t in range(x.shape[1]):
+            state = torch.tanh(cell["inp"](cell["norm"](x[:, t])) + cell["rec"](state))
+            outs.append(state)
+        return torch.stack(outs, 1)

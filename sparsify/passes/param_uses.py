@@ -239,6 +239,8 @@ def find_param_uses(
                         if tensor is not None else \
                         "no shape information recorded for this node"
                     if isinstance(axes, str):
+                        axes = _one_sequence_position(use, token_dims) or axes
+                    if isinstance(axes, str):
                         use.problem = f"cannot find its token dims: {axes}"
                     elif not _tokens_outside_param(use, axes, _val(value)):
                         use.problem = (f"its tokens ({axes}) fall inside the dims the parameter covers; "
@@ -247,6 +249,58 @@ def find_param_uses(
                         use.token_axes = axes
                 uses[fqn].append(use)
     return uses
+
+
+# Uses whose token tensor is an operand of the op (not its output), by operand index.
+TOKEN_OPERAND = {"linear_weight": 0, "linear_bias": 0, "matmul_weight_right": 0, "layer_norm_weight": 0,
+                 "layer_norm_bias": 0, "addmm_weight": 1, "addmm_bias": 1}
+
+
+def _batch_inputs(node: torch.fx.Node, batch) -> list[torch.fx.Node]:
+    """The inputs of `node` that carry the batch dim (parameters and constants do not)."""
+    out = []
+    for arg in node.all_input_nodes:
+        val = _val(arg)
+        if isinstance(val, torch.Tensor) and any(size == batch for size in size_exprs(val)):
+            out.append(arg)
+    return out
+
+
+def _one_sequence_position(use: ParamUse, token_dims: tuple, max_depth: int = 12) -> TokenAxes | None:
+    """Token axes of an operand computed from x.select(seq_dim, t) of a token tensor x alone (a Python loop
+    over time applying the op one position at a time; the loop makes export specialise the length).
+
+    The walk back follows ops with a single batch-carrying input only: a value that mixes several inputs
+    (a recurrent state) has no single position, and is left unrouted rather than guessed.
+    """
+    index = TOKEN_OPERAND.get(use.kind)
+    node = use.node.args[index] if index is not None else None
+    for _ in range(max_depth):
+        if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+            return None
+        if node.target == aten.select.int:
+            break
+        inputs = _batch_inputs(node, token_dims[0])
+        if len(inputs) != 1:
+            return None
+        node = inputs[0]
+    else:
+        return None
+    source, dim, position = node.args
+    source_val = _val(source)
+    if source_val is None or not isinstance(position, int):
+        return None
+    axes = find_token_axes(size_exprs(source_val), token_dims, shape_env_of(source_val))
+    if isinstance(axes, str) or axes.flat or axes.seq_index is not None:
+        return None
+    batch_dim, seq_dim = axes.dims
+    if dim % source_val.dim() != seq_dim:
+        return None
+    operand_val = _val(use.node.args[index])
+    batch_dims = [i for i, size in enumerate(size_exprs(operand_val)) if size == token_dims[0]]
+    if len(batch_dims) != 1:
+        return None
+    return TokenAxes((batch_dims[0],), seq_index=position)
 
 
 def _scalar_elementwise(node: torch.fx.Node, value: torch.fx.Node) -> bool:

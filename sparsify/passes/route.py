@@ -121,7 +121,10 @@ class _Rewriter:
 
     def ids_with_tokens_in_order(self, axes: TokenAxes) -> tuple[torch.fx.Node, tuple[int, ...]]:
         """modality_ids laid out as the tensor's token dims in increasing dim order, and those dims."""
-        if axes.flat:
+        if axes.seq_index is not None:
+            key = ("position", axes.seq_index)
+            make = lambda: self.call(aten.select.int, self.modality_ids, 1, axes.seq_index)  # noqa: E731
+        elif axes.flat:
             key = ("flat",)
             make = lambda: self.call(aten.reshape.default, self.modality_ids, [-1])  # noqa: E731
         else:

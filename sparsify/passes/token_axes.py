@@ -17,18 +17,22 @@ import torch
 
 @dataclass(frozen=True)
 class TokenAxes:
-    """Token dims of one tensor: (batch_dim, seq_dim) when split, (flat_dim,) when flattened.
+    """Token dims of one tensor: (batch_dim, seq_dim) when split, (flat_dim,) when flattened, or
+    (batch_dim,) with `seq_index` when the tensor is one sequence position (x[:, t] in a loop over time).
 
     A flattened dim holds tokens in row-major (batch, seq) order, i.e. modality_ids.reshape(-1).
     """
 
     dims: tuple[int, ...]
+    seq_index: int | None = None
 
     @property
     def flat(self) -> bool:
-        return len(self.dims) == 1
+        return len(self.dims) == 1 and self.seq_index is None
 
     def __str__(self) -> str:
+        if self.seq_index is not None:
+            return f"batch dim {self.dims[0]} at sequence position {self.seq_index}"
         if self.flat:
             return f"tokens flattened in dim {self.dims[0]}"
         return f"batch dim {self.dims[0]}, seq dim {self.dims[1]}"

@@ -8,7 +8,7 @@ import sparsify
 from sparsify.capture import capture
 from sparsify.passes.route import route
 from sparsify.plan import build_plan
-from tests.toy_models import LoopOverTime, SeqFirst, ToyLM, WeightInSoftmax
+from tests.toy_models import LoopOverTime, SeqFirst, StepwiseRecurrent, ToyLM, WeightInSoftmax
 
 aten, sp = torch.ops.aten, torch.ops.sparsify
 
@@ -107,3 +107,26 @@ def test_unroutable_use_names_node_module_and_source_line():
     assert "layers.0.weight" in message and "softmax" in message
     assert "toy_models.py" in message and "torch.softmax(self.layers[0].weight" in message
     assert "exclude=" in message  # says how to fix
+
+
+def test_projections_applied_one_time_step_at_a_time_are_routed_per_step():
+    torch.manual_seed(0)
+    model = StepwiseRecurrent().eval()
+    x = torch.randn(2, 7, 6)  # the loop fixes the length: keep it unlike every feature size
+    routed = sparsify.convert(model, 2, example_inputs=(x,), policy="all")
+    # the input projection and norm see x[:, t]; the recurrent projection sees the state, which
+    # has no sequence position of its own, so it cannot be routed per token and stays shared
+    assert set(routed.plan.routed) == {"layers.0.inp.weight", "layers.0.inp.bias", "layers.0.norm.weight",
+                                       "layers.0.norm.bias"}
+    assert "sequence" in {p.fqn: p.reason for p in routed.plan.shared}["layers.0.rec.weight"]
+    ids = torch.tensor([[0, 0, 1, 0, 0, 0, 0], [0, 0, 0, 0, 1, 0, 0]])
+    with torch.no_grad():
+        before = routed(x, modality_ids=ids)
+        torch.testing.assert_close(before, model(x), rtol=1e-5, atol=1e-6)
+        weight = routed.get_parameter("layers.0.inp.weight")[1]
+        weight.add_(torch.randn_like(weight))  # not a constant: the LayerNorm output sums to zero
+        after = routed(x, modality_ids=ids)
+    changed = (after - before).abs().amax(-1) > 1e-6
+    # the recurrence carries the change forward from the first modality-1 step
+    assert torch.equal(changed, torch.tensor([[False, False, True, True, True, True, True],
+                                              [False, False, False, False, True, True, True]]))
