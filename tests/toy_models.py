@@ -144,3 +144,19 @@ class StepwiseRecurrent(nn.Module):
             state = torch.tanh(cell["inp"](cell["norm"](x[:, t])) + cell["rec"](state))
             outs.append(state)
         return torch.stack(outs, 1)
+
+
+class SeqFirstFlattened(nn.Module):
+    """Turns [batch, seq, d] into seq-first order, then projects the flattened (seq * batch) tokens with a
+    Conv1D-style addmm: the flattened dim holds tokens seq-major."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(d, d)])
+
+    def forward(self, x):
+        batch, seq, d = x.shape
+        layer = self.layers[0]
+        seq_first = x.transpose(0, 1).contiguous()
+        flat = torch.addmm(layer.bias, seq_first.reshape(-1, d), layer.weight.t())
+        return flat.view(seq, batch, d).transpose(0, 1)

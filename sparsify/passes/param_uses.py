@@ -240,6 +240,8 @@ def find_param_uses(
                         "no shape information recorded for this node"
                     if isinstance(axes, str):
                         axes = _one_sequence_position(use, token_dims) or axes
+                    elif axes.flat and _flattened_seq_major(use, token_dims):
+                        axes = TokenAxes(axes.dims, seq_major=True)
                     if isinstance(axes, str):
                         use.problem = f"cannot find its token dims: {axes}"
                     elif not _tokens_outside_param(use, axes, _val(value)):
@@ -254,6 +256,31 @@ def find_param_uses(
 # Uses whose token tensor is an operand of the op (not its output), by operand index.
 TOKEN_OPERAND = {"linear_weight": 0, "linear_bias": 0, "matmul_weight_right": 0, "layer_norm_weight": 0,
                  "layer_norm_bias": 0, "addmm_weight": 1, "addmm_bias": 1}
+
+
+FLATTEN_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.contiguous.default,
+               aten.clone.default, aten._to_copy.default}
+
+
+def _flattened_seq_major(use: ParamUse, token_dims: tuple, max_depth: int = 6) -> bool:
+    """Whether the use's flattened token dim was made from a tensor holding (seq, batch) in that order."""
+    index = TOKEN_OPERAND.get(use.kind, 1 if use.kind == "matmul_weight_left" else None)
+    if index is None:  # elementwise: the flattened operand is the one that is not the parameter
+        index = 1 - use.operand if len(use.node.args) > 1 else None
+    node = use.node.args[index] if index is not None else None
+    for _ in range(max_depth):
+        if not isinstance(node, torch.fx.Node) or node.target not in FLATTEN_OPS:
+            return False
+        node = node.args[0]
+        val = _val(node)
+        if val is None:
+            return False
+        axes = find_token_axes(size_exprs(val), token_dims, shape_env_of(val))
+        if isinstance(axes, str):
+            return False
+        if not axes.flat:
+            return axes.dims[1] < axes.dims[0]
+    return False
 
 
 def _batch_inputs(node: torch.fx.Node, batch) -> list[torch.fx.Node]:

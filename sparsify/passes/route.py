@@ -125,8 +125,12 @@ class _Rewriter:
             key = ("position", axes.seq_index)
             make = lambda: self.call(aten.select.int, self.modality_ids, 1, axes.seq_index)  # noqa: E731
         elif axes.flat:
-            key = ("flat",)
-            make = lambda: self.call(aten.reshape.default, self.modality_ids, [-1])  # noqa: E731
+            key = ("flat", axes.seq_major)
+            if axes.seq_major:
+                make = lambda: self.call(aten.reshape.default,  # noqa: E731
+                                         self.call(aten.transpose.int, self.modality_ids, 0, 1), [-1])
+            else:
+                make = lambda: self.call(aten.reshape.default, self.modality_ids, [-1])  # noqa: E731
         else:
             key = ("split", axes.dims[0] < axes.dims[1])
             make = (lambda: self.modality_ids) if key[1] else \

@@ -20,11 +20,13 @@ class TokenAxes:
     """Token dims of one tensor: (batch_dim, seq_dim) when split, (flat_dim,) when flattened, or
     (batch_dim,) with `seq_index` when the tensor is one sequence position (x[:, t] in a loop over time).
 
-    A flattened dim holds tokens in row-major (batch, seq) order, i.e. modality_ids.reshape(-1).
+    A flattened dim holds tokens in row-major (batch, seq) order, i.e. modality_ids.reshape(-1), unless
+    seq_major (the graph flattened a [seq, batch, ...] tensor).
     """
 
     dims: tuple[int, ...]
     seq_index: int | None = None
+    seq_major: bool = False  # a flattened dim made from [seq, batch, ...]: ids.t().reshape(-1)
 
     @property
     def flat(self) -> bool:
@@ -34,7 +36,7 @@ class TokenAxes:
         if self.seq_index is not None:
             return f"batch dim {self.dims[0]} at sequence position {self.seq_index}"
         if self.flat:
-            return f"tokens flattened in dim {self.dims[0]}"
+            return f"tokens flattened {'(seq-major) ' if self.seq_major else ''}in dim {self.dims[0]}"
         return f"batch dim {self.dims[0]}, seq dim {self.dims[1]}"
 
 

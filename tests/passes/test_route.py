@@ -8,7 +8,8 @@ import sparsify
 from sparsify.capture import capture
 from sparsify.passes.route import route
 from sparsify.plan import build_plan
-from tests.toy_models import LoopOverTime, SeqFirst, StepwiseRecurrent, ToyLM, WeightInSoftmax
+from tests.toy_models import (LoopOverTime, SeqFirst, SeqFirstFlattened, StepwiseRecurrent, ToyLM,
+                               WeightInSoftmax)
 
 aten, sp = torch.ops.aten, torch.ops.sparsify
 
@@ -82,6 +83,19 @@ def test_token_dims_in_seq_batch_order():
         out = routed(x, modality_ids=ids)
         dense_out = model(x)
     changed = (out - dense_out).abs().amax(-1) > 1e-4
+    assert torch.equal(changed, ids == 1)
+
+
+def test_tokens_flattened_seq_major_use_transposed_ids():
+    torch.manual_seed(0)
+    model = SeqFirstFlattened().eval()
+    x = torch.randn(2, 7, 6)  # made seq-first, then flattened to [seq * batch, d] before the projection
+    routed = sparsify.convert(model, 2, example_inputs=(x,), policy="all")
+    assert "seq-major" in routed.plan.params[0].uses[0]
+    ids = torch.randint(0, 2, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        routed.get_parameter("layers.0.weight")[1].add_(1.0)
+        changed = (routed(x, modality_ids=ids) - model(x)).abs().amax(-1) > 1e-4
     assert torch.equal(changed, ids == 1)
 
 
