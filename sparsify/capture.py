@@ -99,8 +99,10 @@ class CapturedGraph:
                     low, high = self.ranges.get(expr, (0, float("inf")))
                     if binding.setdefault(expr, size) != size or not low <= size <= high:
                         return False
-                elif int(expr.subs(binding)) != size:
-                    return False
+                else:  # an expression of other dims' symbols (e.g. 2*s0)
+                    value = expr.subs(binding)
+                    if value.free_symbols or int(value) != size:
+                        return False
         return True
 
 
