@@ -77,11 +77,15 @@ def run(args) -> int:
 
     if args.command == "verify":
         import sparsify
+        from sparsify.checkpoint import single_dtype
         from sparsify.convert_checkpoint import load_factory, materialize, open_source
 
         factory = load_factory(args.model)
         dense, example = materialize(open_source(args.dense), factory)
         routed = sparsify.load(args.routed, model=factory)
+        dtype = single_dtype(routed)
+        if dtype is not None:  # a checkpoint converted with --dtype: compare with the dense model cast alike
+            dense.to(dtype)
         report = sparsify.verify(dense, routed, example_inputs=example)
         print(report)
         return EXIT_OK if report.ok else EXIT_VERIFY_FAILED

@@ -84,6 +84,8 @@ def test_dtype_and_independent_init(tmp_path):
                  "--dtype", "bfloat16")
     assert result.returncode == 0, result.stderr
     check_equal_to_dense(dst, dense.to(torch.bfloat16), model=toy, dtype=torch.bfloat16)
+    result = cli("verify", src, dst, "--model", "tests.cli_factories:toy")
+    assert result.returncode == 0 and "dtype bfloat16" in result.stdout, (result.stdout, result.stderr)
     dst = tmp_path / "independent"
     result = cli("convert", src, "-o", dst, "--modalities", 2, "--model", "tests.cli_factories:toy",
                  "--policy", "none", "--include", r"\.up\.weight$", "--init", "independent")
