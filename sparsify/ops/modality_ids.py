@@ -28,7 +28,7 @@ def check_modality_ids(modality_ids, token_shape: Sequence[int], modalities: int
             "pass one modality id per token, shaped like the leading (batch, seq) dims of the model's first input."
         )
     if modality_ids.numel() > 0:
-        low, high = int(modality_ids.min()), int(modality_ids.max())
+        low, high = (int(v) for v in torch.aminmax(modality_ids))  # one host sync per forward
         if low < 0 or high >= modalities:
             raise ValueError(
                 f"modality_ids must lie in [0, {modalities}) for a model routed over {modalities} modalities, "
