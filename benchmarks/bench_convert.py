@@ -9,7 +9,6 @@ Usage: python benchmarks/bench_convert.py [--layers 20] [--workdir DIR]
 """
 import argparse
 import math
-import resource
 import shutil
 import subprocess
 import sys

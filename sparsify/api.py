@@ -108,11 +108,10 @@ def convert(
         raise SparsifyError(f"convert() takes an nn.Module, got {type(model).__name__}")
     if isinstance(model, RoutedModel):
         raise SparsifyError("this model is already routed (a RoutedModel); convert the dense model instead")
-    build_plan_args = dict(modalities=modalities, policy=policy, include=include, exclude=exclude, init=init)
     dense = model if inplace else copy.deepcopy(model)
     inputs = _example_inputs(dense, example_inputs, example_kwargs)
     captured = capture(dense, inputs)
-    plan = build_plan(captured, dense, **build_plan_args)
+    plan = build_plan(captured, dense, modalities, policy=policy, include=include, exclude=exclude, init=init)
     if not plan.params:
         raise SparsifyError(
             f"policy={policy!r} selected no parameters to route in {type(model).__name__}; the parameters and "
@@ -148,49 +147,48 @@ def _random_like(inputs: dict[str, Any], seed: int) -> dict[str, Any]:
 
 
 def _verify(routed: RoutedModel, inputs: dict[str, Any], dense_params: dict | None, seed: int) -> VerifyReport:
-    """Routed graph with random modality ids vs dense graph with `dense_params` (default: modality 0's copy)."""
+    """init='copy': the routed graph with random modality ids vs the dense graph run with `dense_params`
+    (default: modality 0's copies, which equal the dense weights at init)."""
+    generator = torch.Generator().manual_seed(seed + 1)
+
+    def runs(token_shape):
+        ids = torch.randint(0, routed.plan.modalities, token_shape, generator=generator)
+        params = dense_params or {fqn: routed.get_parameter(fqn)[0] for fqn in routed.plan.routed}
+        yield ids, params, f"{routed.plan.modalities} modalities, random modality ids, tokens {token_shape}"
+
+    return _compare(routed, inputs, seed, runs)
+
+
+def _verify_modalities(routed: RoutedModel, inputs: dict[str, Any], seed: int = 0) -> VerifyReport:
+    """init='independent': all tokens of modality m vs the dense graph run with modality m's copies."""
+    def runs(token_shape):
+        for m in range(routed.plan.modalities):
+            yield (torch.full(token_shape, m, dtype=torch.long),
+                   {fqn: routed.get_parameter(fqn)[m] for fqn in routed.plan.routed},
+                   f"each of {routed.plan.modalities} modalities alone vs dense with that modality's weights")
+
+    return _compare(routed, inputs, seed, runs)
+
+
+def _compare(routed: RoutedModel, inputs: dict[str, Any], seed: int, runs) -> VerifyReport:
+    """Run the dense and routed graphs of `routed` on random inputs like `inputs`, once per
+    (modality ids, dense parameters, description) that runs(token_shape) yields; the worst report wins."""
     was_training = routed.training
     routed.eval()  # dropout would make the two runs differ
     try:
         inputs = _random_like(inputs, seed)
         token = primary_tensor(inputs)
-        generator = torch.Generator().manual_seed(seed + 1)
-        ids = torch.randint(0, routed.plan.modalities, tuple(token.shape[:2]), generator=generator).to(token.device)
         entry, flat = routed.graph_for(inputs)
-        if dense_params is None:
-            dense_params = {fqn: routed.get_parameter(fqn)[0] for fqn in routed.plan.routed}
-        dense_args = routed.graph_args(entry.routed, flat, params=dense_params)
-        routed_args = routed.graph_args(entry.routed, flat) + [ids]
-        return compare_graphs(entry.dense_graph_module, dense_args, entry.routed.graph_module, routed_args,
-                              len(entry.routed.mutated_buffers),
-                              checked=f"{routed.plan.modalities} modalities, random modality ids, "
-                                      f"tokens {tuple(token.shape[:2])}")
-    finally:
-        routed.train(was_training)
-
-
-def _verify_modalities(routed: RoutedModel, inputs: dict[str, Any], seed: int = 0) -> VerifyReport:
-    """For init='independent': all tokens of modality m == the dense graph run with modality m's copies."""
-    was_training = routed.training
-    routed.eval()
-    try:
-        inputs = _random_like(inputs, seed)
-        token = primary_tensor(inputs)
-        entry, flat = routed.graph_for(inputs)
+        routed_args = routed.graph_args(entry.routed, flat)
         worst = None
-        for m in range(routed.plan.modalities):
-            ids = torch.full(tuple(token.shape[:2]), m, dtype=torch.long, device=token.device)
-            dense_params = {fqn: routed.get_parameter(fqn)[m] for fqn in routed.plan.routed}
-            report = compare_graphs(
-                entry.dense_graph_module, routed.graph_args(entry.routed, flat, params=dense_params),
-                entry.routed.graph_module, routed.graph_args(entry.routed, flat) + [ids],
-                len(entry.routed.mutated_buffers),
-                checked=f"each of {routed.plan.modalities} modalities alone vs dense with that modality's weights",
-            )
-            if worst is None or report.max_rel_err > worst.max_rel_err or not report.ok:
+        for ids, dense_params, checked in runs(tuple(token.shape[:2])):
+            report = compare_graphs(entry.dense_graph_module, routed.graph_args(entry.routed, flat, dense_params),
+                                    entry.routed.graph_module, routed_args + [ids.to(token.device)],
+                                    len(entry.routed.mutated_buffers), checked=checked)
+            if worst is None or not report.ok or report.max_rel_err > worst.max_rel_err:
                 worst = report
-                if not report.ok:
-                    break
+            if not report.ok:
+                break
         return worst
     finally:
         routed.train(was_training)

@@ -11,6 +11,7 @@ Directories are written under a temporary name and renamed into place.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -82,18 +83,19 @@ def read_metadata(path) -> dict:
 
 
 def build_dense(description: dict, model=None) -> tuple[nn.Module, Any]:
-    """(dense module, example inputs or None) from a factory/module, or from a Hugging Face description.
+    """(dense module, example inputs or None): from `model` (see dense_from) or, when it is None,
+    from a checkpoint's Hugging Face description."""
+    if model is not None:
+        return dense_from(model)
+    if description.get("kind") != "huggingface":
+        raise SparsifyError(f"the checkpoint holds a {description.get('class')} model, which sparsify cannot "
+                            "rebuild on its own: pass the dense module or a factory that builds it")
+    return hf.rebuild(description), None
 
-    A factory may return the module or (module, example_inputs).
-    """
-    if model is None:
-        if description.get("kind") != "huggingface":
-            raise SparsifyError(f"the checkpoint holds a {description.get('class')} model, which sparsify cannot "
-                                "rebuild on its own: pass the dense module or a factory that builds it")
-        return hf.rebuild(description), None
+
+def dense_from(model) -> tuple[nn.Module, Any]:
+    """A copy of a dense module, or what a factory builds: the module or (module, example_inputs)."""
     if isinstance(model, nn.Module):
-        import copy
-
         return copy.deepcopy(model), None
     if not callable(model):
         raise SparsifyError(f"model must be an nn.Module or a factory, got {type(model).__name__}")

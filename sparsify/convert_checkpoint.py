@@ -39,7 +39,7 @@ class DenseSource:
         """(module with uninitialised weights on `device`, example inputs or None)."""
         with torch.device(device):
             if factory is not None:
-                return checkpoint.build_dense({"kind": "module"}, factory)
+                return checkpoint.dense_from(factory)
             if self.hf_config_dir is None:
                 raise SparsifyError(f"{self.path} is a plain state dict: name the module that loads it with "
                                     "--model package.module:factory")

@@ -13,6 +13,7 @@ A model without repeated blocks (a bare mixer or layer) counts as one block.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -78,12 +79,6 @@ class RoutingPlan:
         return cls.from_dict(json.loads(text))
 
     def summary(self) -> str:
-        def count(shape):
-            n = 1
-            for s in shape:
-                n *= s
-            return n
-
         rows = [("parameter", "role", "dense shape", "routed shape", "uses")]
         for p in self.params:
             rows.append((p.fqn, p.role, str(p.shape), str([self.modalities, *p.shape]), "; ".join(p.uses)))
@@ -93,8 +88,8 @@ class RoutingPlan:
                  + (f", exclude={self.exclude!r}" if self.exclude else "")]
         for r in rows:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
-        dense_routed = sum(count(p.shape) for p in self.params)
-        dense_shared = sum(count(p.shape) for p in self.shared)
+        dense_routed = sum(math.prod(p.shape) for p in self.params)
+        dense_shared = sum(math.prod(p.shape) for p in self.shared)
         total_dense = dense_routed + dense_shared
         total_routed = dense_routed * self.modalities + dense_shared
         lines.append(f"shared ({len(self.shared)}): " + ", ".join(f"{p.fqn} [{p.reason}]" for p in self.shared))

@@ -50,9 +50,8 @@ def routed_rms_norm(x, modality_ids, weight, eps=1e-6, *, backend="auto"):
 
 def routed_gather(weight, modality_ids):
     """weight[ids]: the per-token copy of a stacked parameter [M, *S], shaped [*ids.shape, *S]."""
-    ids = check_modality_ids(modality_ids, modality_ids.shape, weight.shape[0]) \
-        if isinstance(modality_ids, torch.Tensor) else check_modality_ids(modality_ids, (), weight.shape[0])
-    return torch.ops.sparsify.routed_gather(weight, ids)
+    shape = modality_ids.shape if isinstance(modality_ids, torch.Tensor) else ()
+    return torch.ops.sparsify.routed_gather(weight, check_modality_ids(modality_ids, shape, weight.shape[0]))
 
 
 def routed_conv1d(x, modality_ids, weight, bias=None, *, backend="auto"):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from sparsify.ops.modality_ids import check_id_range
+
 
 def rows_by_modality(flat_ids: torch.Tensor, modalities: int) -> list[torch.Tensor]:
     """Row indices of each modality, in order; raises if an id falls outside [0, M).
@@ -10,11 +12,7 @@ def rows_by_modality(flat_ids: torch.Tensor, modalities: int) -> list[torch.Tens
     The range check makes the references total: every row belongs to exactly one
     group, so outputs written group by group never keep uninitialised memory.
     """
-    if flat_ids.numel() and (int(flat_ids.min()) < 0 or int(flat_ids.max()) >= modalities):
-        raise ValueError(
-            f"modality ids must lie in [0, {modalities}), got values in "
-            f"[{int(flat_ids.min())}, {int(flat_ids.max())}]."
-        )
+    check_id_range(flat_ids, modalities)
     return [(flat_ids == m).nonzero().squeeze(1) for m in range(modalities)]
 
 

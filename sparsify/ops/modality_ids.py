@@ -27,11 +27,16 @@ def check_modality_ids(modality_ids, token_shape: Sequence[int], modalities: int
             f"modality_ids has shape {tuple(modality_ids.shape)} but the tokens have shape {tuple(token_shape)}: "
             "pass one modality id per token, shaped like the leading (batch, seq) dims of the model's first input."
         )
+    check_id_range(modality_ids, modalities)
+    return modality_ids.long()
+
+
+def check_id_range(modality_ids: torch.Tensor, modalities: int) -> None:
+    """Raise ValueError unless every id lies in [0, modalities). One host sync."""
     if modality_ids.numel() > 0:
-        low, high = (int(v) for v in torch.aminmax(modality_ids))  # one host sync per forward
+        low, high = (int(v) for v in torch.aminmax(modality_ids))
         if low < 0 or high >= modalities:
             raise ValueError(
                 f"modality_ids must lie in [0, {modalities}) for a model routed over {modalities} modalities, "
                 f"got values in [{low}, {high}]."
             )
-    return modality_ids.long()

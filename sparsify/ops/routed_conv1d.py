@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparsify.ops._grouping import accumulation_dtype, rows_by_modality
+from sparsify.ops._grouping import accumulation_dtype
+from sparsify.ops.modality_ids import check_id_range
 from sparsify.ops.backend import use_triton
 
 
@@ -35,7 +36,7 @@ def _windows(x: Tensor, kernel_size: int) -> Tensor:
 
 def routed_conv1d_ref(x: Tensor, modality_ids: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     _check(x, modality_ids, weight, bias)
-    rows_by_modality(modality_ids.reshape(-1), weight.shape[0])  # range check
+    check_id_range(modality_ids, weight.shape[0])
     per_token = weight[modality_ids].permute(0, 2, 1, 3)  # [B, C, T, K]
     out = (_windows(x, weight.shape[-1]) * per_token).sum(-1)
     if bias is not None:

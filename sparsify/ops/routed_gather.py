@@ -9,12 +9,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sparsify.ops._grouping import accumulation_dtype, rows_by_modality
+from sparsify.ops._grouping import accumulation_dtype
+from sparsify.ops.modality_ids import check_id_range
 
 
 def routed_gather_ref(weight: Tensor, modality_ids: Tensor) -> Tensor:
     flat_ids = modality_ids.reshape(-1)
-    rows_by_modality(flat_ids, weight.shape[0])  # range check only
+    check_id_range(flat_ids, weight.shape[0])
     return weight.index_select(0, flat_ids).reshape(*modality_ids.shape, *weight.shape[1:])
 
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sparsify.ops._recompute import save_optional_tensors, vjp_by_recompute
+
 # mamba_ssm's own CUDA selective scan, set by sparsify.frontends.mamba_ssm when the extension exists.
 cuda_selective_scan = None
 
@@ -74,22 +76,18 @@ def _(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*[t if isinstance(t, Tensor) else None for t in inputs[:8]])
-    ctx.present = [isinstance(t, Tensor) for t in inputs[:8]]
+    save_optional_tensors(ctx, inputs[:8])
     ctx.delta_softplus = inputs[8]
 
 
 def _backward(ctx, grad):
-    inputs = [t.detach().requires_grad_(t.is_floating_point()) if t is not None else None for t in ctx.saved_tensors]
-    with torch.enable_grad():
-        # Recompute under autograd: through mamba_ssm's kernel (and its CUDA backward) when it is there.
-        if inputs[0].is_cuda and cuda_selective_scan is not None:
-            out = cuda_selective_scan(*inputs, ctx.delta_softplus)
-        else:
-            out = selective_scan_ref(*inputs, delta_softplus=ctx.delta_softplus)
-        wanted = [t for t in inputs if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
-    return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs) + (None,)
+    # Recompute through mamba_ssm's kernel (and its CUDA backward) when it is there.
+    def forward(*tensors):
+        if tensors[0].is_cuda and cuda_selective_scan is not None:
+            return cuda_selective_scan(*tensors, ctx.delta_softplus)
+        return selective_scan_ref(*tensors, delta_softplus=ctx.delta_softplus)
+
+    return vjp_by_recompute(forward, ctx.saved_tensors, grad) + (None,)
 
 
 selective_scan.register_autograd(_backward, setup_context=_setup_context)

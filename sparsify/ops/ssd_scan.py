@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sparsify.ops._recompute import save_optional_tensors, vjp_by_recompute
+
 # mamba_ssm's Triton mamba_chunk_scan_combined, set by sparsify.frontends.mamba_ssm when mamba_ssm loads.
 cuda_chunk_scan = None
 
@@ -72,18 +74,16 @@ def _(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max):
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*[t if isinstance(t, Tensor) else None for t in inputs[:8]])
+    save_optional_tensors(ctx, inputs[:8])
     ctx.options = inputs[8:]
 
 
 def _backward(ctx, grad):
-    inputs = [t.detach().requires_grad_(t.is_floating_point()) if t is not None else None for t in ctx.saved_tensors]
-    with torch.enable_grad():
-        scan = _cuda_scan if inputs[0].is_cuda and cuda_chunk_scan is not None else ssd_scan_ref
-        out = scan(*inputs, *ctx.options)
-        wanted = [t for t in inputs if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
-    return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs) + (None,) * 3
+    def forward(*tensors):
+        scan = _cuda_scan if tensors[0].is_cuda and cuda_chunk_scan is not None else ssd_scan_ref
+        return scan(*tensors, *ctx.options)
+
+    return vjp_by_recompute(forward, ctx.saved_tensors, grad) + (None,) * 3
 
 
 ssd_scan.register_autograd(_backward, setup_context=_setup_context)
