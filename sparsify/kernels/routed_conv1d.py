@@ -14,6 +14,7 @@ import triton.language as tl
 from sparsify.kernels import INTERPRET
 
 BLOCK_C, BLOCK_T = (16, 16) if INTERPRET else (32, 128)
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -96,7 +97,7 @@ def routed_conv1d_forward(x, modality_ids, weight, bias):
         _conv_forward_kernel[_grid(x)](
             x, modality_ids, weight, bias if bias is not None else weight, out, x.shape[1], x.shape[2], weight.shape[2],
             *x.stride(), *modality_ids.stride(), *weight.stride(), bias.stride(0) if bias is not None else 0,
-            *out.stride(), HAS_BIAS=bias is not None, BLOCK_C=BLOCK_C, BLOCK_T=BLOCK_T,
+            *out.stride(), HAS_BIAS=bias is not None, BLOCK_C=BLOCK_C, BLOCK_T=BLOCK_T, num_warps=NUM_WARPS,
         )
     return out
 
@@ -110,6 +111,6 @@ def routed_conv1d_backward(grad, x, modality_ids, weight, has_bias: bool):
         _conv_backward_kernel[_grid(x)](
             grad, x, modality_ids, weight, dx, dweight, dbias, channels, x.shape[2], kernel_size, modalities,
             *grad.stride(), *x.stride(), *modality_ids.stride(), *weight.stride(),
-            HAS_BIAS=has_bias, BLOCK_C=BLOCK_C, BLOCK_T=BLOCK_T,
+            HAS_BIAS=has_bias, BLOCK_C=BLOCK_C, BLOCK_T=BLOCK_T, num_warps=NUM_WARPS,
         )
     return dx, dweight.to(weight.dtype), (dbias.to(weight.dtype) if has_bias else x.new_zeros((0,), dtype=weight.dtype))

@@ -43,10 +43,10 @@ def _norm_forward_kernel(
 @triton.jit
 def _norm_backward_kernel(
     x_ptr, ids_ptr, w_ptr, grad_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
-    N, D, M, stride_x, stride_g, stride_dx, stride_w, eps,
-    IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    ROWS_PER_PROGRAM: tl.constexpr, BLOCK_D: tl.constexpr,
+    N, D, M, ROWS_PER_PROGRAM, stride_x, stride_g, stride_dx, stride_w, eps,
+    IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # ROWS_PER_PROGRAM is a runtime value: as a constexpr every new token count would compile anew.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
@@ -80,6 +80,11 @@ def _norm_backward_kernel(
                          mask=mask)
 
 
+def _num_warps(block_d: int) -> int:
+    """Warps per row program: wide rows get more threads, so each keeps few elements in registers."""
+    return 4 if block_d <= 2048 else 8 if block_d <= 8192 else 16
+
+
 def _rows(x: torch.Tensor, modality_ids: torch.Tensor, stacked: torch.Tensor, op: str):
     d = x.shape[-1]
     if tuple(modality_ids.shape) != tuple(x.shape[:-1]):
@@ -102,6 +107,7 @@ def norm_forward(x, modality_ids, weight, bias, eps: float, is_rms: bool):
             d, x_rows.stride(0), y.stride(0), weight.stride(0) if weight is not None else 0,
             bias.stride(0) if bias is not None else 0, eps,
             IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_D=triton.next_power_of_2(d),
+            num_warps=_num_warps(triton.next_power_of_2(d)),
         )
     return y.reshape(*x.shape[:-1], d)
 
@@ -125,10 +131,10 @@ def norm_backward(grad, x, modality_ids, weight, modalities: int, eps: float, ha
         _norm_backward_kernel[(programs,)](
             x_rows, ids, weight if weight is not None else x_rows, grad_rows, dx,
             dw_part if weight is not None else x_rows, db_part if has_bias else x_rows,
-            n, d, modalities, x_rows.stride(0), grad_rows.stride(0), dx.stride(0),
+            n, d, modalities, rows_per_program, x_rows.stride(0), grad_rows.stride(0), dx.stride(0),
             weight.stride(0) if weight is not None else 0, eps,
-            IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=has_bias,
-            ROWS_PER_PROGRAM=rows_per_program, BLOCK_D=triton.next_power_of_2(d),
+            IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=has_bias, BLOCK_D=triton.next_power_of_2(d),
+            num_warps=_num_warps(triton.next_power_of_2(d)),
         )
     param_dtype = weight.dtype if weight is not None else x.dtype
     dweight = dw_part.sum(0).to(param_dtype) if weight is not None else x.new_zeros((0,), dtype=param_dtype)

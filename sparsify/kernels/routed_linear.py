@@ -2,7 +2,8 @@
 
 Tokens are ordered by modality on the device (a stable argsort, per-modality
 counts by index_add: no host sync). A fixed grid of cdiv(N, BLOCK_M) + M row
-tiles covers every group whatever its size: each program walks the M group
+tiles (times the column tiles, in an L2-friendly order) covers every group
+whatever its size: each program walks the M group
 counts to find its group and tile (BLOCK_M is the autotuned config's own, so
 tiling is always consistent), gathers its rows through the sort permutation
 while loading and scatters them back while storing. No sorted copy of x or y
@@ -29,18 +30,25 @@ _MATMUL_CONFIGS = configs(
 )
 
 
-@triton.autotune(configs=_MATMUL_CONFIGS, key=["N_OUT", "K", "M"])
+@triton.autotune(configs=_MATMUL_CONFIGS, key=["ROWS_BUCKET", "N_OUT", "K", "M"])
 @triton.jit
 def _grouped_matmul_kernel(
     a_ptr, b_ptr, bias_ptr, out_ptr, order_ptr, group_start_ptr, group_count_ptr,
-    N_OUT, K, M,
+    ROWS, ROWS_BUCKET, N_OUT, K, M,
     stride_am, stride_ak, stride_bg, stride_bk, stride_bn, stride_biasg, stride_om, stride_on,
     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIZZLE: tl.constexpr,
 ):
     """out[r] = a[r] @ B[g] (+ bias[g]) for the rows r of group g; B[g][k, n] at b + g*sbg + k*sbk + n*sbn."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # Tile order: SWIZZLE row tiles sweep the column tiles together, so the programs running at one time
+    # share their row and weight tiles in L2 (row-major order would stream all of a once per column tile).
+    row_tiles = tl.cdiv(ROWS, BLOCK_M) + M
+    col_tiles = tl.cdiv(N_OUT, BLOCK_N)
+    pid = tl.program_id(0)
+    band = pid // (SWIZZLE * col_tiles)
+    band_rows = tl.minimum(row_tiles - band * SWIZZLE, SWIZZLE)
+    pid_m = band * SWIZZLE + (pid % (SWIZZLE * col_tiles)) % band_rows
+    pid_n = (pid % (SWIZZLE * col_tiles)) // band_rows
     # Find this tile's group: groups own cdiv(count, BLOCK_M) consecutive tiles, in order.
     group = -1
     local_tile = 0
@@ -68,7 +76,7 @@ def _grouped_matmul_kernel(
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_group + (k + offs_k)[:, None] * stride_bk + offs_n[None, :] * stride_bn,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if IEEE:  # fp32 inputs: full fp32 products, as F.linear computes them
+        if IEEE:  # fp32 inputs: full fp32 products, as F.linear computes them unless TF32 is allowed
             acc += tl.dot(a, b, input_precision="ieee")
         else:
             acc += tl.dot(a, b)
@@ -78,11 +86,11 @@ def _grouped_matmul_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.autotune(configs=_MATMUL_CONFIGS, key=["N_OUT", "N_IN", "M"])
+@triton.autotune(configs=_MATMUL_CONFIGS, key=["ROWS_BUCKET", "N_OUT", "N_IN", "M"])
 @triton.jit
 def _grouped_weight_grad_kernel(
     grad_ptr, x_ptr, dw_ptr, order_ptr, group_start_ptr, group_count_ptr,
-    N_OUT, N_IN, M,
+    ROWS_BUCKET, N_OUT, N_IN, M,
     stride_gm, stride_gn, stride_xm, stride_xk, stride_dwg, stride_dwo, stride_dwi,
     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -113,6 +121,18 @@ def _grouped_weight_grad_kernel(
     tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=o_ok[:, None] & i_ok[None, :])
 
 
+def _full_fp32(dtype: torch.dtype) -> bool:
+    """fp32 products in full precision, or in TF32 where the user allowed it for matmuls (as cuBLAS does)."""
+    return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+
+
+def rows_bucket(rows: int) -> int:
+    """Autotuning key for the token count: the next power of two, so a new batch shape reuses the config
+    tuned for its size class instead of tuning again (and a small first call does not fix the config for
+    large ones). Only the key reads it."""
+    return triton.next_power_of_2(max(rows, 1))
+
+
 def group_tokens(flat_ids: torch.Tensor, modalities: int):
     """(sort permutation, start, count) of each modality's rows: int32 tensors on the device, no host sync."""
     order = torch.argsort(flat_ids, stable=True).to(torch.int32)
@@ -132,14 +152,15 @@ def _grouped_matmul(a, grouping, b, stride_bk, stride_bn, n_out, bias, out_dtype
         return _empty_k(out, grouping, bias)
 
     def grid(meta):
-        return (triton.cdiv(a.shape[0], meta["BLOCK_M"]) + modalities, triton.cdiv(n_out, meta["BLOCK_N"]))
+        # cdiv(rows, BLOCK_M) + M row tiles always cover every group's cdiv(count, BLOCK_M) tiles
+        return ((triton.cdiv(a.shape[0], meta["BLOCK_M"]) + modalities) * triton.cdiv(n_out, meta["BLOCK_N"]),)
 
     _grouped_matmul_kernel[grid](
         a, b, bias if bias is not None else a, out, order, starts, counts,
-        n_out, a.shape[1], modalities,
+        a.shape[0], rows_bucket(a.shape[0]), n_out, a.shape[1], modalities,
         a.stride(0), a.stride(1), b.stride(0), stride_bk, stride_bn,
         bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, IEEE=a.dtype == torch.float32,
+        HAS_BIAS=bias is not None, IEEE=_full_fp32(a.dtype), SWIZZLE=8,
     )
     return out
 
@@ -192,9 +213,9 @@ def routed_linear_backward(grad, x, modality_ids, weight, has_bias: bool):
             return (triton.cdiv(n_out, meta["BLOCK_M"]), triton.cdiv(n_in, meta["BLOCK_N"]), modalities)
 
         _grouped_weight_grad_kernel[grid](
-            grad_rows, x_rows, dweight, order, starts, counts, n_out, n_in, modalities,
+            grad_rows, x_rows, dweight, order, starts, counts, rows_bucket(x_rows.shape[0]), n_out, n_in, modalities,
             grad_rows.stride(0), grad_rows.stride(1), x_rows.stride(0), x_rows.stride(1),
-            dweight.stride(0), dweight.stride(1), dweight.stride(2), IEEE=x.dtype == torch.float32,
+            dweight.stride(0), dweight.stride(1), dweight.stride(2), IEEE=_full_fp32(x.dtype),
         )
     if has_bias:
         dbias = torch.zeros(modalities, n_out, device=grad.device, dtype=torch.float32)
