@@ -70,6 +70,14 @@ def test_routed_linear_kernel(shape, modalities, dtype, atol, with_bias):
     check(fn, [x, w] + ([b] if with_bias else []), dtype, atol)
 
 
+def test_routed_linear_kernel_tile_order_over_many_tiles():
+    # 300 tokens in 16-row interpreter tiles: 22 row tiles, 3 bands of the swizzled tile order, 3 column tiles
+    ids, g = tokens((2, 150), 3, 5)
+    x, w, b = rand(g, 2, 150, 19), rand(g, 3, 40, 19, scale=0.3), rand(g, 3, 40)
+    check(lambda x, w, b, backend: torch.ops.sparsify.routed_linear(x, ids, w, b, backend),
+          [x, w, b], torch.float32, 1e-5)
+
+
 @pytest.mark.parametrize("dtype,atol", DTYPES)
 @pytest.mark.parametrize("shape,modalities", SHAPES)
 def test_routed_layer_norm_kernel(shape, modalities, dtype, atol):
