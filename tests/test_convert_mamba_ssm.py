@@ -150,3 +150,46 @@ def test_hybrid_attention_and_mamba_layers_each_get_their_preset():
                                                          for p in ("in_proj", "out_proj") for w in ("weight", "bias")}
     assert set(routed.plan.routed) == mamba_layers | attention_layer  # MoT for attention (norm too), MoM for Mamba
     assert routed.verify_report.ok
+
+
+def test_cuda_tensors_run_mamba_ssm_kernels_except_while_export_traces(monkeypatch):
+    # No GPU here: pretend every tensor is on CUDA and stand in for mamba_ssm's kernel. At run time the kernel
+    # must be used; under export (a model captured on a GPU) the PyTorch path, as export cannot trace a kernel.
+    from sparsify.frontends import mamba_ssm as frontend
+
+    calls = []
+
+    def kernel(x, *args, **kwargs):
+        calls.append("kernel")
+        return torch.zeros_like(x)
+
+    rms_norm_fn = frontend._wrapped("rms_norm_fn", kernel)
+    monkeypatch.setattr(frontend, "_on_cuda", lambda args, kwargs: True)
+    x, weight = torch.randn(2, 5, 8), torch.rand(8) + 0.5
+    assert torch.equal(rms_norm_fn(x, weight, None, eps=1e-6), torch.zeros_like(x)) and calls == ["kernel"]
+
+    class Norm(torch.nn.Module):
+        def forward(self, x):
+            return rms_norm_fn(x, weight, None, eps=1e-6)
+
+    exported = torch.export.export(Norm(), (x,), strict=False)
+    assert calls == ["kernel"]  # export did not call the kernel
+    assert any(n.target == torch.ops.aten.rsqrt.default for n in exported.graph.nodes)
+    expected = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
+    torch.testing.assert_close(exported.module()(x), expected)
+
+
+def test_pytorch_causal_conv1d_fn_matches_its_definition():
+    # causal_conv1d_fn (CUDA-only package) is replaced while export traces on a GPU; check the replacement.
+    from sparsify.frontends import mamba_ssm as frontend
+
+    g = torch.Generator().manual_seed(3)
+    x, weight, bias = torch.randn(2, 5, 9, generator=g), torch.randn(5, 4, generator=g), torch.randn(5, generator=g)
+    padded = torch.nn.functional.pad(x, (3, 0))
+    expected = sum(weight[None, :, k, None] * padded[:, :, k:k + 9] for k in range(4)) + bias[None, :, None]
+    conv = frontend._wrapped("causal_conv1d_fn", None)
+    torch.testing.assert_close(conv(x, weight, bias), expected)
+    torch.testing.assert_close(conv(x=x, weight=weight, bias=bias, activation="silu"),
+                               torch.nn.functional.silu(expected))
+    with pytest.raises(NotImplementedError, match="seq_idx"):
+        conv(x, weight, bias, seq_idx=torch.zeros(2, 9, dtype=torch.int32))

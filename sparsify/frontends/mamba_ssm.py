@@ -6,7 +6,8 @@ an import hook that
 - supplies a stand-in `selective_scan_cuda` module only where the real extension
   is missing (it raises if mamba_ssm's own CUDA path is ever reached), and
 - once mamba_ssm's modules load, wraps each kernel entry point so that CPU tensors
-  take a plain-PyTorch path (CUDA tensors keep mamba_ssm's kernels): the scans go
+  (and any tensor while torch.export traces) take a plain-PyTorch path (CUDA
+  tensors at run time keep mamba_ssm's kernels): the scans go
   through the `sparsify::selective_scan` / `sparsify::ssd_scan` ops, everything
   around them (causal conv1d, projections, (add+)norms, gating) is written out in
   PyTorch.
@@ -74,6 +75,15 @@ def _causal_conv1d(x, weight, bias, activation=None):
     weight = weight if weight.dim() == 3 else weight.unsqueeze(1)
     out = F.conv1d(x, weight, bias, padding=weight.shape[-1] - 1, groups=x.shape[1])[..., : x.shape[-1]]
     return F.silu(out) if activation in ("silu", "swish") else out
+
+
+def _causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
+                     final_states_out=None, activation=None):
+    """The causal_conv1d package's causal_conv1d_fn (CUDA only) in PyTorch, for export on a GPU."""
+    if seq_idx is not None or initial_states is not None or return_final_states or final_states_out is not None:
+        raise NotImplementedError("sparsify's PyTorch causal_conv1d_fn takes x, weight, bias and activation only "
+                                  "(no seq_idx or conv states)")
+    return _causal_conv1d(x, weight, bias, activation)
 
 
 def _gated_norm(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_gate=True, is_rms_norm=True):
@@ -218,6 +228,7 @@ CPU_IMPLEMENTATIONS = {
     "mamba_split_conv1d_scan_combined": _mamba_split_conv1d_scan_combined,
     "rmsnorm_fn": _gated_rmsnorm_fn,
     "layernorm_fn": _gated_layernorm_fn,
+    "causal_conv1d_fn": _causal_conv1d_fn,
 }
 
 # module -> names to wrap there (each module that defines or imports one of them)
@@ -228,9 +239,12 @@ PATCHES = {
     "mamba_ssm.ops.triton.selective_state_update": ["selective_state_update"],
     "mamba_ssm.ops.triton.ssd_combined": ["mamba_chunk_scan_combined", "mamba_split_conv1d_scan_combined"],
     "mamba_ssm.modules.mamba_simple": ["selective_scan_fn", "mamba_inner_fn", "selective_state_update",
-                                       "layer_norm_fn", "rms_norm_fn"],
+                                       "layer_norm_fn", "rms_norm_fn", "causal_conv1d_fn"],
     "mamba_ssm.modules.mamba2": ["selective_state_update", "mamba_chunk_scan_combined",
-                                 "mamba_split_conv1d_scan_combined"],
+                                 "mamba_split_conv1d_scan_combined", "causal_conv1d_fn"],
+    # the causal_conv1d package (CUDA only, where installed): wrapped so that export on a GPU can trace it
+    "causal_conv1d": ["causal_conv1d_fn"],
+    "causal_conv1d.causal_conv1d_interface": ["causal_conv1d_fn"],
     "mamba_ssm.modules.block": ["layer_norm_fn"],
     "mamba_ssm.models.mixer_seq_simple": ["layer_norm_fn", "rms_norm_fn"],
 }
@@ -241,11 +255,18 @@ def _on_cuda(args, kwargs) -> bool:
     return first is not None and first.is_cuda
 
 
+def _runs_mamba_ssm_kernel(args, kwargs) -> bool:
+    """CUDA tensors outside export. Export cannot trace into mamba_ssm's CUDA extensions or Triton launches,
+    so a model captured on a GPU takes the PyTorch path too: the captured graph then holds routable
+    projections and the sparsify scan ops, which call mamba_ssm's kernels when the graph runs on CUDA."""
+    return _on_cuda(args, kwargs) and not torch.compiler.is_exporting()
+
+
 def _wrapped(name: str, original):
     cpu = CPU_IMPLEMENTATIONS[name]
 
     def fn(*args, **kwargs):
-        if _on_cuda(args, kwargs) and original is not None:
+        if original is not None and _runs_mamba_ssm_kernel(args, kwargs):
             return original(*args, **kwargs)
         return cpu(*args, **kwargs)
 
