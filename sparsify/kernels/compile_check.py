@@ -103,6 +103,7 @@ def record_launches(dtypes=(torch.float32, torch.float16, torch.bfloat16)) -> li
                 routed_linear.routed_linear_forward(x, ids, weight, bias)
                 grad = torch.randn(*tokens, d_out, dtype=dtype)
                 routed_linear.routed_linear_backward(grad, x, ids, weight, True)
+                routed_linear.routed_linear_backward(grad, x, ids, weight, True, splits=4)  # split-K over rows
             norm_weight = torch.randn(modalities, d_in, dtype=dtype)
             for is_rms in (False, True):
                 op = "routed_rms_norm" if is_rms else "routed_layer_norm"

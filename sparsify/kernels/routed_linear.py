@@ -11,7 +11,7 @@ is materialised.
 
     forward  y[t]  = x[t] @ W[g(t)].T + b[g(t)]     _grouped_matmul_kernel
     backward dx[t] = dy[t] @ W[g(t)]                _grouped_matmul_kernel, W read untransposed
-             dW[g] = sum_{t in g} dy[t]^T x[t]      _grouped_weight_grad_kernel
+             dW[g] = sum_{t in g} dy[t]^T x[t]      _grouped_weight_grad_kernel, split over rows for small W
              db[g] = sum_{t in g} dy[t]             index_add in fp32
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsify.kernels import configs
+from sparsify.kernels import INTERPRET, configs
 
 _MATMUL_CONFIGS = configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -86,28 +86,37 @@ def _grouped_matmul_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.autotune(configs=_MATMUL_CONFIGS, key=["ROWS_BUCKET", "N_OUT", "N_IN", "M"])
+@triton.autotune(configs=_MATMUL_CONFIGS, key=["ROWS_BUCKET", "N_OUT", "N_IN", "M", "SPLITS"])
 @triton.jit
 def _grouped_weight_grad_kernel(
     grad_ptr, x_ptr, dw_ptr, order_ptr, group_start_ptr, group_count_ptr,
-    ROWS_BUCKET, N_OUT, N_IN, M,
+    ROWS_BUCKET, N_OUT, N_IN, M, SPLITS,
     stride_gm, stride_gn, stride_xm, stride_xk, stride_dwg, stride_dwo, stride_dwi,
     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dW[g, o, i] = sum over the rows r of group g of grad[r, o] * x[r, i]; the K loop walks the rows."""
+    """dW[s*M + g, o, i] = sum over split s of the rows r of group g of grad[r, o] * x[r, i].
+
+    The K loop walks the rows. With SPLITS > 1 each group's rows are cut into SPLITS
+    chunks (sized on the device from the group's count), each summed by its own program
+    into its own slice; the caller adds the slices.
+    """
     pid_o = tl.program_id(0)
     pid_i = tl.program_id(1)
-    group = tl.program_id(2)
+    group = tl.program_id(2) % M
+    split = tl.program_id(2) // M
     count = tl.load(group_count_ptr + group)
     start = tl.load(group_start_ptr + group)
+    chunk = tl.cdiv(count, SPLITS)
+    first_row = split * chunk
+    end_row = tl.minimum(first_row + chunk, count)
     offs_o = pid_o * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_i = pid_i * BLOCK_N + tl.arange(0, BLOCK_N)
     o_ok = offs_o < N_OUT
     i_ok = offs_i < N_IN
     offs_r = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r in range(0, count, BLOCK_K):
-        r_ok = (r + offs_r) < count
+    for r in range(first_row, end_row, BLOCK_K):
+        r_ok = (r + offs_r) < end_row
         rows = tl.load(order_ptr + start + r + offs_r, mask=r_ok, other=0).to(tl.int64)
         grad_t = tl.load(grad_ptr + rows[None, :] * stride_gm + offs_o[:, None] * stride_gn,
                          mask=r_ok[None, :] & o_ok[:, None], other=0.0)
@@ -117,7 +126,8 @@ def _grouped_weight_grad_kernel(
             acc += tl.dot(grad_t, x, input_precision="ieee")
         else:
             acc += tl.dot(grad_t, x)
-    dw = dw_ptr + group.to(tl.int64) * stride_dwg + offs_o[:, None] * stride_dwo + offs_i[None, :] * stride_dwi
+    dw = dw_ptr + tl.program_id(2).to(tl.int64) * stride_dwg + offs_o[:, None] * stride_dwo \
+        + offs_i[None, :] * stride_dwi
     tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=o_ok[:, None] & i_ok[None, :])
 
 
@@ -198,25 +208,45 @@ def routed_linear_forward(x, modality_ids, weight, bias):
     return out.reshape(*x.shape[:-1], weight.shape[1])
 
 
-def routed_linear_backward(grad, x, modality_ids, weight, has_bias: bool):
+def row_splits(rows: int, n_out: int, n_in: int, modalities: int, device: torch.device) -> int:
+    """How many row chunks the dW kernel sums each modality's rows in (split-K over tokens).
+
+    A weight with few output tiles (Mamba's x_proj and dt_proj: 80 x 1536, 1536 x 48)
+    would otherwise give a few dozen programs, each looping over every token, on a GPU
+    with 100+ SMs. Splits are chosen from shapes alone (no host sync on the counts):
+    enough programs for about four per SM, and at least 512 rows per chunk on average.
+    """
+    if INTERPRET or device.type != "cuda":
+        return 1
+    tiles = triton.cdiv(n_out, 128) * triton.cdiv(n_in, 128) * modalities
+    wanted = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(wanted // tiles, rows // (512 * modalities)))
+
+
+def routed_linear_backward(grad, x, modality_ids, weight, has_bias: bool, splits: int | None = None):
     x_rows = x.reshape(-1, x.shape[-1])
     grad_rows = grad.reshape(-1, weight.shape[1]).contiguous()
     flat_ids = modality_ids.reshape(-1)
     grouping = group_tokens(flat_ids, weight.shape[0])
     modalities, n_out, n_in = weight.shape
     dx = _grouped_matmul(grad_rows, grouping, weight, weight.stride(1), weight.stride(2), n_in, None, x.dtype)
-    dweight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+    if splits is None:
+        splits = row_splits(x_rows.shape[0], n_out, n_in, modalities, x.device)
+    # fp32 partial sums, one [M, out, in] slice per row split
+    dweight = torch.zeros(splits * modalities, n_out, n_in, device=weight.device, dtype=torch.float32)
     if x_rows.shape[0] and n_out and n_in:
         order, starts, counts = grouping
 
         def grid(meta):
-            return (triton.cdiv(n_out, meta["BLOCK_M"]), triton.cdiv(n_in, meta["BLOCK_N"]), modalities)
+            return (triton.cdiv(n_out, meta["BLOCK_M"]), triton.cdiv(n_in, meta["BLOCK_N"]), splits * modalities)
 
         _grouped_weight_grad_kernel[grid](
             grad_rows, x_rows, dweight, order, starts, counts, rows_bucket(x_rows.shape[0]), n_out, n_in, modalities,
-            grad_rows.stride(0), grad_rows.stride(1), x_rows.stride(0), x_rows.stride(1),
+            splits, grad_rows.stride(0), grad_rows.stride(1), x_rows.stride(0), x_rows.stride(1),
             dweight.stride(0), dweight.stride(1), dweight.stride(2), IEEE=_full_fp32(x.dtype),
         )
+    if splits > 1:
+        dweight = dweight.view(splits, modalities, n_out, n_in).sum(0)
     if has_bias:
         dbias = torch.zeros(modalities, n_out, device=grad.device, dtype=torch.float32)
         dbias.index_add_(0, flat_ids, grad_rows.float())

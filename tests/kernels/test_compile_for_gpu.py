@@ -64,7 +64,7 @@ def test_grouped_gemms_use_tensor_cores_with_pipelined_loads(every_dtype_and_tar
 def test_every_autotune_config_compiles_for_h100_bf16():
     reports = _compile_check("--arch", "90", "--dtype", "bfloat16")
     gemms = [r for r in reports if r["has_dot"] and _aligned(r)]
-    assert len(gemms) == 3 * 6  # forward, dx and dW launches, six configs each
+    assert len(gemms) == 4 * 6  # forward, dx, dW and split-K dW launches, six configs each
     for r in reports:
         assert r["ok"], f"{r['kernel']} {r['config']}: {r['error']}"
     for r in gemms:

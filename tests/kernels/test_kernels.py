@@ -78,6 +78,22 @@ def test_routed_linear_kernel_tile_order_over_many_tiles():
           [x, w, b], torch.float32, 1e-5)
 
 
+@pytest.mark.parametrize("splits", [2, 5])
+def test_routed_linear_weight_grad_split_over_rows(splits):
+    # the GPU picks splits > 1 for weights with few tiles; more splits than a modality has rows included
+    from sparsify.kernels.routed_linear import routed_linear_backward
+    from sparsify.ops.routed_linear import routed_linear_backward_ref
+
+    ids = torch.zeros(3, 29, dtype=torch.long, device=DEVICE)
+    ids[0, 4] = ids[1, 10] = ids[2, 28] = 1  # modality 1: 3 rows (fewer than 5 splits); modality 2: none
+    g = torch.Generator().manual_seed(7)
+    x, w, grad = rand(g, 3, 29, 19), rand(g, 3, 21, 19, scale=0.3), rand(g, 3, 29, 21)
+    got = routed_linear_backward(grad.float(), x.float(), ids, w.float(), True, splits=splits)
+    truth = routed_linear_backward_ref(grad, x, ids, w, True)
+    for name, a, b in zip(["dx", "dweight", "dbias"], got, truth):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("dtype,atol", DTYPES)
 @pytest.mark.parametrize("shape,modalities", SHAPES)
 def test_routed_layer_norm_kernel(shape, modalities, dtype, atol):
