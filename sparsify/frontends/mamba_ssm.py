@@ -18,6 +18,7 @@ do when it is importable).
 """
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -33,6 +34,7 @@ from sparsify.ops import ssd_scan as ssd_scan_module
 EXTENSION = "selective_scan_cuda"
 
 
+@functools.cache
 def extension_present() -> bool:
     return importlib.machinery.PathFinder.find_spec(EXTENSION) is not None
 
@@ -256,10 +258,16 @@ def _on_cuda(args, kwargs) -> bool:
 
 
 def _runs_mamba_ssm_kernel(args, kwargs) -> bool:
-    """CUDA tensors outside export. Export cannot trace into mamba_ssm's CUDA extensions or Triton launches,
-    so a model captured on a GPU takes the PyTorch path too: the captured graph then holds routable
-    projections and the sparsify scan ops, which call mamba_ssm's kernels when the graph runs on CUDA."""
-    return _on_cuda(args, kwargs) and not torch.compiler.is_exporting()
+    """CUDA tensors, outside export, where mamba_ssm's CUDA extension is installed.
+
+    Export cannot trace into mamba_ssm's CUDA extensions or Triton launches, so a model
+    captured on a GPU takes the PyTorch path too: the captured graph then holds routable
+    projections and the sparsify scan ops, which call mamba_ssm's kernels when the graph
+    runs on CUDA. Without the extension (mamba_ssm built with MAMBA_SKIP_CUDA_BUILD, as
+    `make test` installs it) its fused functions would reach the stand-in and fail, so
+    CUDA tensors take the PyTorch path as well.
+    """
+    return _on_cuda(args, kwargs) and extension_present() and not torch.compiler.is_exporting()
 
 
 def _wrapped(name: str, original):
