@@ -36,14 +36,17 @@ def main():
     parser.add_argument("--modalities", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="model dtype (default: bfloat16 on a GPU, float32 on CPU)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     device = "cuda" if cuda else "cpu"
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.75), num_hidden_layers=args.layers,
                          num_attention_heads=max(1, args.hidden // 64), num_key_value_heads=max(1, args.hidden // 64),
                          vocab_size=8000, max_position_embeddings=max(2048, args.seq))
-    dense = LlamaForCausalLM(config).to(device).train()
+    dense = LlamaForCausalLM(config).to(device, dtype).train()
     routed = sparsify.convert(dense, args.modalities, verify=False).train()
     routed.backend = args.backend
     tokens = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
@@ -57,7 +60,7 @@ def main():
 
     dense_s, routed_s = timed(dense_step, args.repeats, cuda), timed(routed_step, args.repeats, cuda)
     print(f"Llama {args.layers} layers x {args.hidden}, batch {args.batch} x seq {args.seq}, {args.modalities} "
-          f"modalities, fp32, {device}, backend {args.backend}: forward+backward, median of {args.repeats}")
+          f"modalities, {str(dtype).removeprefix('torch.')}, {device}, backend {args.backend}: forward+backward, median of {args.repeats}")
     print(f"  dense   {dense_s * 1e3:9.1f} ms   1.00x")
     print(f"  routed  {routed_s * 1e3:9.1f} ms   {routed_s / dense_s:.2f}x")
 
