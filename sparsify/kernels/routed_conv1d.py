@@ -21,7 +21,8 @@ NUM_WARPS = 8
 def _tile(ids_ptr, C, T, stride_ib, stride_it, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
     """This program's (batch, channel block, time block) tile, its masks and the modality of each position."""
     b = tl.program_id(0).to(tl.int64)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    # int64 channel offsets: channel * stride (= C * T per sequence) can pass 2**31 on long sequences
+    offs_c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     offs_t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
     c_ok, t_ok = offs_c < C, offs_t < T
     ids = tl.load(ids_ptr + b * stride_ib + offs_t * stride_it, mask=t_ok, other=0)
