@@ -3,11 +3,10 @@
 Tokens are ordered by modality on the device (a stable argsort, per-modality
 counts by index_add: no host sync). A fixed grid of cdiv(N, BLOCK_M) + M row
 tiles (times the column tiles, in an L2-friendly order) covers every group
-whatever its size: each program walks the M group
-counts to find its group and tile (BLOCK_M is the autotuned config's own, so
-tiling is always consistent), gathers its rows through the sort permutation
-while loading and scatters them back while storing. No sorted copy of x or y
-is materialised.
+whatever its size: each program walks the M group counts to find its group and
+tile (BLOCK_M is the autotuned config's own, so tiling is always consistent),
+gathers its rows through the sort permutation while loading and scatters them
+back while storing. No sorted copy of x or y is materialised.
 
     forward  y[t]  = x[t] @ W[g(t)].T + b[g(t)]     _grouped_matmul_kernel
     backward dx[t] = dy[t] @ W[g(t)]                _grouped_matmul_kernel, W read untransposed
@@ -133,7 +132,13 @@ def _grouped_weight_grad_kernel(
 
 def _full_fp32(dtype: torch.dtype) -> bool:
     """fp32 products in full precision, or in TF32 where the user allowed it for matmuls (as cuBLAS does)."""
-    return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    if dtype != torch.float32:
+        return False
+    matmul = torch.backends.cuda.matmul
+    # torch >= 2.9 spells it fp32_precision, which every way of setting it updates; reading the legacy
+    # allow_tf32 there raises once the new API has been used.
+    precision = getattr(matmul, "fp32_precision", None)
+    return precision != "tf32" if precision is not None else not matmul.allow_tf32
 
 
 def rows_bucket(rows: int) -> int:

@@ -129,3 +129,18 @@ def test_functional_api_backends_agree_and_check_ids():
         ops.routed_linear(x, ids, w, b, backend="cuda")
     with pytest.raises(ValueError, match=r"must lie in \[0, 3\)"):
         ops.routed_linear(x, ids + 3, w, b, backend="triton")
+
+
+def test_tf32_follows_torch_matmul_precision_in_either_api():
+    # A subprocess: once the new fp32_precision API is used, torch raises on reads of the legacy allow_tf32
+    # (inductor reads it), so this must not leak into the other tests.
+    import subprocess
+    import sys
+
+    code = ("import torch; from sparsify.kernels.routed_linear import _full_fp32 as f; a = f(torch.float32); "
+            "torch.backends.cuda.matmul.fp32_precision = 'tf32'; b = f(torch.float32); "
+            "torch.backends.cuda.matmul.fp32_precision = 'ieee'; c = f(torch.float32); "
+            "torch.set_float32_matmul_precision('high'); d = f(torch.float32); print(a, b, c, d, f(torch.float16))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True", "False", "True", "False", "False"]
