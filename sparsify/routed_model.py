@@ -48,6 +48,9 @@ class RoutedModel(nn.Module):
         self.call_defaults = dict(call_defaults or {})
         # Implementation of the routed ops: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
         self.backend = "auto"
+        # Check every forward that modality ids lie in [0, M): one host sync. A GPU training loop that
+        # builds its ids itself may turn it off; an id out of range then fails inside a kernel instead.
+        self.check_id_range = True
         self._graphs: dict[tuple, list[GraphEntry]] = {}
 
     def __getattr__(self, name: str):
@@ -78,7 +81,8 @@ class RoutedModel(nn.Module):
             )
         inputs = self.bind_inputs(args, kwargs)
         token = primary_tensor(inputs)
-        ids = check_modality_ids(modality_ids, token.shape[:2], self.plan.modalities).to(token.device)
+        ids = check_modality_ids(modality_ids, token.shape[:2], self.plan.modalities,
+                                 check_range=self.check_id_range).to(token.device)
         entry, flat = self.graph_for(inputs)
         graph = entry.routed
         outputs = graph.graph_module(*self.graph_args(graph, flat), ids)

@@ -43,6 +43,27 @@ def test_int32_ids_are_accepted(toy_routed):
     torch.testing.assert_close(out, model(tokens), rtol=1e-5, atol=1e-6)
 
 
+def test_id_range_check_can_be_turned_off(toy_routed, monkeypatch):
+    # the range check costs a host sync per forward; a GPU training loop may skip it (shape checks stay)
+    import sparsify.ops.modality_ids as modality_ids
+
+    model, routed = toy_routed
+    tokens, ids = torch.randint(0, 50, (2, 7)), torch.randint(0, 3, (2, 7))
+    synced = []
+    monkeypatch.setattr(modality_ids, "check_id_range", lambda ids, m: synced.append(m))
+    routed(tokens, modality_ids=ids)
+    assert synced == [3]
+    routed.check_id_range = False
+    try:
+        out = routed(tokens, modality_ids=ids)
+        assert synced == [3]  # no check this time
+        with pytest.raises(ValueError, match="shape"):
+            routed(tokens, modality_ids=ids[:, :5])
+    finally:
+        routed.check_id_range = True
+    torch.testing.assert_close(out, model(tokens), rtol=1e-5, atol=1e-6)
+
+
 def test_untraceable_model():
     with pytest.raises(sparsify.CaptureError, match="torch.export could not capture DataDependent"):
         sparsify.convert(DataDependent(), 2, example_inputs=(torch.randn(2, 5, 6),))

@@ -6,11 +6,14 @@ from typing import Sequence
 import torch
 
 
-def check_modality_ids(modality_ids, token_shape: Sequence[int], modalities: int) -> torch.Tensor:
+def check_modality_ids(modality_ids, token_shape: Sequence[int], modalities: int,
+                       check_range: bool = True) -> torch.Tensor:
     """Return `modality_ids` as a LongTensor, or raise ValueError saying what is wrong.
 
     Out-of-range ids are rejected here, once per forward, so no routed op ever
     indexes a weight copy that does not exist or leaves a token uncomputed.
+    `check_range=False` skips that check and its host sync (type and shape are
+    still checked).
     """
     if not isinstance(modality_ids, torch.Tensor):
         raise ValueError(
@@ -27,7 +30,8 @@ def check_modality_ids(modality_ids, token_shape: Sequence[int], modalities: int
             f"modality_ids has shape {tuple(modality_ids.shape)} but the tokens have shape {tuple(token_shape)}: "
             "pass one modality id per token, shaped like the leading (batch, seq) dims of the model's first input."
         )
-    check_id_range(modality_ids, modalities)
+    if check_range:
+        check_id_range(modality_ids, modalities)
     return modality_ids.long()
 
 
