@@ -1,5 +1,8 @@
 """Hugging Face Mamba and Mamba2 (slow CPU paths) into Mixture-of-Mamba, 3 modalities, fp32."""
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -130,3 +133,35 @@ def test_train_mode_matches_dense_train_mode(mamba):
     assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
     got.sum().backward()
     assert all(routed.get_parameter(f).grad is not None for f in routed.plan.routed)
+
+
+def test_without_mamba_ssm_the_time_loop_is_captured_again_per_length():
+    # Without mamba_ssm transformers runs its own scan, a Python loop over time that export unrolls for one
+    # length. No frontend makes it opaque, so the general fallback must hold: one capture per new length,
+    # all bound to the same routed parameters, each equal to the dense model.
+    code = """
+import sys
+sys.modules["mamba_ssm"] = None  # as if it were not installed
+import torch, sparsify
+from transformers.utils.import_utils import is_mamba_ssm_available
+from tests.test_convert_mamba_hf import tiny_mamba
+assert not is_mamba_ssm_available()
+dense = tiny_mamba()
+routed = sparsify.convert(dense, modalities=3)
+weight = routed.get_parameter("backbone.layers.0.mixer.x_proj.weight")
+errors = []
+for seq in (5, 9, 5):
+    x, ids = torch.randint(0, 101, (2, seq)), torch.randint(0, 3, (2, seq))
+    with torch.no_grad():
+        got, want = routed(x, modality_ids=ids).logits, dense(x, use_cache=False).logits
+    errors.append(float((got - want).abs().max() / want.abs().max()))
+graphs = [e for entries in routed._graphs.values() for e in entries]
+print(len(graphs), routed.get_parameter("backbone.layers.0.mixer.x_proj.weight") is weight, max(errors))
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    graphs, same_parameter, max_error = result.stdout.split()[-3:]
+    assert graphs == "3"  # the capture length (13), then 5 and 9; the second 5 reuses its graph
+    assert same_parameter == "True"
+    assert float(max_error) <= 1e-5
