@@ -8,6 +8,8 @@ signature, dtype, device, train/eval mode) binds the same parameter objects.
 from __future__ import annotations
 
 import inspect
+import types
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,7 +125,8 @@ def capture(module: torch.nn.Module, inputs: dict[str, Any]) -> CapturedGraph:
 
     dynamic_shapes = {name: pytree.tree_map(dynamic_spec, value) for name, value in inputs.items()}
     try:
-        exported = torch.export.export(module, (), dict(inputs), dynamic_shapes=dynamic_shapes, strict=False)
+        with _inputs_as_named_parameters(module, list(inputs)):
+            exported = torch.export.export(module, (), dict(inputs), dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:  # export raises many types; all mean "this model cannot be captured as is"
         raise CaptureError(
             f"torch.export could not capture {type(module).__name__}: {type(e).__name__}: {str(e).strip()[:2000]}\n"
@@ -133,6 +136,39 @@ def capture(module: torch.nn.Module, inputs: dict[str, Any]) -> CapturedGraph:
             "the path you train."
         ) from e
     return _from_exported(exported, token)
+
+
+@contextmanager
+def _inputs_as_named_parameters(module: torch.nn.Module, names: list[str]):
+    """While exporting, give `module.forward` one named parameter per input.
+
+    Inputs that land in a `**kwargs` parameter (a Hugging Face model that takes
+    `use_cache` only that way) cannot be given dynamic shapes: torch.export (2.13)
+    fails inside its own constraint code whichever way the spec nests them. The
+    instance's forward is replaced by one with a parameter per input that calls
+    the real forward, so the module, its FQNs and its module stack are unchanged.
+    """
+    parameters = inspect.signature(module.forward).parameters
+    if all(name in parameters for name in names):
+        yield
+        return
+    real_forward = module.forward
+    saved = module.__dict__.get("forward")
+
+    def forward(self, **inputs):
+        return real_forward(**inputs)
+
+    forward.__signature__ = inspect.Signature(
+        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY) for name in names])
+    module.forward = types.MethodType(forward, module)
+    try:
+        yield
+    finally:
+        if saved is None:
+            del module.forward
+        else:
+            module.forward = saved
 
 
 def _from_exported(exported: torch.export.ExportedProgram, token: torch.Tensor) -> CapturedGraph:

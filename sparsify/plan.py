@@ -3,7 +3,9 @@
 Presets pick parameters by what the graph does with them, never by model class:
 - "mot":  linear and norm parameters inside repeated blocks (Mixture-of-Transformers)
 - "mom":  linear parameters inside repeated blocks (Mixture-of-Mamba: in/x/dt/out_proj)
-- "auto": per block, "mot" where the block computes attention (an SDPA or softmax op), else "mom"
+- "auto": per block, "mot" where the block computes attention (SDPA, or a softmax over a dim as long
+          as the sequence: attention over keys), else "mom". A softmax over a fixed-size dim (a
+          mixture-of-experts router) is not attention.
 - "all":  every parameter whose every use can be routed
 - "none": nothing (use `include` alone)
 Then `include` regexes add parameters and `exclude` regexes remove them (re.search on the FQN).
@@ -17,20 +19,20 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 
+import sympy
 import torch
 
 from sparsify.capture import CapturedGraph
 from sparsify.errors import SparsifyError
 from sparsify.passes.param_uses import find_param_uses
+from sparsify.passes.token_axes import size_exprs
 
 POLICIES = ("auto", "mot", "mom", "all", "none")
 INIT_MODES = ("copy", "independent")
 ROUTABLE_ROLES = ("linear", "norm", "conv", "elementwise")
-# Ops that mark a block as an attention block for policy="auto".
-ATTENTION_OPS = {
-    torch.ops.aten.scaled_dot_product_attention.default, torch.ops.aten._softmax.default,
-    torch.ops.aten.softmax.int, torch.ops.aten._safe_softmax.default,
-}
+# Ops that mark a block as an attention block for policy="auto" (softmaxes only over the sequence).
+SDPA_OPS = {torch.ops.aten.scaled_dot_product_attention.default}
+SOFTMAX_OPS = {torch.ops.aten._softmax.default, torch.ops.aten.softmax.int, torch.ops.aten._safe_softmax.default}
 
 
 @dataclass
@@ -113,11 +115,30 @@ def _block_of(fqn: str) -> str | None:
 ROOT_BLOCK = "<root>"  # a model with no repeated blocks (one bare mixer or layer) is one block
 
 
+def _is_attention(node: torch.fx.Node, seq) -> bool:
+    """SDPA, or a softmax whose dim has the sequence's length (symbolic, or the capture's length where
+    export specialised it). Keys are the sequence; a router's experts are a fixed number."""
+    if node.op != "call_function":
+        return False
+    if node.target in SDPA_OPS:
+        return True
+    if node.target not in SOFTMAX_OPS or not isinstance(node.args[0], torch.fx.Node):
+        return False
+    value = node.args[0].meta.get("val")
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return False
+    size = size_exprs(value)[node.args[1] % value.dim()]
+    if isinstance(seq, sympy.Expr):
+        return isinstance(size, sympy.Expr) and bool(size.free_symbols & seq.free_symbols)
+    return size == seq
+
+
 def _attention_blocks(captured: CapturedGraph, has_blocks: bool) -> set[str]:
     """Repeated blocks whose forward contains an attention op."""
     blocks = set()
+    seq = captured.token_dims[1]
     for node in captured.graph_module.graph.nodes:
-        if node.op == "call_function" and node.target in ATTENTION_OPS:
+        if _is_attention(node, seq):
             if not has_blocks:
                 blocks.add(ROOT_BLOCK)
             for fqn, _ in (node.meta.get("nn_module_stack") or {}).values():

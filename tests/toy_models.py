@@ -128,6 +128,47 @@ class Hybrid(nn.Module):
         return x
 
 
+class EagerAttentionBlock(nn.Module):
+    """Attention written out: a softmax over the keys, i.e. over a dim as long as the sequence."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+
+    def forward(self, x):
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
+        return x + torch.softmax(q @ k.transpose(1, 2) / 8 ** 0.5, dim=-1) @ v
+
+
+class ExpertRouterBlock(nn.Module):
+    """A mixture-of-experts layer: its softmax is over 4 experts, not over tokens (no attention)."""
+
+    def __init__(self, d=8, experts=4):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.router = nn.Linear(d, experts)
+        self.experts = nn.ModuleList([nn.Linear(d, d) for _ in range(experts)])
+
+    def forward(self, x):
+        h = self.norm(x)
+        gates = torch.softmax(self.router(h), dim=-1)
+        return x + sum(gates[..., i:i + 1] * expert(h) for i, expert in enumerate(self.experts))
+
+
+class AttentionThenExperts(nn.Module):
+    def __init__(self, vocab=50, d=8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList([EagerAttentionBlock(d), ExpertRouterBlock(d)])
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
 class StepwiseRecurrent(nn.Module):
     """An RNN-style loop applying its projections to one time step at a time: x[:, t]."""
 

@@ -23,9 +23,16 @@ def is_hf_model(model) -> bool:
 
 
 def call_defaults(model) -> dict[str, Any]:
-    """Keywords every call gets unless the caller sets them: a cache object cannot be exported."""
+    """Keywords every call gets unless the caller sets them: a cache object cannot be exported.
+
+    Some models take use_cache only through **kwargs (passed on to their backbone), so it is
+    set there too when the config has one.
+    """
     params = inspect.signature(model.forward).parameters
-    return {"use_cache": False} if "use_cache" in params else {}
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if "use_cache" in params or (takes_kwargs and hasattr(model.config, "use_cache")):
+        return {"use_cache": False}
+    return {}
 
 
 def example_inputs(model) -> dict[str, Any]:

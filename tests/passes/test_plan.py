@@ -4,7 +4,7 @@ import torch
 import sparsify
 from sparsify.capture import capture
 from sparsify.plan import RoutingPlan, build_plan
-from tests.toy_models import Hybrid, ToyLM
+from tests.toy_models import AttentionThenExperts, Hybrid, ToyLM
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +85,14 @@ def test_auto_routes_attention_blocks_as_mot_and_others_as_mom():
                                           "out.bias"]}
     no_attention = {f"layers.1.{n}" for n in ["up.weight", "up.bias", "conv1d_weight", "conv1d_bias", "left"]}
     assert routed == attention | no_attention
+
+
+@pytest.mark.parametrize("seq", [7, 1])  # 1: export specialises the length, the rule must still hold
+def test_auto_tells_attention_softmax_from_an_expert_router_softmax(seq):
+    torch.manual_seed(0)
+    model = AttentionThenExperts().eval()
+    captured = capture(model, {"tokens": torch.randint(0, 50, (2, seq))})
+    routed = set(build_plan(captured, model, 2, policy="auto").routed)
+    assert {"layers.0.norm.weight", "layers.0.norm.bias"} <= routed        # attention block: mot, norms too
+    assert "layers.1.router.weight" in routed and "layers.1.experts.0.weight" in routed
+    assert not {"layers.1.norm.weight", "layers.1.norm.bias"} & routed     # router block: mom, norms shared
