@@ -201,3 +201,16 @@ class SeqFirstFlattened(nn.Module):
         seq_first = x.transpose(0, 1).contiguous()
         flat = torch.addmm(layer.bias, seq_first.reshape(-1, d), layer.weight.t())
         return flat.view(seq, batch, d).transpose(0, 1)
+
+
+class TransposedWeights(nn.Module):
+    """Weights applied as x @ w.T (Falcon's FalconLinear) and x @ w.mT: transposes export records as
+    numpy_T and mT."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.a = nn.Parameter(0.3 * torch.randn(10, d))
+        self.b = nn.Parameter(0.3 * torch.randn(d, 10))
+
+    def forward(self, x):
+        return (x @ self.a.T) @ self.b.mT.T.T

@@ -18,7 +18,8 @@ aten = torch.ops.aten
 
 # Ops that only view or cast a parameter; re-applied with the modality dim in front.
 PARAM_VIEW_OPS = {
-    aten.t.default, aten.transpose.int, aten.permute.default, aten.view.default, aten.reshape.default,
+    aten.t.default, aten.numpy_T.default, aten.mT.default, aten.transpose.int, aten.permute.default,
+    aten.view.default, aten.reshape.default,
     aten.unsqueeze.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.clone.default,
     aten.contiguous.default, aten.detach.default, aten.alias.default, aten.squeeze.dim,
 }

@@ -96,6 +96,10 @@ def _lift_view(node: torch.fx.Node) -> None:
     source, rank = node.args[0], _rank(node.args[0])
     if node.target == aten.t.default:
         node.target, node.args = aten.transpose.int, (source, 1, 2)
+    elif node.target == aten.numpy_T.default:  # w.T: every dim reversed
+        node.target, node.args = aten.permute.default, (source, [0] + list(range(rank, 0, -1)))
+    elif node.target == aten.mT.default:  # w.mT: the last two dims swapped
+        node.target, node.args = aten.transpose.int, (source, rank - 1, rank)
     elif node.target == aten.transpose.int:
         node.args = (source, node.args[1] % rank + 1, node.args[2] % rank + 1)
     elif node.target == aten.permute.default:

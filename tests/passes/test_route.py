@@ -9,7 +9,7 @@ from sparsify.capture import capture
 from sparsify.passes.route import route
 from sparsify.plan import build_plan
 from tests.toy_models import (LoopOverTime, SeqFirst, SeqFirstFlattened, StepwiseRecurrent, ToyLM,
-                               WeightInSoftmax)
+                               TransposedWeights, WeightInSoftmax)
 
 aten, sp = torch.ops.aten, torch.ops.sparsify
 
@@ -144,3 +144,16 @@ def test_projections_applied_one_time_step_at_a_time_are_routed_per_step():
     # the recurrence carries the change forward from the first modality-1 step
     assert torch.equal(changed, torch.tensor([[False, False, True, True, True, True, True],
                                               [False, False, False, False, True, True, True]]))
+
+
+def test_weights_transposed_with_dot_T_and_mT_are_routed():
+    torch.manual_seed(0)
+    model, x = TransposedWeights().eval(), torch.randn(2, 7, 6)
+    routed = sparsify.convert(model, 2, example_inputs=(x,), policy="all")
+    assert set(routed.plan.routed) == {"a", "b"}
+    ids = torch.randint(0, 2, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(routed(x, modality_ids=ids), model(x), rtol=1e-5, atol=1e-6)
+        routed.get_parameter("a")[1].mul_(2.0)
+        changed = (routed(x, modality_ids=ids) - model(x)).abs().amax(-1) > 1e-5
+    assert torch.equal(changed, ids == 1)
