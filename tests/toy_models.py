@@ -156,17 +156,10 @@ class ExpertRouterBlock(nn.Module):
         return x + sum(gates[..., i:i + 1] * expert(h) for i, expert in enumerate(self.experts))
 
 
-class AttentionThenExperts(nn.Module):
+class AttentionThenExperts(Hybrid):
     def __init__(self, vocab=50, d=8):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
+        super().__init__(vocab, d)
         self.layers = nn.ModuleList([EagerAttentionBlock(d), ExpertRouterBlock(d)])
-
-    def forward(self, tokens):
-        x = self.embed(tokens)
-        for layer in self.layers:
-            x = layer(x)
-        return x
 
 
 class StepwiseRecurrent(nn.Module):
