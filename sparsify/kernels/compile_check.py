@@ -33,6 +33,7 @@ import torch
 
 # Shared memory one block may use: A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -81,7 +82,7 @@ def _recording(launches: list, scenario: str):
         yield
 
 
-def record_launches(dtypes=(torch.float32, torch.float16, torch.bfloat16)) -> list[Launch]:
+def record_launches(dtypes=tuple(DTYPES.values())) -> list[Launch]:
     """Run every launcher, forward and backward, on aligned and odd shapes in each dtype; record the launches."""
     from sparsify.kernels import INTERPRET, routed_conv1d, routed_layer_norm, routed_linear
 
@@ -187,9 +188,6 @@ def compile_launch(launch: Launch, arch: int) -> list[CompileReport]:
             report.error = f"needs {report.shared_bytes} bytes of shared memory, sm_{arch} allows {SHARED_LIMIT[arch]}"
         reports.append(report)
     return reports
-
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def check(archs=(80, 90), dtypes=tuple(DTYPES), first_config_only=False) -> list[CompileReport]:

@@ -237,9 +237,12 @@ def routed_linear_backward(grad, x, modality_ids, weight, has_bias: bool, splits
     dx = _grouped_matmul(grad_rows, grouping, weight, weight.stride(1), weight.stride(2), n_in, None, x.dtype)
     if splits is None:
         splits = row_splits(x_rows.shape[0], n_out, n_in, modalities, x.device)
-    # fp32 partial sums, one [M, out, in] slice per row split
-    dweight = torch.zeros(splits * modalities, n_out, n_in, device=weight.device, dtype=torch.float32)
-    if x_rows.shape[0] and n_out and n_in:
+    # fp32 partial sums, one [M, out, in] slice per row split. The kernel writes every element (a modality
+    # without rows gets zeros), so only a launch that does not happen needs zeroed memory.
+    launch = bool(x_rows.shape[0] and n_out and n_in)
+    dweight = (torch.empty if launch else torch.zeros)(splits * modalities, n_out, n_in, device=weight.device,
+                                                       dtype=torch.float32)
+    if launch:
         order, starts, counts = grouping
 
         def grid(meta):
