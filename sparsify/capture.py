@@ -84,9 +84,19 @@ class CapturedGraph:
     # Shape expressions of every tensor user input, and the allowed range of each symbol.
     input_shapes: list[tuple[SizeExpr, ...] | None]
     ranges: dict[sympy.Symbol, tuple[int, float]] = field(default_factory=dict)
+    size_conditions: "SizeConditions" = field(default_factory=lambda: SizeConditions())
+    _verdicts: dict = field(default_factory=dict, repr=False)
+
+    def user_input_nodes(self) -> list[torch.fx.Node]:
+        """Placeholders of the model's own inputs, in order."""
+        nodes = [n for n in self.graph_module.graph.nodes if n.op == "placeholder"]
+        return [n for n, (kind, _) in zip(nodes, self.placeholders) if kind == "input"]
 
     def accepts(self, flat_inputs: list) -> bool:
-        """Whether these flattened user inputs fit the shapes this graph was captured for."""
+        """Whether these flattened user inputs fit what this graph was captured for: ranks, specialised
+        sizes exactly, symbolic sizes within their ranges and consistent, and every guard export recorded
+        on them (e.g. "the padded length is at most one chunk") true, with every size in the graph in the
+        same 0 / 1 / >= 2 class as at capture. In doubt, no: the caller captures again."""
         binding: dict[sympy.Symbol, int] = {}
         for shape, leaf in zip(self.input_shapes, flat_inputs):
             if shape is None:
@@ -105,7 +115,64 @@ class CapturedGraph:
                     value = expr.subs(binding)
                     if value.free_symbols or int(value) != size:
                         return False
+        key = tuple(sorted((str(k), v) for k, v in binding.items()))
+        if key not in self._verdicts:  # sympy is slow: decide once per set of sizes
+            self._verdicts[key] = self.size_conditions.hold(binding)
+        return self._verdicts[key]
+
+
+def _size_class(value: int) -> int:
+    """0, 1 or 2 (for >= 2): the classes in which tracing decides broadcasting and emptiness differently."""
+    return min(int(value), 2)
+
+
+@dataclass
+class SizeConditions:
+    """What a captured graph assumed about its input sizes beyond their ranges.
+
+    `guards`: the boolean conditions export's ShapeEnv recorded while tracing (torch.export does not turn
+    them all into range constraints: a chunked scan's "the padded length is one chunk" stays a guard).
+    `size_classes`: every symbolic size in the graph with its 0 / 1 / >= 2 class at capture. Tracing
+    makes broadcasting decisions on sizes of 1 without always recording a guard; a graph is reused
+    only where every size stays in its class.
+    """
+
+    guards: list = field(default_factory=list)
+    size_classes: dict = field(default_factory=dict)
+
+    def hold(self, binding: dict) -> bool:
+        replacements = {symbol: sympy.Integer(value) for symbol, value in binding.items()}
+        for guard in self.guards:
+            verdict = guard.xreplace(replacements)
+            if verdict not in (sympy.true, True):  # false, or not decidable from the inputs: capture again
+                return False
+        for expr, size_class in self.size_classes.items():
+            value = expr.xreplace(replacements)
+            if not value.is_number or _size_class(value) != size_class:
+                return False
         return True
+
+    @classmethod
+    def of(cls, graph_module: torch.fx.GraphModule, input_symbols: set) -> "SizeConditions":
+        shape_env, sizes = None, {}
+        for node in graph_module.graph.nodes:
+            value = node.meta.get("val")
+            values = value if isinstance(value, (list, tuple)) else [value]
+            for v in values:
+                shape_env = shape_env or getattr(getattr(v, "fake_mode", None), "shape_env", None)
+                symbolic = list(v.shape) if isinstance(v, torch.Tensor) else [v] if isinstance(v, torch.SymInt) else []
+                for size in symbolic:
+                    if isinstance(size, torch.SymInt) and size.node.hint is not None:
+                        sizes[size.node.expr] = _size_class(size.node.hint)
+        if shape_env is None:
+            return cls()
+        recorded = [guard.expr for guard in shape_env.guards]
+        recorded += [a.expr for asserts in shape_env.deferred_runtime_asserts.values() for a in asserts]
+        # Conditions on sizes computed inside the graph (data-dependent, "unbacked") are checked by the
+        # graph's own runtime asserts; those on the inputs' sizes are checked here.
+        guards = [g for g in recorded if g.free_symbols and g.free_symbols <= input_symbols]
+        size_classes = {e: c for e, c in sizes.items() if e.free_symbols and e.free_symbols <= input_symbols}
+        return cls(guards=list(dict.fromkeys(guards)), size_classes=size_classes)
 
 
 def capture(module: torch.nn.Module, inputs: dict[str, Any]) -> CapturedGraph:
@@ -204,7 +271,10 @@ def _from_exported(exported: torch.export.ExportedProgram, token: torch.Tensor) 
     ranges = {}
     for symbol, value_range in exported.range_constraints.items():
         ranges[symbol] = (int(value_range.lower), float(value_range.upper))
+    input_symbols = {sym for shape in input_shapes if shape for size in shape
+                     if isinstance(size, sympy.Expr) for sym in size.free_symbols}
     return CapturedGraph(
+        size_conditions=SizeConditions.of(graph_module, input_symbols),
         graph_module=graph_module,
         placeholders=placeholders,
         input_spec=exported.call_spec.in_spec,

@@ -212,7 +212,7 @@ def build_plan(
     placeholders = [n for n in captured.graph_module.graph.nodes if n.op == "placeholder"]
     param_nodes = {n: canonical.get(t, t) for n, (kind, t) in zip(placeholders, captured.placeholders)
                    if kind == "parameter"}
-    uses = find_param_uses(captured.graph_module, param_nodes, captured.token_dims)
+    uses = find_param_uses(captured.graph_module, param_nodes, captured.token_dims, captured.user_input_nodes())
     has_blocks = any(_block_of(fqn) for names in names_of.values() for fqn in names)
     attention_blocks = _attention_blocks(captured, has_blocks)
 

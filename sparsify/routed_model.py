@@ -160,10 +160,11 @@ class RoutedModel(nn.Module):
         dense_graph_module = copy.deepcopy(captured.graph_module)
         placeholders = [n for n in captured.graph_module.graph.nodes if n.op == "placeholder"]
         param_fqns = {n.name: t for n, (k, t) in zip(placeholders, captured.placeholders) if k == "parameter"}
+        user_inputs = [n.name for n in captured.user_input_nodes()]
 
         def route_pass(graph_module):
             return route(graph_module, param_fqns=param_fqns, routed=set(self.plan.routed),
-                         modalities=self.plan.modalities, token_dims=captured.token_dims)
+                         modalities=self.plan.modalities, token_dims=captured.token_dims, user_inputs=user_inputs)
 
         def lower_pass(graph_module):
             device = next(self.parameters()).device

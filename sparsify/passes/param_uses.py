@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.fx
 
-from sparsify.passes.token_axes import TokenAxes, find_token_axes, shape_env_of, size_exprs
+from sparsify.passes.token_axes import TokenAxes, axes_from_tokens, find_token_axes, shape_env_of, size_exprs
+from sparsify.passes.token_provenance import Tokens, token_provenance, tokens_of
 
 aten = torch.ops.aten
 
@@ -100,26 +102,39 @@ def _is_matmul_output(node, depth: int = 4) -> bool:
     return False
 
 
+# Operand holding the tokens of a use, by kind (the rest: the op's own output).
+TOKEN_OPERAND = {"linear_weight": 0, "linear_bias": 0, "matmul_weight_right": 0, "layer_norm_weight": 0,
+                 "layer_norm_bias": 0, "addmm_weight": 1, "addmm_bias": 1, "conv1d_weight": 0, "conv1d_bias": 0,
+                 "scan_delta_bias": 1, "matmul_weight_left": 1}
+
+
+def _token_source(use: ParamUse) -> torch.fx.Node:
+    """The graph value whose token dims route this use."""
+    index = TOKEN_OPERAND.get(use.kind)
+    return use.node.args[index] if index is not None else use.node
+
+
 def _token_tensor(use: ParamUse):
     """The tensor whose token dims route this use, and how many leading dims the ids must cover."""
-    node, args = use.node, use.node.args
-    if use.kind in ("linear_weight", "linear_bias", "layer_norm_weight", "layer_norm_bias", "matmul_weight_right"):
-        x = _val(args[0])
-        return (x, x.dim() - 1) if x is not None else (None, 0)
-    if use.kind in ("addmm_weight", "addmm_bias"):
-        x = _val(args[1])
-        return (x, x.dim() - 1) if x is not None else (None, 0)
-    if use.kind in ("conv1d_weight", "conv1d_bias"):
-        x = _val(args[0])  # [batch, channels, time]
-        return (x, 3) if x is not None else (None, 0)
-    if use.kind == "scan_delta_bias":
-        delta = _val(args[1])  # [batch, channels, time]
-        return (delta, 3) if delta is not None else (None, 0)
+    x = _val(_token_source(use))
+    if x is None:
+        return None, 0
+    if use.kind in ("conv1d_weight", "conv1d_bias", "scan_delta_bias"):
+        return x, 3  # [batch, channels, time]
     if use.kind == "matmul_weight_left":
-        x = _val(args[1])  # w @ x contracts x's dim -2; tokens sit in the others
-        return (x.transpose(-1, -2), x.dim() - 1) if x is not None else (None, 0)
-    out = _val(node)
-    return (out, out.dim()) if out is not None else (None, 0)
+        return x.transpose(-1, -2), x.dim() - 1  # w @ x contracts x's dim -2; tokens sit in the others
+    if use.kind in TOKEN_OPERAND:
+        return x, x.dim() - 1
+    return x, x.dim()
+
+
+def _token_provenance(use: ParamUse) -> Tokens | None:
+    tokens = tokens_of(_token_source(use))
+    if tokens is not None and use.kind == "matmul_weight_left" and len(tokens.labels) >= 2:
+        labels = list(tokens.labels)
+        labels[-1], labels[-2] = labels[-2], labels[-1]
+        tokens = Tokens(tuple(labels), tokens.position)
+    return tokens
 
 
 def classify(node: torch.fx.Node, operand: int, param_val) -> tuple[str, str | None]:
@@ -211,9 +226,12 @@ def _classify_conv1d(node: torch.fx.Node, operand: int) -> tuple[str, str | None
 
 
 def find_param_uses(
-    graph_module: torch.fx.GraphModule, param_nodes: dict[torch.fx.Node, str], token_dims: tuple
+    graph_module: torch.fx.GraphModule, param_nodes: dict[torch.fx.Node, str], token_dims: tuple,
+    user_inputs: Sequence[torch.fx.Node],
 ) -> dict[str, list[ParamUse]]:
-    """Uses of each parameter placeholder in `param_nodes`, keyed by its FQN."""
+    """Uses of each parameter placeholder in `param_nodes`, keyed by its FQN. `user_inputs` are the
+    placeholders of the model's own inputs, whose (batch, seq) dims provenance follows."""
+    token_provenance(graph_module, user_inputs, token_dims)
     uses: dict[str, list[ParamUse]] = {fqn: [] for fqn in param_nodes.values()}
     for placeholder, fqn in param_nodes.items():
         stack = [(placeholder, [])]
@@ -235,14 +253,7 @@ def find_param_uses(
                     kind, problem = classify(user, operand, _val(value))
                     use = ParamUse(user, operand, kind, chain, problem=problem)
                 if use.problem is None:
-                    tensor, _ = _token_tensor(use)
-                    axes = find_token_axes(size_exprs(tensor), token_dims, shape_env_of(tensor)) \
-                        if tensor is not None else \
-                        "no shape information recorded for this node"
-                    if isinstance(axes, str):
-                        axes = _one_sequence_position(use, token_dims) or axes
-                    elif axes.flat and _flattened_seq_major(use, token_dims):
-                        axes = TokenAxes(axes.dims, seq_major=True)
+                    axes = _use_token_axes(use, token_dims)
                     if isinstance(axes, str):
                         use.problem = f"cannot find its token dims: {axes}"
                     elif not _tokens_outside_param(use, axes, _val(value)):
@@ -254,81 +265,19 @@ def find_param_uses(
     return uses
 
 
-# Uses whose token tensor is an operand of the op (not its output), by operand index.
-TOKEN_OPERAND = {"linear_weight": 0, "linear_bias": 0, "matmul_weight_right": 0, "layer_norm_weight": 0,
-                 "layer_norm_bias": 0, "addmm_weight": 1, "addmm_bias": 1}
-
-
-FLATTEN_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.contiguous.default,
-               aten.clone.default, aten._to_copy.default}
-
-
-def _flattened_seq_major(use: ParamUse, token_dims: tuple, max_depth: int = 6) -> bool:
-    """Whether the use's flattened token dim was made from a tensor holding (seq, batch) in that order."""
-    index = TOKEN_OPERAND.get(use.kind, 1 if use.kind == "matmul_weight_left" else None)
-    if index is None:  # elementwise: the flattened operand is the one that is not the parameter
-        index = 1 - use.operand if len(use.node.args) > 1 else None
-    node = use.node.args[index] if index is not None else None
-    for _ in range(max_depth):
-        if not isinstance(node, torch.fx.Node) or node.target not in FLATTEN_OPS:
-            return False
-        node = node.args[0]
-        val = _val(node)
-        if val is None:
-            return False
-        axes = find_token_axes(size_exprs(val), token_dims, shape_env_of(val))
-        if isinstance(axes, str):
-            return False
-        if not axes.flat:
-            return axes.dims[1] < axes.dims[0]
-    return False
-
-
-def _batch_inputs(node: torch.fx.Node, batch) -> list[torch.fx.Node]:
-    """The inputs of `node` that carry the batch dim (parameters and constants do not)."""
-    out = []
-    for arg in node.all_input_nodes:
-        val = _val(arg)
-        if isinstance(val, torch.Tensor) and any(size == batch for size in size_exprs(val)):
-            out.append(arg)
-    return out
-
-
-def _one_sequence_position(use: ParamUse, token_dims: tuple, max_depth: int = 12) -> TokenAxes | None:
-    """Token axes of an operand computed from x.select(seq_dim, t) of a token tensor x alone (a Python loop
-    over time applying the op one position at a time; the loop makes export specialise the length).
-
-    The walk back follows ops with a single batch-carrying input only: a value that mixes several inputs
-    (a recurrent state) has no single position, and is left unrouted rather than guessed.
-    """
-    index = TOKEN_OPERAND.get(use.kind)
-    node = use.node.args[index] if index is not None else None
-    for _ in range(max_depth):
-        if not isinstance(node, torch.fx.Node) or node.op != "call_function":
-            return None
-        if node.target == aten.select.int:
-            break
-        inputs = _batch_inputs(node, token_dims[0])
-        if len(inputs) != 1:
-            return None
-        node = inputs[0]
-    else:
-        return None
-    source, dim, position = node.args
-    source_val = _val(source)
-    if source_val is None or not isinstance(position, int):
-        return None
-    axes = find_token_axes(size_exprs(source_val), token_dims, shape_env_of(source_val))
-    if isinstance(axes, str) or axes.flat or axes.seq_index is not None:
-        return None
-    batch_dim, seq_dim = axes.dims
-    if dim % source_val.dim() != seq_dim:
-        return None
-    operand_val = _val(use.node.args[index])
-    batch_dims = [i for i, size in enumerate(size_exprs(operand_val)) if size == token_dims[0]]
-    if len(batch_dims) != 1:
-        return None
-    return TokenAxes((batch_dims[0],), seq_index=position)
+def _use_token_axes(use: ParamUse, token_dims: tuple) -> TokenAxes | str:
+    """Token axes of a use from provenance; sizes decide only where provenance knows nothing."""
+    tensor, _ = _token_tensor(use)
+    if tensor is None:
+        return "no shape information recorded for this node"
+    tokens = _token_provenance(use)
+    single_token = token_dims[0] == 1 and token_dims[1] == 1
+    if tokens is not None and tokens.any:
+        axes = axes_from_tokens(tokens, token_dims, size_exprs(tensor))
+        if not isinstance(axes, str) or not single_token:
+            return axes
+    # Provenance lost the tokens (an op it does not know) or there is one token (any unit dim holds it).
+    return find_token_axes(size_exprs(tensor), token_dims, shape_env_of(tensor))
 
 
 def _scalar_elementwise(node: torch.fx.Node, value: torch.fx.Node) -> bool:

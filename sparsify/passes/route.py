@@ -38,14 +38,17 @@ def route(
     routed: set[str],
     modalities: int,
     token_dims: tuple,
+    user_inputs: list[str],
 ) -> PassResult:
-    """Route the parameters named in `routed`. `param_fqns` maps parameter placeholder names to FQNs."""
+    """Route the parameters named in `routed`. `param_fqns` maps parameter placeholder names to FQNs;
+    `user_inputs` names the placeholders of the model's own inputs (whose token dims provenance follows)."""
     graph = graph_module.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     param_nodes = {n: param_fqns[n.name] for n in placeholders if param_fqns.get(n.name) in routed}
     if not param_nodes:
         return PassResult(graph_module, False)
-    uses = find_param_uses(graph_module, param_nodes, token_dims)
+    uses = find_param_uses(graph_module, param_nodes, token_dims,
+                           [n for n in placeholders if n.name in set(user_inputs)])
     problems = [f"- {fqn}: {describe_node(u.node)}: {u.problem}" for fqn, us in uses.items() for u in us if u.problem]
     if problems:
         raise RoutingError(

@@ -1,10 +1,14 @@
-"""Find which dims of a tensor are the tokens, from the symbolic shapes export records.
+"""TokenAxes: which dims of a tensor are the tokens, and how routing lays out the ids for them.
 
-The (batch, seq) dims of the token input are symbols s_b, s_t. A tensor carries
-tokens either split (one dim is s_b and another s_t: [B, T, D], [B, D, T],
-[T, B, D]) or flattened (one dim is s_b*s_t: GPT-2's Conv1D views x as
-[B*T, D]). Where export specialised a dim to a number, the same rules apply to
-numbers, and a number that appears twice is reported as ambiguous, not guessed.
+They come from token provenance (passes/token_provenance.py: the input's batch and
+sequence dims followed op by op), via `axes_from_tokens`. A tensor carries tokens
+either split (a batch and a sequence dim: [B, T, D], [B, D, T], [T, B, D]),
+flattened (one dim of B*T: GPT-2's Conv1D views x as [B*T, D]; or T*B), or as one
+sequence position (x[:, t] in a loop over time).
+
+`find_token_axes` matches sizes instead: the fallback where provenance lost the
+tokens (an op it does not know). It works on the symbolic shapes export records;
+a number that appears twice is reported as ambiguous, not guessed.
 """
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ from typing import Sequence
 
 import sympy
 import torch
+
+from sparsify.passes.token_provenance import MIXED, Tokens
 
 
 @dataclass(frozen=True)
@@ -96,3 +102,38 @@ def find_token_axes(shape: Sequence, token_dims: tuple, shape_env=None) -> Token
         "if the model specialised these sizes, capture with example inputs whose batch and sequence "
         "sizes differ from every feature size"
     )
+
+
+def axes_from_tokens(tokens: Tokens, token_dims: tuple, shape: Sequence) -> TokenAxes | str:
+    """TokenAxes from a tensor's provenance labels, or a string saying why its tokens cannot be routed."""
+    batch, seq, flat, flat_seq_major = (tokens.dims_with(name) for name in ("B", "T", "BT", "TB"))
+    if len(batch) == 1 and len(seq) == 1 and not flat and not flat_seq_major:
+        axes = TokenAxes((batch[0], seq[0]))
+    elif len(flat) == 1 and not batch and not seq and not flat_seq_major:
+        axes = TokenAxes((flat[0],))
+    elif len(flat_seq_major) == 1 and not batch and not seq and not flat:
+        axes = TokenAxes((flat_seq_major[0],), seq_major=True)
+    elif len(batch) == 1 and not seq and not flat and not flat_seq_major and tokens.position not in (None, MIXED):
+        axes = TokenAxes((batch[0],), seq_index=tokens.position)
+    elif len(seq) == 1 and not batch and not flat and not flat_seq_major and token_dims[0] == 1:
+        axes = TokenAxes((seq[0],))  # a batch of one squeezed away: the sequence dim alone holds the tokens
+    elif any(name and ":" in name for name in tokens.labels):
+        return (f"its dims carry tokens as {tokens}: the sequence is cut into chunks there; sparsify routes "
+                "the tokens before the chunking or after they are joined back")
+    elif tokens.dims_with("T+"):
+        return (f"its dims carry tokens as {tokens}: the sequence is padded there (T+); sparsify routes the "
+                "tokens before the padding or after it is cut off")
+    elif len(batch) == 1 and not seq and not flat and not flat_seq_major:
+        return (f"its dims carry tokens as {tokens}: the batch dim but no sequence dim or position, i.e. it "
+                "mixes several sequence positions (a recurrent state, a sum over the sequence)")
+    else:
+        return (f"its dims carry tokens as {tokens}: the batch or sequence dim appears more than once (e.g. "
+                "attention scores, queries x keys), so no single token owns each element")
+    # Cross-check with sizes: a labelled dim has the size of the dim it came from.
+    expected = {"B": [batch, token_dims[0]], "T": [seq, token_dims[1]]}
+    for name, (dims, size) in expected.items():
+        for d in dims:
+            if isinstance(size, int) and isinstance(shape[d], int) and shape[d] != size:
+                return (f"internal: provenance labels dim {d} of shape {list(shape)} as {name}, but its size "
+                        f"differs from {size}; please report this model")
+    return axes

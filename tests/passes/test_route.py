@@ -33,7 +33,7 @@ def test_route_rewrites_every_form_in_the_toy_graph():
     placeholders = [n for n in captured.graph_module.graph.nodes if n.op == "placeholder"]
     param_fqns = {n.name: t for n, (k, t) in zip(placeholders, captured.placeholders) if k == "parameter"}
     result = route(captured.graph_module, param_fqns=param_fqns, routed=set(plan.routed), modalities=3,
-                   token_dims=captured.token_dims)
+                   token_dims=captured.token_dims, user_inputs=[n.name for n in captured.user_input_nodes()])
     after = op_counts(result.graph_module)
     assert result.changed
     # per block: up (linear), conv1d (addmm), left (w @ x); plus the LM head (linear)
@@ -52,7 +52,8 @@ def test_route_without_routed_parameters_is_a_no_op():
     model, tokens = toy()
     captured = capture(model, {"tokens": tokens})
     code = captured.graph_module.code
-    result = route(captured.graph_module, param_fqns={}, routed=set(), modalities=3, token_dims=captured.token_dims)
+    result = route(captured.graph_module, param_fqns={}, routed=set(), modalities=3, token_dims=captured.token_dims,
+                   user_inputs=[n.name for n in captured.user_input_nodes()])
     assert not result.changed and result.graph_module.code == code
 
 

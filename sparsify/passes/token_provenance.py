@@ -1,0 +1,506 @@
+"""Token provenance: which dims of every graph value carry the input's batch and sequence dims.
+
+    placeholder input_ids [B, T]          => tokens (B, T)
+    view(linear(emb), [B*T, D])           => tokens (BT, -)      ... followed op by op
+
+The batch and sequence dims of the token inputs are followed through the graph
+(views and reshapes, permutes, selects, slices, pads, concatenations, splits,
+matmuls, einsums, reductions, broadcasting pointwise ops), so each node knows
+which of its dims are token dims whatever their sizes: a sequence length equal
+to a feature size is never ambiguous. Sizes only decide how a reshape groups
+dims (by their products, like any reshape does), never which dim is which.
+
+Labels of one dim:
+  "B", "T"     the batch / sequence dim of the inputs
+  "BT", "TB"   both flattened into one dim, batch-major / sequence-major
+  "T+"         the sequence padded at its end (a causal conv's output, Mamba2's chunk padding):
+               slicing it back to the sequence length gives "T" again
+  "T:chunk", "T:within"   the (padded) sequence reshaped into [chunks, chunk length] (SSD scans);
+               reshaped back, the two give "T" ("T+") again
+A value holding one sequence position (x[:, t] inside a Python loop over time) has
+`position` = t. An op this pass does not know keeps the labels of an input of exactly
+its output's shape, or none: the caller then falls back to size matching.
+
+The pass is an analysis: it writes node.meta["sparsify_tokens"] and leaves the graph as is.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.fx
+
+from sparsify.passes import PassResult
+
+aten = torch.ops.aten
+META_KEY = "sparsify_tokens"
+MIXED = -1  # position of a value that mixes several sequence positions (a recurrent state)
+OUTER, INNER = ":chunk", ":within"  # "T:chunk", "T:within": the sequence reshaped into [chunks, chunk length]
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Token labels of one tensor value: one label (or None) per dim, and the sequence position if one."""
+
+    labels: tuple[str | None, ...]
+    position: int | None = None
+
+    def dims_with(self, label: str) -> list[int]:
+        return [d for d, name in enumerate(self.labels) if name == label]
+
+    @property
+    def any(self) -> bool:
+        return any(self.labels)
+
+    def __str__(self) -> str:
+        where = f" at sequence position {self.position}" if self.position not in (None, MIXED) else ""
+        return "[" + ", ".join(name or "-" for name in self.labels) + "]" + where
+
+
+def tokens_of(node) -> Tokens | None:
+    """The provenance of a node's tensor value (None for non-tensors or unknown nodes)."""
+    if not isinstance(node, torch.fx.Node):
+        return None
+    value = node.meta.get(META_KEY)
+    return value if isinstance(value, Tokens) else None
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def _hint(size) -> int | None:
+    """The example value of a size (export traced with concrete inputs, so every backed size has one)."""
+    if isinstance(size, torch.SymInt):
+        hint = size.node.hint
+        return int(hint) if hint is not None else None
+    return int(size)
+
+
+def _hints(value) -> tuple[int | None, ...]:
+    return tuple(_hint(s) for s in value.shape)
+
+
+def _none(rank: int) -> Tokens:
+    return Tokens((None,) * rank)
+
+
+def _merge_positions(positions) -> int | None:
+    known = {p for p in positions if p is not None}
+    if not known:
+        return None
+    return known.pop() if len(known) == 1 else MIXED
+
+
+def _broadcast(out_value, inputs: Sequence[tuple[Tokens, Any]]) -> Tokens:
+    """Pointwise ops: dims aligned from the right; a dim keeps the label its non-broadcast inputs agree on."""
+    rank = out_value.dim()
+    out_hints = _hints(out_value)
+    labels: list[str | None] = []
+    for d in range(rank):
+        seen = set()
+        for tokens, value in inputs:
+            k = d - (rank - value.dim())
+            if k < 0:
+                continue
+            if _hint(value.shape[k]) == out_hints[d]:  # a broadcast (size-1) dim carries no tokens
+                seen.add(tokens.labels[k])
+        seen.discard(None)
+        labels.append(seen.pop() if len(seen) == 1 else None)
+    return Tokens(tuple(labels), _merge_positions(t.position for t, _ in inputs))
+
+
+def _group_label(in_labels: list, in_hints: list, out_hints: list, token_sizes: dict) -> list:
+    """Labels of one reshape group: input dims whose product equals the output dims' product."""
+    named = [(name, size) for name, size in zip(in_labels, in_hints) if name is not None]
+    out = [None] * len(out_hints)
+    big_out = [i for i, size in enumerate(out_hints) if size != 1]
+    big_in = [size for size in in_hints if size != 1]
+    if not named:
+        return out
+    if len(named) == 1 and (len(big_in) <= 1 or named[0][1] == _product(in_hints)):
+        # one token dim (maybe with unit dims): it lands on the output dim of the same size
+        name, size = named[0]
+        for i, out_size in enumerate(out_hints):
+            if out_size == size:
+                out[i] = name
+                return out
+        if name in ("BT", "TB") and len(big_out) == 2:  # a flattened dim unflattened to (batch, seq)
+            first, second = ("B", "T") if name == "BT" else ("T", "B")
+            if [out_hints[i] for i in big_out] == [token_sizes[first], token_sizes[second]]:
+                out[big_out[0]], out[big_out[1]] = first, second
+        elif name in ("T", "T+") and len(big_out) == 2:  # the sequence cut into chunks (SSD's [c, l])
+            out[big_out[0]], out[big_out[1]] = name + OUTER, name + INNER
+        return out
+    names = [name for name, size in named]
+    if len(big_in) != sum(1 for _, size in named if size != 1) or len(big_out) > 1:
+        return out  # tokens merged with a feature dim: no dim holds them alone
+    target = big_out[0] if big_out else 0
+    if names in (["B", "T"], ["T", "B"]):  # batch and sequence flattened into one dim
+        out[target] = "BT" if names == ["B", "T"] else "TB"
+    elif len(names) == 2 and names[0].endswith(OUTER) and names[1] == names[0][:-len(OUTER)] + INNER:
+        out[target] = names[0][:-len(OUTER)]  # chunks joined back into the sequence
+    return out
+
+
+def _product(sizes) -> int:
+    result = 1
+    for size in sizes:
+        result *= size
+    return result
+
+
+def _reshape(tokens: Tokens, in_value, out_value, token_sizes: dict) -> Tokens:
+    """Group input and output dims by equal running products (how any contiguous reshape maps dims)."""
+    in_hints, out_hints = list(_hints(in_value)), list(_hints(out_value))
+    if None in in_hints or None in out_hints:
+        return _none(len(out_hints))
+    labels: list[str | None] = []
+    i = j = 0
+    while i < len(in_hints) or j < len(out_hints):
+        gi, gj = [i], [j]
+        i, j = i + 1, j + 1
+        pin = in_hints[gi[0]] if gi[0] < len(in_hints) else 1
+        pout = out_hints[gj[0]] if gj[0] < len(out_hints) else 1
+        while pin != pout and (i < len(in_hints) or j < len(out_hints)):
+            if (pin < pout and i < len(in_hints)) or j >= len(out_hints):
+                pin *= in_hints[i]
+                gi.append(i)
+                i += 1
+            else:
+                pout *= out_hints[j]
+                gj.append(j)
+                j += 1
+        gi = [k for k in gi if k < len(in_hints)]
+        gj = [k for k in gj if k < len(out_hints)]
+        labels.extend(_group_label([tokens.labels[k] for k in gi], [in_hints[k] for k in gi],
+                                   [out_hints[k] for k in gj], token_sizes))
+    return Tokens(tuple(labels[:len(out_hints)]), tokens.position)
+
+
+def _drop_dims(tokens: Tokens, dims, keepdim: bool) -> Tokens:
+    dims = {d % max(len(tokens.labels), 1) for d in dims}
+    if keepdim:
+        return Tokens(tuple(None if d in dims else name for d, name in enumerate(tokens.labels)), tokens.position)
+    return Tokens(tuple(name for d, name in enumerate(tokens.labels) if d not in dims), tokens.position)
+
+
+def _select(tokens: Tokens, dim: int, index) -> Tokens:
+    dim %= len(tokens.labels)
+    name = tokens.labels[dim]
+    rest = tuple(n for d, n in enumerate(tokens.labels) if d != dim)
+    if name == "T" and isinstance(index, int) and tokens.position is None:
+        return Tokens(rest, index if index >= 0 else None)
+    if name in ("B", "BT", "TB", "T+") or (name == "T" and not isinstance(index, int)):
+        return _none(len(rest))  # one batch row, or a position we cannot name: no longer per token
+    return Tokens(rest, tokens.position)
+
+
+def _slice(node, tokens: Tokens, token_sizes: dict) -> Tokens:
+    args = list(node.args) + [None] * (5 - len(node.args))
+    source, dim, start, end, step = args[:5]
+    in_value, out_value = _val(source), _val(node)
+    dim %= in_value.dim()
+    name = tokens.labels[dim]
+    if name is None:
+        return tokens
+    out_size, in_size = _hint(out_value.shape[dim]), _hint(in_value.shape[dim])
+    from_start = start in (None, 0) and step in (None, 1)
+    if from_start and out_size == in_size:
+        return tokens  # the whole dim
+    labels = list(tokens.labels)
+    if name == "T+" and from_start and out_size == token_sizes["T"]:
+        labels[dim] = "T"  # the padding cut off again
+    else:
+        labels[dim] = None
+    return Tokens(tuple(labels), tokens.position)
+
+
+def _pad(tokens: Tokens, in_value, out_value, pad: Sequence) -> Tokens:
+    """constant_pad_nd: pad lists (before, after) pairs from the last dim backwards. Pads may be sizes
+    computed in the graph (graph nodes): a pad of size 0 at capture stays 0 wherever the graph is reused
+    (capture.SizeConditions keeps every size in its 0 / 1 / >= 2 class)."""
+    labels = list(tokens.labels)
+    for k in range(len(pad) // 2):
+        dim = in_value.dim() - 1 - k
+        if labels[dim] is None or _hint(in_value.shape[dim]) == _hint(out_value.shape[dim]):
+            continue
+        labels[dim] = "T+" if labels[dim] in ("T", "T+") and pad[2 * k] == 0 else None
+    return Tokens(tuple(labels), tokens.position)
+
+
+def _matmul(a: Tokens, b: Tokens, a_value, b_value, out_value) -> Tokens:
+    """matmul/bmm/mm: broadcast batch dims, rows from a, columns from b, the contracted dim dropped."""
+    a_labels, b_labels = list(a.labels), list(b.labels)
+    if a_value.dim() == 1:
+        a_labels = [None] + a_labels
+    if b_value.dim() == 1:
+        b_labels = b_labels + [None]
+    batch_rank = out_value.dim() - (a_value.dim() > 1) - (b_value.dim() > 1)
+    out = []
+    for d in range(batch_rank):
+        names = set()
+        for labels in (a_labels[:-2], b_labels[:-2]):
+            k = d - (batch_rank - len(labels))
+            if k >= 0 and labels[k] is not None:
+                names.add(labels[k])
+        out.append(names.pop() if len(names) == 1 else None)
+    if a_value.dim() > 1:
+        out.append(a_labels[-2])
+    if b_value.dim() > 1:
+        out.append(b_labels[-1])
+    return Tokens(tuple(out), _merge_positions([a.position, b.position]))
+
+
+def _einsum(equation: str, operands: list, out_value) -> Tokens | None:
+    equation = equation.replace(" ", "")
+    if "..." in equation or "->" not in equation:
+        return None
+    inputs, output = equation.split("->")
+    letters: dict[str, str] = {}
+    for spec, tokens in zip(inputs.split(","), operands):
+        if tokens is None:
+            continue
+        for letter, name in zip(spec, tokens.labels):
+            if name is not None:
+                letters.setdefault(letter, name)
+    positions = [t.position for t in operands if t is not None]
+    return Tokens(tuple(letters.get(letter) for letter in output), _merge_positions(positions))
+
+
+def _cat(node, inputs: list[Tokens | None], values: list) -> Tokens:
+    out_value = _val(node)
+    dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % out_value.dim()
+    pairs = [(t, v) for t, v in zip(inputs, values) if t is not None and v.dim() == out_value.dim()]
+    if not pairs:
+        return _none(out_value.dim())
+    merged = _broadcast(out_value, pairs) if all(v.dim() == out_value.dim() for _, v in pairs) else pairs[0][0]
+    labels = list(merged.labels)
+    labels[dim] = None  # a concatenation along a token dim no longer lines up with the tokens
+    return Tokens(tuple(labels), merged.position)
+
+
+def _split(tokens: Tokens, in_value, out_values: list, dim: int) -> list[Tokens]:
+    dim %= in_value.dim()
+    pieces = []
+    for value in out_values:
+        labels = list(tokens.labels)
+        if _hint(value.shape[dim]) != _hint(in_value.shape[dim]):
+            labels[dim] = None
+        pieces.append(Tokens(tuple(labels), tokens.position))
+    return pieces
+
+
+def _same_shape_input(node, out_value) -> Tokens | None:
+    """An unknown op: the labels of an input of exactly the output's shape, if there is one."""
+    for arg in node.all_input_nodes:
+        value, tokens = _val(arg), tokens_of(arg)
+        if isinstance(value, torch.Tensor) and tokens is not None and tokens.any and \
+                _hints(value) == _hints(out_value):
+            return tokens
+    return None
+
+
+# Ops that keep every dim of their first input (beyond pointwise ops, which are found by their tag).
+SAME_DIMS = {
+    aten.contiguous.default, aten.clone.default, aten.alias.default, aten.detach.default, aten._to_copy.default,
+    aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.type_as.default, aten.lift_fresh_copy.default,
+    aten._softmax.default, aten.softmax.int, aten._log_softmax.default, aten.log_softmax.int,
+    aten._safe_softmax.default, aten.cumsum.default, aten.cumprod.default, aten.tril.default, aten.triu.default,
+    aten.dropout.default, aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default,
+    aten.full_like.default, aten.rand_like.default, aten.randn_like.default, aten.layer_norm.default,
+    aten.rms_norm.default, aten.group_norm.default, aten.index_put.default, aten.index_put_.default,
+    aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.scatter.src, aten.scatter.value, aten.fill.Scalar,
+    aten.copy.default,
+}
+VIEW_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+            aten.unflatten.int, aten.view_as.default, aten.reshape_as.default}
+REDUCTIONS = {aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default, aten.var.correction,
+              aten.std.correction, aten.logsumexp.default, aten.prod.dim_int, aten.any.dim, aten.all.dim,
+              aten.argmax.default, aten.argmin.default, aten.var_mean.correction, aten.max.dim, aten.min.dim,
+              aten.norm.ScalarOpt_dim, aten.linalg_vector_norm.default}
+SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unsafe_split.Tensor,
+          aten.split.sizes, aten.tensor_split.sections, aten.unsafe_chunk.default}
+MATMULS = {aten.mm.default, aten.bmm.default, aten.matmul.default}
+ATTENTION = {aten.scaled_dot_product_attention.default}
+
+
+def _is_pointwise(target) -> bool:
+    return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
+
+
+def _transfer(node: torch.fx.Node, token_sizes: dict):
+    """Provenance of `node`'s value from its inputs' provenance."""
+    target, args = node.target, node.args
+    out_value = _val(node)
+    first = tokens_of(args[0]) if args else None
+    first_value = _val(args[0]) if args else None
+    if target is operator.getitem:
+        source = args[0].meta.get(META_KEY) if isinstance(args[0], torch.fx.Node) else None
+        return source[args[1]] if isinstance(source, list) and args[1] < len(source) else None
+    if isinstance(out_value, (list, tuple)):
+        outs = [v for v in out_value]
+        if first is not None and target in SPLITS:
+            dim = args[2] if len(args) > 2 else node.kwargs.get("dim", 0)
+            return _split(first, first_value, outs, dim)
+        if first is not None and target == aten.unbind.int:
+            dim = args[1] if len(args) > 1 else 0
+            return [_select(first, dim, None) for _ in outs]
+        if first is not None and target in (aten.var_mean.correction, aten.max.dim, aten.min.dim):
+            dims = args[1] if len(args) > 1 else node.kwargs.get("dim")
+            dims = [dims] if isinstance(dims, int) else list(dims or range(first_value.dim()))
+            keep = node.kwargs.get("keepdim", args[2] if len(args) > 2 and isinstance(args[2], bool) else False)
+            return [_drop_dims(first, dims, keep) for _ in outs]
+        if target == aten.native_dropout.default and first is not None:
+            return [first, first]
+        # unknown multi-output ops (a custom scan): each output like an input of its shape
+        return [(_same_shape_input(node, v) if isinstance(v, torch.Tensor) else None) for v in outs]
+    if not isinstance(out_value, torch.Tensor):
+        return None
+    rank = out_value.dim()
+    if target in VIEW_OPS:
+        return _reshape(first, first_value, out_value, token_sizes) if first else None
+    if target in SAME_DIMS:
+        return first
+    if target in (aten.permute.default,):
+        return Tokens(tuple(first.labels[d] for d in args[1]), first.position) if first else None
+    if target in (aten.transpose.int, aten.t.default, aten.numpy_T.default, aten.mT.default):
+        if first is None:
+            return None
+        labels = list(first.labels)
+        n = len(labels)
+        if target == aten.transpose.int:
+            a, b = args[1] % n, args[2] % n
+        elif target == aten.numpy_T.default:
+            return Tokens(tuple(reversed(labels)), first.position)
+        else:
+            a, b = (n - 2, n - 1) if n >= 2 else (0, 0)
+        labels[a], labels[b] = labels[b], labels[a]
+        return Tokens(tuple(labels), first.position)
+    if target == aten.unsqueeze.default:
+        if first is None:
+            return None
+        labels = list(first.labels)
+        labels.insert(args[1] % (len(labels) + 1), None)
+        return Tokens(tuple(labels), first.position)
+    if target in (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default):
+        if first is None:
+            return None
+        dims = [args[1]] if target == aten.squeeze.dim else list(args[1]) if len(args) > 1 else \
+            range(first_value.dim())
+        dims = {d % max(first_value.dim(), 1) for d in dims if _hint(first_value.shape[d]) == 1}
+        return Tokens(tuple(n for d, n in enumerate(first.labels) if d not in dims), first.position)
+    if target == aten.expand.default:
+        return _broadcast(out_value, [(first, first_value)]) if first else None
+    if target == aten.select.int:
+        return _select(first, args[1], args[2]) if first else None
+    if target == aten.slice.Tensor:
+        return _slice(node, first, token_sizes) if first else None
+    if target in (aten.constant_pad_nd.default, aten.pad.default):
+        return _pad(first, first_value, out_value, args[1]) if first else None
+    if target in (aten.index_select.default, aten.gather.default):
+        # values picked along one dim: that dim no longer lines up with the tokens
+        if first is None or (target == aten.gather.default and _hints(out_value) != _hints(first_value)):
+            return None
+        labels = list(first.labels)
+        labels[args[1] % len(labels)] = None
+        return Tokens(tuple(labels), first.position)
+    if target in REDUCTIONS:
+        if first is None:
+            return None
+        dims = args[1] if len(args) > 1 else node.kwargs.get("dim")
+        dims = [dims] if isinstance(dims, int) else list(dims) if dims else list(range(first_value.dim()))
+        keep = node.kwargs.get("keepdim", args[2] if len(args) > 2 and isinstance(args[2], bool) else False)
+        return _drop_dims(first, dims, keep)
+    if target in (aten.cat.default, aten.concat.default, aten.stack.default):
+        tensors = list(args[0])
+        inputs, values = [tokens_of(t) for t in tensors], [_val(t) for t in tensors]
+        if target == aten.stack.default:
+            dim = (args[1] if len(args) > 1 else 0) % rank
+            merged = _broadcast(_val(tensors[0]), [(t, v) for t, v in zip(inputs, values) if t is not None]) \
+                if any(inputs) else None
+            if merged is None:
+                return None
+            labels = list(merged.labels)
+            labels.insert(dim, None)
+            return Tokens(tuple(labels), merged.position)
+        return _cat(node, inputs, values)
+    if target == aten.linear.default:
+        return Tokens(first.labels[:-1] + (None,), first.position) if first else None
+    if target in (aten.addmm.default, aten.baddbmm.default):
+        a, b = tokens_of(args[1]), tokens_of(args[2])
+        return _matmul(a or _none(_val(args[1]).dim()), b or _none(_val(args[2]).dim()),
+                       _val(args[1]), _val(args[2]), out_value)
+    if target in MATMULS:
+        a, b = tokens_of(args[0]), tokens_of(args[1])
+        if a is None and b is None:
+            return None
+        return _matmul(a or _none(first_value.dim()), b or _none(_val(args[1]).dim()),
+                       first_value, _val(args[1]), out_value)
+    if target == aten.einsum.default:
+        return _einsum(args[0], [tokens_of(t) for t in args[1]], out_value)
+    if target in ATTENTION:
+        # rows are the queries' tokens; the keys' dim is contracted
+        return Tokens(first.labels[:-1] + (None,), first.position) if first else None
+    if target == aten.embedding.default:
+        indices = tokens_of(args[1])
+        return Tokens(indices.labels + (None,), indices.position) if indices else None
+    if target in (aten.conv1d.default, aten.convolution.default) and first is not None and rank == 3:
+        time = first.labels[2]
+        same_length = _hint(out_value.shape[2]) == _hint(first_value.shape[2])
+        time = time if same_length else ("T+" if time in ("T", "T+") else None)
+        return Tokens((first.labels[0], None, time), first.position)
+    if target in (aten.flip.default, aten.roll.default):
+        if first is None:
+            return None
+        dims = args[1] if target == aten.flip.default else (args[2] if len(args) > 2 else [])
+        dims = {d % rank for d in ([dims] if isinstance(dims, int) else dims)}
+        return Tokens(tuple(None if d in dims else n for d, n in enumerate(first.labels)), first.position)
+    tensor_inputs = [(tokens_of(a), _val(a)) for a in node.all_input_nodes if isinstance(_val(a), torch.Tensor)]
+    if _is_pointwise(target) or target in (aten.where.self,):
+        known = [(t, v) for t, v in tensor_inputs if t is not None]
+        return _broadcast(out_value, known) if known else None
+    return _same_shape_input(node, out_value)
+
+
+def token_inputs(graph_module: torch.fx.GraphModule, user_inputs: Sequence[torch.fx.Node],
+                 token_dims: tuple) -> dict[torch.fx.Node, Tokens]:
+    """The user inputs that carry tokens: the first with >= 2 dims has (batch, seq) leading, and so does
+    every other input whose leading sizes are the same expressions (an attention mask, position ids)."""
+    out: dict[torch.fx.Node, Tokens] = {}
+    for node in user_inputs:
+        value = _val(node)
+        if not isinstance(value, torch.Tensor) or value.dim() < 2:
+            continue
+        leading = tuple(s.node.expr if isinstance(s, torch.SymInt) else int(s) for s in value.shape[:2])
+        if not out or (leading == tuple(token_dims) and any(not isinstance(s, int) for s in leading)):
+            out[node] = Tokens(("B", "T") + (None,) * (value.dim() - 2))
+    return out
+
+
+def token_provenance(graph_module: torch.fx.GraphModule, user_inputs: Sequence[torch.fx.Node],
+                     token_dims: tuple) -> PassResult:
+    """Annotate every node with its Tokens (node.meta["sparsify_tokens"]). Analysis only."""
+    sources = token_inputs(graph_module, user_inputs, token_dims)
+    first = next(iter(sources), None)
+    hints = _hints(_val(first)) if first is not None else (None, None)
+    token_sizes = {"B": hints[0], "T": hints[1]}
+    for node in graph_module.graph.nodes:
+        if node.op == "placeholder":
+            node.meta[META_KEY] = sources.get(node)
+        elif node.op == "call_function":
+            try:
+                node.meta[META_KEY] = _transfer(node, token_sizes)
+            except (IndexError, TypeError, AttributeError, ValueError, KeyError):
+                # an op whose arguments this pass reads differently: it knows nothing, sizes decide later
+                node.meta[META_KEY] = None
+            tokens = node.meta[META_KEY]
+            value = _val(node)
+            if isinstance(tokens, Tokens) and isinstance(value, torch.Tensor) and len(tokens.labels) != value.dim():
+                node.meta[META_KEY] = None  # a rule that got the rank wrong is not trusted
+        else:
+            node.meta[META_KEY] = None
+    return PassResult(graph_module, False)
+
