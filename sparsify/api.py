@@ -11,8 +11,9 @@ import torch.utils._pytree as pytree
 
 from sparsify import checkpoint
 from sparsify.capture import bind_call, capture, primary_tensor
-from sparsify.errors import SparsifyError, VerificationError
+from sparsify.errors import CaptureError, SparsifyError, VerificationError
 from sparsify.frontends import huggingface as hf
+from sparsify.frontends import token_ids
 from sparsify.passes.verify import VerifyReport, compare_graphs
 from sparsify.plan import INIT_MODES, RoutingPlan, build_plan
 from sparsify.routed_model import RoutedModel
@@ -23,9 +24,13 @@ def _example_inputs(model: nn.Module, example_inputs, example_kwargs) -> dict[st
     if example_inputs is None and example_kwargs is None:
         if hf.is_hf_model(model):
             return hf.example_inputs(model)
+        guessed = token_ids.example_inputs(model)
+        if guessed is not None:
+            return guessed
         raise SparsifyError(
-            f"{type(model).__name__} is not a Hugging Face PreTrainedModel, so sparsify cannot make example "
-            "inputs for it: pass example_inputs=(tokens,) (and example_kwargs={...}) as you would call the model."
+               f"sparsify cannot make example inputs for {type(model).__name__}: it is not a Hugging Face "
+               "PreTrainedModel and shows no vocabulary (no config.vocab_size, no nn.Embedding) for token ids. "
+               "Pass example_inputs=(tokens,) (and example_kwargs={...}) as you would call the model."
         )
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -44,8 +49,8 @@ def reinit_module(root: nn.Module, owner_fqn: str) -> None:
         module.reset_parameters()
     else:
         raise SparsifyError(
-            f"init='independent' cannot re-initialise module '{owner_fqn}' ({type(module).__name__}): it has no "
-            "reset_parameters() and the model no _init_weights(). Use init='copy', or add reset_parameters()."
+               f"init='independent' cannot re-initialise module '{owner_fqn}' ({type(module).__name__}): it has no "
+               "reset_parameters() and the model no _init_weights(). Use init='copy', or add reset_parameters()."
         )
 
 
@@ -110,12 +115,20 @@ def convert(
         raise SparsifyError("this model is already routed (a RoutedModel); convert the dense model instead")
     dense = model if inplace else copy.deepcopy(model)
     inputs = _example_inputs(dense, example_inputs, example_kwargs)
-    captured = capture(dense, inputs)
+    guessed_token_ids = example_inputs is None and example_kwargs is None and not hf.is_hf_model(dense)
+    try:
+        captured = capture(dense, inputs)
+    except CaptureError as e:
+        if guessed_token_ids:
+            e.add_note(token_ids.guess_note(dense, next(iter(inputs))))
+        raise
+    if guessed_token_ids:
+        token_ids.check_guess(dense, captured, next(iter(inputs)))
     plan = build_plan(captured, dense, modalities, policy=policy, include=include, exclude=exclude, init=init)
     if not plan.params:
         raise SparsifyError(
-            f"policy={policy!r} selected no parameters to route in {type(model).__name__}; the parameters and "
-            "why they stay shared:\n" + "\n".join(f"  {p.fqn}: {p.reason}" for p in plan.shared)
+               f"policy={policy!r} selected no parameters to route in {type(model).__name__}; the parameters and "
+               "why they stay shared:\n" + "\n".join(f"  {p.fqn}: {p.reason}" for p in plan.shared)
             + "\nUse include=<regex> to pick parameters, or policy='all'."
         )
     _stack_parameters(dense, plan, init)
@@ -220,7 +233,7 @@ def verify(model: nn.Module, routed: RoutedModel, example_inputs=None, seed: int
         expected = tuple(routed.get_parameter(fqn).shape[1:])
         if tuple(param.shape) != expected:
             raise SparsifyError(f"dense parameter {fqn!r} has shape {tuple(param.shape)}, the routed model's "
-                                f"copies have {expected}: is it the model that was converted?")
+                                   f"copies have {expected}: is it the model that was converted?")
         dense_params[fqn] = param
     shared = {n: p for n, p in model.named_parameters(remove_duplicate=False) if n not in dense_params}
     return _verify(routed, inputs, {**shared, **dense_params}, seed)

@@ -14,6 +14,7 @@ A model without repeated blocks (a bare mixer or layer) counts as one block.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -185,6 +186,22 @@ def _compile(pattern, what):
         raise SparsifyError(f"{what}={pattern!r} is not a valid regular expression: {e}") from None
 
 
+def _closest_fqns(pattern: str, fqns: list[str], count: int = 5) -> list[str]:
+    """The parameter FQNs most like a regex that matched none (its metacharacters dropped)."""
+    text = re.sub(r"\\.|[\^$*+?()\[\]{}|]", lambda m: m.group(0)[1:] if len(m.group(0)) == 2 else "", pattern)
+    score = {f: difflib.SequenceMatcher(None, text, f).find_longest_match().size for f in fqns}
+    return sorted(fqns, key=lambda f: (-score[f], len(f), f))[:count]
+
+
+def _check_matches(pattern, compiled, what: str, fqns: list[str]) -> None:
+    """PEFT users' most common complaint is a target that silently matched nothing: here it is an error."""
+    if compiled is not None and not any(compiled.search(f) for f in fqns):
+        raise SparsifyError(
+            f"{what}={pattern!r} matches no parameter (re.search on parameter FQNs). Closest FQNs: "
+            + ", ".join(_closest_fqns(pattern, fqns)) + ". List them all with [n for n, _ in model.named_parameters()]."
+        )
+
+
 def build_plan(
     captured: CapturedGraph,
     module: torch.nn.Module,
@@ -208,6 +225,8 @@ def build_plan(
     for fqn, param in module.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(param), []).append(fqn)
     canonical = {fqn: names[0] for names in names_of.values() for fqn in names}
+    _check_matches(include, include_re, "include", list(canonical))
+    _check_matches(exclude, exclude_re, "exclude", list(canonical))
 
     placeholders = [n for n in captured.graph_module.graph.nodes if n.op == "placeholder"]
     param_nodes = {n: canonical.get(t, t) for n, (kind, t) in zip(placeholders, captured.placeholders)

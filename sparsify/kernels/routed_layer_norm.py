@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from sparsify.kernels import INTERPRET
+from sparsify.errors import SparsifyError
 
 
 @triton.jit
@@ -88,9 +89,10 @@ def _num_warps(block_d: int) -> int:
 def _rows(x: torch.Tensor, modality_ids: torch.Tensor, stacked: torch.Tensor, op: str):
     d = x.shape[-1]
     if tuple(modality_ids.shape) != tuple(x.shape[:-1]):
-        raise ValueError(f"{op}: modality_ids must have shape {tuple(x.shape[:-1])}, got {tuple(modality_ids.shape)}")
+        raise SparsifyError(f"{op}: modality_ids must have shape {tuple(x.shape[:-1])}, "
+                            f"got {tuple(modality_ids.shape)}")
     if stacked.dim() != 2 or stacked.shape[1] != d:
-        raise ValueError(f"{op}: weight/bias must be [M, {d}], got {tuple(stacked.shape)}")
+        raise SparsifyError(f"{op}: weight/bias must be [M, {d}], got {tuple(stacked.shape)}")
     return x.reshape(-1, d).contiguous(), modality_ids.reshape(-1).contiguous()
 
 

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from sparsify.kernels import INTERPRET, configs
+from sparsify.errors import SparsifyError
 
 _MATMUL_CONFIGS = configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -193,15 +194,16 @@ def _empty_k(out, grouping, bias):
 
 def check_inputs(x: torch.Tensor, modality_ids: torch.Tensor, weight: torch.Tensor, bias) -> None:
     if weight.dim() != 3 or x.shape[-1] != weight.shape[2]:
-        raise ValueError(f"routed_linear: weight must be [M, out, in] with in = x.shape[-1] = {x.shape[-1]}, "
-                         f"got {tuple(weight.shape)}")
+        raise SparsifyError(f"routed_linear: weight must be [M, out, in] with in = x.shape[-1] = {x.shape[-1]}, "
+                            f"got {tuple(weight.shape)}")
     if tuple(modality_ids.shape) != tuple(x.shape[:-1]):
-        raise ValueError(f"routed_linear: modality_ids must have shape {tuple(x.shape[:-1])} (x without its "
-                         f"last dim), got {tuple(modality_ids.shape)}")
+        raise SparsifyError(f"routed_linear: modality_ids must have shape {tuple(x.shape[:-1])} (x without its "
+                            f"last dim), got {tuple(modality_ids.shape)}")
     if bias is not None and tuple(bias.shape) != tuple(weight.shape[:2]):
-        raise ValueError(f"routed_linear: bias must be [M, out] = {tuple(weight.shape[:2])}, got {tuple(bias.shape)}")
+        raise SparsifyError(f"routed_linear: bias must be [M, out] = {tuple(weight.shape[:2])}, "
+                            f"got {tuple(bias.shape)}")
     if len({x.device, weight.device, modality_ids.device}) != 1:
-        raise ValueError("routed_linear: x, modality_ids and weight must be on one device")
+        raise SparsifyError("routed_linear: x, modality_ids and weight must be on one device")
 
 
 def routed_linear_forward(x, modality_ids, weight, bias):

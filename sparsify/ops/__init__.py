@@ -20,6 +20,7 @@ from sparsify.ops import selective_scan as _selective_scan_op  # noqa: F401
 from sparsify.ops import ssd_scan as _ssd_scan_op  # noqa: F401
 from sparsify.ops.backend import BACKENDS
 from sparsify.ops.modality_ids import check_modality_ids
+from sparsify.errors import SparsifyError
 
 __all__ = ["BACKENDS", "check_modality_ids", "routed_conv1d", "routed_gather", "routed_layer_norm", "routed_linear",
            "routed_rms_norm"]
@@ -38,7 +39,7 @@ def routed_layer_norm(x, modality_ids, weight, bias, eps=1e-5, *, backend="auto"
     """Layer norm over the last dim with weight [M, D] and bias [M, D] (either may be None)."""
     stacked = weight if weight is not None else bias
     if stacked is None:
-        raise ValueError("routed_layer_norm needs a stacked weight or bias; use F.layer_norm when neither is routed")
+        raise SparsifyError("routed_layer_norm needs a stacked weight or bias; use F.layer_norm when neither is routed")
     return torch.ops.sparsify.routed_layer_norm(x, _ids(modality_ids, x, stacked.shape[0]), weight, bias, eps,
                                                 backend)
 
@@ -57,6 +58,6 @@ def routed_gather(weight, modality_ids):
 def routed_conv1d(x, modality_ids, weight, bias=None, *, backend="auto"):
     """Depthwise causal conv1d, x [B, C, T], ids [B, T], weight [M, C, K]: position t uses modality(t)'s kernel."""
     if x.dim() != 3:
-        raise ValueError(f"routed_conv1d: x must be [B, C, T], got {tuple(x.shape)}")
+        raise SparsifyError(f"routed_conv1d: x must be [B, C, T], got {tuple(x.shape)}")
     ids = check_modality_ids(modality_ids, (x.shape[0], x.shape[2]), weight.shape[0])
     return torch.ops.sparsify.routed_conv1d(x, ids, weight, bias, backend)

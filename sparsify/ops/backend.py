@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+from sparsify.errors import SparsifyError
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -14,11 +15,11 @@ def use_triton(backend: str, device) -> bool:
     """'auto': Triton on CUDA when triton is installed, the torch reference elsewhere. 'triton' forces the
     kernels (on CPU they then need TRITON_INTERPRET=1, set before triton is imported)."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        raise SparsifyError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "torch":
         return False
     if backend == "triton":
         if not triton_available():
-            raise ValueError("backend='triton' needs the triton package: pip install triton")
+            raise SparsifyError("backend='triton' needs the triton package: pip install triton")
         return True
     return getattr(device, "type", device) == "cuda" and triton_available()

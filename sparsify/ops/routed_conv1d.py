@@ -16,17 +16,18 @@ from torch import Tensor
 from sparsify.ops._grouping import accumulation_dtype
 from sparsify.ops.modality_ids import check_id_range
 from sparsify.ops.backend import use_triton
+from sparsify.errors import SparsifyError
 
 
 def _check(x: Tensor, modality_ids: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
     if x.dim() != 3 or weight.dim() != 3 or weight.shape[1] != x.shape[1]:
-        raise ValueError(f"routed_conv1d: x must be [B, C, T] and weight [M, C, K], got {tuple(x.shape)} and "
-                         f"{tuple(weight.shape)}")
+        raise SparsifyError(f"routed_conv1d: x must be [B, C, T] and weight [M, C, K], got {tuple(x.shape)} and "
+                            f"{tuple(weight.shape)}")
     if tuple(modality_ids.shape) != (x.shape[0], x.shape[2]):
-        raise ValueError(f"routed_conv1d: modality_ids must be [B, T] = {(x.shape[0], x.shape[2])}, "
-                         f"got {tuple(modality_ids.shape)}")
+        raise SparsifyError(f"routed_conv1d: modality_ids must be [B, T] = {(x.shape[0], x.shape[2])}, "
+                            f"got {tuple(modality_ids.shape)}")
     if bias is not None and tuple(bias.shape) != tuple(weight.shape[:2]):
-        raise ValueError(f"routed_conv1d: bias must be [M, C] = {tuple(weight.shape[:2])}, got {tuple(bias.shape)}")
+        raise SparsifyError(f"routed_conv1d: bias must be [M, C] = {tuple(weight.shape[:2])}, got {tuple(bias.shape)}")
 
 
 def _windows(x: Tensor, kernel_size: int) -> Tensor:

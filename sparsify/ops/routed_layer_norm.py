@@ -12,6 +12,7 @@ from torch import Tensor
 
 from sparsify.ops._grouping import accumulation_dtype, rows_by_modality
 from sparsify.ops.backend import use_triton
+from sparsify.errors import SparsifyError
 
 
 def routed_layer_norm_ref(
@@ -69,7 +70,8 @@ def routed_layer_norm(
     backend: str = "auto",
 ) -> Tensor:
     if weight is None and bias is None:
-        raise ValueError("routed_layer_norm needs a stacked weight or bias; use F.layer_norm when neither is routed.")
+        raise SparsifyError("routed_layer_norm needs a stacked weight or bias; "
+                            "use F.layer_norm when neither is routed.")
     if use_triton(backend, x.device):
         from sparsify.kernels.routed_layer_norm import norm_forward
 

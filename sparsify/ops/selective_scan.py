@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparsify.ops._recompute import save_optional_tensors, vjp_by_recompute
+from sparsify.errors import SparsifyError
 
 # mamba_ssm's own CUDA selective scan, set by sparsify.frontends.mamba_ssm when the extension exists.
 cuda_selective_scan = None
@@ -36,7 +37,7 @@ def _per_channel(x: Tensor, channels: int) -> Tensor:
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False):
     if A.is_complex():
-        raise ValueError("selective_scan: complex A is not supported by sparsify's reference")
+        raise SparsifyError("selective_scan: complex A is not supported by sparsify's reference")
     dtype = u.dtype
     u, delta = u.float(), delta.float()
     if delta_bias is not None:
