@@ -6,7 +6,7 @@ import torch
 
 import sparsify
 from tests.conftest import tiny_gpt2, tiny_llama
-from tests.toy_models import DataDependent, ToyLM
+from tests.toy_models import DataDependent, SeqFirst, ToyLM
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +69,51 @@ def test_untraceable_model():
         sparsify.convert(DataDependent(), 2, example_inputs=(torch.randn(2, 5, 6),))
 
 
-def test_plain_module_needs_example_inputs():
-    with pytest.raises(sparsify.SparsifyError, match="pass example_inputs"):
-        sparsify.convert(ToyLM(), 2)
+def test_plain_module_without_a_vocabulary_needs_example_inputs():
+    with pytest.raises(sparsify.SparsifyError, match="shows no vocabulary.*Pass example_inputs"):
+        sparsify.convert(SeqFirst(), 2)
+
+
+def test_a_module_with_an_embedding_converts_from_token_ids_alone():
+    model = ToyLM().eval()
+    routed = sparsify.convert(model, 2)  # example token ids in [0, 50) from its nn.Embedding
+    tokens = torch.randint(0, 50, (3, 4))
+    torch.testing.assert_close(routed(tokens, modality_ids=torch.ones(3, 4, dtype=torch.long)), model(tokens))
+
+
+class FeaturesWithPositionTable(torch.nn.Module):
+    """Has an nn.Embedding, but its first input is float features, not token ids."""
+
+    def __init__(self):
+        super().__init__()
+        self.positions = torch.nn.Embedding(64, 6)
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(6, 6)])
+
+    def forward(self, x):
+        return self.layers[0](x.float().unsqueeze(-1).expand(-1, -1, 6) + self.positions.weight[: x.shape[1]])
+
+
+def test_a_wrong_token_ids_guess_is_withdrawn_with_a_clear_error():
+    with pytest.raises(sparsify.SparsifyError, match="(?s)does not look the first input up in an embedding.*"
+                                                     "pass example_inputs"):
+        sparsify.convert(FeaturesWithPositionTable(), 2)
+
+
+@pytest.mark.parametrize("option,pattern,closest", [("include", r"\.upp\.", "layers.0.up.weight"),
+                                                     ("exclude", "rmsnorm", "layers.0.rms.weight")])
+def test_include_or_exclude_matching_nothing_names_the_closest_fqns(option, pattern, closest):
+    with pytest.raises(sparsify.SparsifyError, match=f"{option}=.* matches no parameter.*{closest}"):
+        sparsify.convert(ToyLM(), 2, **{option: pattern})
+
+
+def test_every_modality_id_error_is_a_sparsify_error(toy_routed):
+    _, routed = toy_routed
+    for ids in (torch.full((2, 7), 3), torch.zeros(2, 6, dtype=torch.long), torch.zeros(2, 7), [[0] * 7] * 2):
+        with pytest.raises(sparsify.SparsifyError):
+            routed(torch.randint(0, 50, (2, 7)), modality_ids=ids)
+    with pytest.raises(sparsify.SparsifyError, match="modality_ids has shape"):  # the functional API too
+        sparsify.ops.routed_linear(torch.randn(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), torch.randn(2, 5, 4),
+                                   None, backend="triton")
 
 
 def test_converting_a_routed_model(toy_routed):

@@ -1,0 +1,97 @@
+"""Token provenance on toy graphs: the labels each op gives its output, whatever the sizes."""
+import torch
+import torch.nn as nn
+
+import sparsify
+from sparsify.capture import capture
+from sparsify.passes.token_axes import TokenAxes, axes_from_tokens, find_token_axes
+from sparsify.passes.token_provenance import Tokens, token_provenance, tokens_of
+from tests import toy_models
+from tests.test_sound_shapes import OneChunkPad
+
+aten = torch.ops.aten
+
+
+def annotated(model, x):
+    captured = capture(model, {next(iter(__import__("inspect").signature(model.forward).parameters)): x})
+    token_provenance(captured.graph_module, captured.user_input_nodes(), captured.token_dims)
+    return captured
+
+
+def nodes(captured, target):
+    return [n for n in captured.graph_module.graph.nodes if n.target == target]
+
+
+def labels(node):
+    return tokens_of(node).labels
+
+
+def test_flattened_batch_major_and_channels_first():
+    captured = annotated(toy_models.ToyLM(), torch.randint(0, 50, (2, 5)))
+    addmm = nodes(captured, aten.addmm.default)[0]
+    assert labels(addmm.args[1]) == ("BT", None)                      # h.view(-1, d): [B*T, d]
+    left = nodes(captured, aten.matmul.default)[0]
+    assert labels(left.args[1]) == ("B", None, "T")                   # flat.transpose(1, 2): [B, d, T]
+    assert labels(left) == ("B", None, "T")
+
+
+def test_flattened_seq_major():
+    captured = annotated(toy_models.SeqFirstFlattened(), torch.randn(3, 5, 6))
+    addmm = nodes(captured, aten.addmm.default)[0]
+    assert labels(addmm.args[1]) == ("TB", None)
+    assert axes_from_tokens(tokens_of(addmm.args[1]), captured.token_dims, (15, 6)) == \
+        TokenAxes((0,), seq_major=True)
+
+
+def test_select_in_a_loop_over_time_names_the_position():
+    captured = annotated(toy_models.StepwiseRecurrent(), torch.randn(2, 4, 6))
+    norms = nodes(captured, aten.layer_norm.default)
+    assert [tokens_of(n.args[0]).position for n in norms] == [0, 1, 2, 3]
+    assert labels(norms[2].args[0]) == ("B", None)
+    recurrent = [n for n in nodes(captured, aten.linear.default) if "rec" in str(n.meta["nn_module_stack"])]
+    assert all(tokens_of(n.args[0]).position in (0, -1) for n in recurrent)  # a state mixes positions
+
+
+def test_padding_chunks_and_back():
+    captured = annotated(OneChunkPad(), torch.randn(2, 13, 4))               # padded to 16: two chunks
+    pad = nodes(captured, aten.pad.default) or nodes(captured, aten.constant_pad_nd.default)
+    assert labels(pad[0]) == ("B", "T+", None)
+    chunked = next(u for u in pad[0].users if u.target == aten.view.default)
+    assert labels(chunked) == ("B", "T+:chunk", "T+:within", None)
+    cut = nodes(captured, aten.slice.Tensor)[-1]
+    assert labels(cut.args[0]) == ("B", "T+", None) and labels(cut) == ("B", "T", None)
+
+
+class LoopWithSeqEqualToWidth(nn.Module):
+    """A Python loop over time (export specialises the length) at a length equal to the width."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(d, d)])
+
+    def forward(self, x):
+        h = self.layers[0](x)
+        return torch.stack([h[:, t] * (t + 1) for t in range(x.shape[1])], 1)
+
+
+def test_sizes_are_ambiguous_where_provenance_is_not():
+    model = LoopWithSeqEqualToWidth()
+    x = torch.randn(6, 6, 6)                                          # batch == seq == width
+    captured = annotated(model, x)
+    linear = nodes(captured, aten.linear.default)[0]
+    shape = tuple(captured.graph_module.graph.find_nodes(op="placeholder")[-1].meta["val"].shape)
+    assert "ambiguously" in find_token_axes((6, 6, 6), (6, 6))
+    assert axes_from_tokens(tokens_of(linear.args[0]), captured.token_dims, shape) == TokenAxes((0, 1))
+    routed = sparsify.convert(model, 3, example_inputs=(x,))
+    ids = torch.randint(0, 3, (6, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(routed(x, modality_ids=ids), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_scores_are_not_per_token():
+    captured = annotated(toy_models.AttentionThenExperts(), torch.randint(0, 50, (2, 5)))
+    softmax = next(n for n in captured.graph_module.graph.nodes if n.target == aten.softmax.int)
+    scores = tokens_of(softmax)
+    assert scores.labels == ("B", "T", "T")
+    assert "more than once" in axes_from_tokens(scores, captured.token_dims, (2, 5, 5))
+    assert "recurrent state" in axes_from_tokens(Tokens(("B", None)), captured.token_dims, (2, 8))
