@@ -52,13 +52,18 @@ def test_llama_called_at_its_hidden_size_and_head_count():
         check_equal_to_dense(dense, routed, batch, seq, use_cache=False)
 
 
-@pytest.fixture(scope="module")
-def bamba():
+def tiny_bamba(chunk: int):
+    """A Mamba2 layer (chunked SSD scan) then an attention layer."""
     torch.manual_seed(0)
-    dense = T.BambaForCausalLM(T.BambaConfig(
+    return T.BambaForCausalLM(T.BambaConfig(
         vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=64, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8,
-        mamba_chunk_size=4, attn_layer_indices=[1])).eval()
+        mamba_chunk_size=chunk, attn_layer_indices=[1])).eval()
+
+
+@pytest.fixture(scope="module")
+def bamba():
+    dense = tiny_bamba(chunk=4)
     return dense, sparsify.convert(dense, modalities=3)
 
 
@@ -73,11 +78,7 @@ def test_chunked_scan_hybrid_at_every_length(bamba):
 
 
 def test_the_reported_case_batch_2_seq_16_then_batch_3_seq_24():
-    torch.manual_seed(0)
-    dense = T.BambaForCausalLM(T.BambaConfig(
-        vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8,
-        mamba_chunk_size=16, attn_layer_indices=[1])).eval()
+    dense = tiny_bamba(chunk=16)
     routed = sparsify.convert(dense, modalities=3)
     for batch, seq in [(2, 16), (3, 24)]:
         check_equal_to_dense(dense, routed, batch, seq, use_cache=False)
