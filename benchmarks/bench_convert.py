@@ -1,10 +1,12 @@
-"""Peak memory of `sparsify convert` on a generated >= 1 GB checkpoint, as a ratio to its size.
+"""Peak memory and wall time of `sparsify convert` on a generated >= 1 GB checkpoint, as ratios.
 
 Writes a random-weight Llama checkpoint (Hugging Face directory, fp32) without ever
 holding the model in memory, converts it with `--no-verify` in a child process and
 reads the child's peak RSS (resource.getrusage). Also measures a child that only
 imports sparsify and transformers, the fixed cost of the interpreter and libraries.
-Target: peak RSS / checkpoint size <= 0.5.
+The wall time is compared with copying the bytes the conversion wrote (`shutil.copyfile`
+of every output file, same run): the floor for any converter that writes them.
+Targets: peak RSS / checkpoint size <= 0.5; convert time / copy time <= 2.
 Usage: python benchmarks/bench_convert.py [--layers 20] [--workdir DIR]
 """
 import argparse
@@ -63,16 +65,24 @@ def main():
     workdir = Path(tempfile.mkdtemp(dir=args.workdir, prefix="bench-convert-"))
     try:
         size = write_dense_checkpoint(workdir / "dense", args.layers)
-        baseline, _ = child_peak_rss([sys.executable, "-c", "import sparsify, transformers"])
+        baseline, import_seconds = child_peak_rss([sys.executable, "-c", "import sparsify, transformers"])
         peak, seconds = child_peak_rss([sys.executable, "-m", "sparsify.cli", "convert", str(workdir / "dense"),
                                         "-o", str(workdir / "routed"), "--modalities", str(args.modalities),
                                         "--no-verify", "--quiet"])
         written = sum(p.stat().st_size for p in (workdir / "routed").iterdir())
+        (workdir / "copy").mkdir()
+        start = time.perf_counter()
+        for path in (workdir / "routed").iterdir():
+            shutil.copyfile(path, workdir / "copy" / path.name)
+        copy_seconds = time.perf_counter() - start
         print(f"dense checkpoint {size / 2**30:.2f} GiB fp32 -> routed {written / 2**30:.2f} GiB "
               f"({args.modalities} modalities) in {seconds:.1f} s")
         print(f"peak RSS of the convert process  {peak / 2**20:8.0f} MiB   {peak / size:.2f}x checkpoint size "
               f"(target <= 0.50)")
         print(f"  of which importing sparsify+transformers alone {baseline / 2**20:.0f} MiB")
+        print(f"wall time {seconds:.1f} s vs copying the {written / 2**30:.2f} GiB it wrote {copy_seconds:.1f} s: "
+              f"{seconds / copy_seconds:.2f}x (target <= 2); without the {import_seconds:.1f} s of starting Python "
+              f"and importing: {(seconds - import_seconds) / copy_seconds:.2f}x")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -160,9 +160,9 @@ def cases(draw):
     d = max(d, 2)
     calls = draw(st.lists(st.tuples(st.sampled_from([1, 2, 3, d]), st.integers(1, 3 * CHUNK + 1)),
                           min_size=1, max_size=2))
+    pattern = draw(st.sampled_from(["one", "alternating", "rare", "random"]))
     return dict(pieces=pieces, d=d, capture=(batch, seq), calls=[(batch, d)] + calls,
-                modalities=draw(st.integers(1, 8)), pattern=draw(st.sampled_from(["one", "alternating", "rare", "random"])),
-                seed=draw(st.integers(0, 2**16)))
+                modalities=draw(st.integers(1, 8)), pattern=pattern, seed=draw(st.integers(0, 2**16)))
 
 
 def relative_error(got, want) -> float:

@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsify.kernels import INTERPRET
 from sparsify.errors import SparsifyError
+from sparsify.kernels import INTERPRET
 
 
 @triton.jit

@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsify.kernels import INTERPRET, configs
 from sparsify.errors import SparsifyError
+from sparsify.kernels import INTERPRET, configs
 
 _MATMUL_CONFIGS = configs(
     [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from sparsify.errors import SparsifyError
 from sparsify.ops import routed_conv1d as _conv1d_op  # noqa: F401  (registers the ops)
 from sparsify.ops import routed_gather as _gather_op  # noqa: F401
 from sparsify.ops import routed_layer_norm as _layer_norm_op  # noqa: F401
@@ -20,7 +21,6 @@ from sparsify.ops import selective_scan as _selective_scan_op  # noqa: F401
 from sparsify.ops import ssd_scan as _ssd_scan_op  # noqa: F401
 from sparsify.ops.backend import BACKENDS
 from sparsify.ops.modality_ids import check_modality_ids
-from sparsify.errors import SparsifyError
 
 __all__ = ["BACKENDS", "check_modality_ids", "routed_conv1d", "routed_gather", "routed_layer_norm", "routed_linear",
            "routed_rms_norm"]
@@ -39,7 +39,8 @@ def routed_layer_norm(x, modality_ids, weight, bias, eps=1e-5, *, backend="auto"
     """Layer norm over the last dim with weight [M, D] and bias [M, D] (either may be None)."""
     stacked = weight if weight is not None else bias
     if stacked is None:
-        raise SparsifyError("routed_layer_norm needs a stacked weight or bias; use F.layer_norm when neither is routed")
+        raise SparsifyError("routed_layer_norm needs a stacked weight or bias; "
+                            "use F.layer_norm when neither is routed")
     return torch.ops.sparsify.routed_layer_norm(x, _ids(modality_ids, x, stacked.shape[0]), weight, bias, eps,
                                                 backend)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+
 from sparsify.errors import SparsifyError
 
 BACKENDS = ("auto", "torch", "triton")

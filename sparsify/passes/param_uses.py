@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 import torch.fx
 
+from sparsify.errors import describe_node
 from sparsify.passes.token_axes import TokenAxes, axes_from_tokens, find_token_axes, shape_env_of, size_exprs
 from sparsify.passes.token_provenance import Tokens, token_provenance, tokens_of
 
@@ -277,7 +278,27 @@ def _use_token_axes(use: ParamUse, token_dims: tuple) -> TokenAxes | str:
         if not isinstance(axes, str) or not single_token:
             return axes
     # Provenance lost the tokens (an op it does not know) or there is one token (any unit dim holds it).
-    return find_token_axes(size_exprs(tensor), token_dims, shape_env_of(tensor))
+    axes = find_token_axes(size_exprs(tensor), token_dims, shape_env_of(tensor))
+    lost = _where_tokens_were_lost(_token_source(use))
+    if isinstance(axes, str) and lost is not None:
+        axes = (f"token provenance stops at {describe_node(lost)} (no rule for {lost.target}); by sizes: {axes}. "
+                "Please report the op; meanwhile exclude=<regex> keeps this parameter shared")
+    return axes
+
+
+def _where_tokens_were_lost(node: torch.fx.Node, max_nodes: int = 200) -> torch.fx.Node | None:
+    """The nearest upstream op whose output has no token labels although one of its inputs has."""
+    seen, frontier = set(), [node]
+    while frontier and len(seen) < max_nodes:
+        current = frontier.pop(0)
+        if current in seen or not isinstance(current, torch.fx.Node):
+            continue
+        seen.add(current)
+        inputs = current.all_input_nodes
+        if any((tokens_of(i) or Tokens(())).any for i in inputs) and not (tokens_of(current) or Tokens(())).any:
+            return current
+        frontier.extend(inputs)
+    return None
 
 
 def _scalar_elementwise(node: torch.fx.Node, value: torch.fx.Node) -> bool:

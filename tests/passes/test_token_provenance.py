@@ -95,3 +95,25 @@ def test_attention_scores_are_not_per_token():
     assert scores.labels == ("B", "T", "T")
     assert "more than once" in axes_from_tokens(scores, captured.token_dims, (2, 5, 5))
     assert "recurrent state" in axes_from_tokens(Tokens(("B", None)), captured.token_dims, (2, 8))
+
+
+class UnknownOpThenLoop(nn.Module):
+    """An op provenance has no rule for (repeat, changing the shape), then a loop that specialises the
+    length to 4, the width after the repeat: sizes alone are ambiguous."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(4, 4)])
+
+    def forward(self, x):
+        h = self.layers[0](x.repeat(1, 1, 2))
+        return torch.stack([h[:, t] for t in range(x.shape[1])], 1)
+
+
+def test_where_provenance_stops_the_reason_names_the_op():
+    from sparsify.plan import build_plan
+
+    model, x = UnknownOpThenLoop(), torch.randn(2, 4, 2)
+    plan = build_plan(capture(model, {"x": x}), model, 3, policy="all")
+    reason = next(p.reason for p in plan.shared if p.fqn == "layers.0.weight")
+    assert "token provenance stops at node 'repeat'" in reason and "ambiguously" in reason, reason
