@@ -85,6 +85,8 @@ class CapturedGraph:
     input_shapes: list[tuple[SizeExpr, ...] | None]
     ranges: dict[sympy.Symbol, tuple[int, float]] = field(default_factory=dict)
     size_conditions: "SizeConditions" = field(default_factory=lambda: SizeConditions())
+    # The ExportedProgram whose graph_module this is (its signature, module call graph and ranges).
+    exported: Any = field(default=None, repr=False)
     _verdicts: dict = field(default_factory=dict, repr=False)
 
     def user_input_nodes(self) -> list[torch.fx.Node]:
@@ -275,6 +277,7 @@ def _from_exported(exported: torch.export.ExportedProgram, token: torch.Tensor) 
                      if isinstance(size, sympy.Expr) for sym in size.free_symbols}
     return CapturedGraph(
         size_conditions=SizeConditions.of(graph_module, input_symbols),
+        exported=exported,
         graph_module=graph_module,
         placeholders=placeholders,
         input_spec=exported.call_spec.in_spec,

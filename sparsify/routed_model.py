@@ -10,6 +10,7 @@ parameters, the way torch.compile recompiles.
 from __future__ import annotations
 
 import copy
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
+from sparsify import module_tree
 from sparsify.capture import CapturedGraph, bind_call, capture, primary_tensor
 from sparsify.errors import SparsifyError
 from sparsify.ops import check_modality_ids
@@ -31,6 +33,10 @@ from sparsify.plan import RoutingPlan
 class GraphEntry:
     routed: CapturedGraph              # graph_module routed; last placeholder is modality_ids
     dense_graph_module: torch.fx.GraphModule  # the same capture before routing, for verify
+    # The routed graph split per module (module_tree.py): {module FQN ("" = root): forward code}. None
+    # where the split is not possible; the flat graph then runs and `tree_problem` says why.
+    module_forwards: dict | None = None
+    tree_problem: str | None = None
 
 
 class RoutedModel(nn.Module):
@@ -85,8 +91,14 @@ class RoutedModel(nn.Module):
                                  check_range=self.check_id_range).to(token.device)
         entry, flat = self.graph_for(inputs)
         graph = entry.routed
-        outputs = graph.graph_module(*self.graph_args(graph, flat), ids)
-        return self.unpack_outputs(graph, outputs)
+        if entry.module_forwards is None:
+            outputs = graph.graph_module(*self.graph_args(graph, flat), ids)
+            return self.unpack_outputs(graph, outputs)
+        # Kept after the call: activation checkpointing re-runs blocks during backward.
+        self.__dict__["_running"] = entry
+        user_inputs = [flat[target] for kind, target in graph.placeholders if kind == "input"]
+        outputs = entry.module_forwards[""](self, *user_inputs, ids)
+        return pytree.tree_unflatten(list(outputs), graph.output_spec)
 
     def graph_args(self, graph: CapturedGraph, flat_inputs: list, params: dict | None = None) -> list:
         """Placeholder values in order; `params` overrides parameters by FQN (verify uses it)."""
@@ -151,9 +163,20 @@ class RoutedModel(nn.Module):
                 owner._parameters[name] = stacked
 
     def _capture(self, inputs: dict[str, Any]) -> GraphEntry:
+        sharded = [name for name, p in self.named_parameters() if type(p).__name__ == "DTensor"]
+        if sharded:
+            raise SparsifyError(
+                f"this call needs a new graph (a new shape class, mode, dtype or input structure), but parameters "
+                f"are sharded (e.g. {sharded[0]}: FSDP2), and torch.export cannot capture sharded parameters. Run "
+                "one forward per mode and shape class you train with before fully_shard (routed.train(); "
+                "routed(batch, modality_ids=ids)); graphs are captured once and cached.")
         self._dense.training = self.training  # children share the flag already; the root does not
-        with self.dense_view():
-            captured = capture(self._dense, inputs)
+        self.__dict__["_capturing"] = True  # modules run their dense forwards while export traces them
+        try:
+            with self.dense_view():
+                captured = capture(self._dense, inputs)
+        finally:
+            self.__dict__["_capturing"] = False
         return self.route_captured(captured)
 
     def route_captured(self, captured: CapturedGraph) -> GraphEntry:
@@ -171,7 +194,29 @@ class RoutedModel(nn.Module):
             return lower(graph_module, backend=self.backend, device=device)
 
         captured.graph_module = run_passes(captured.graph_module, [route_pass, lower_pass])
-        return GraphEntry(routed=captured, dense_graph_module=dense_graph_module)
+        entry = GraphEntry(routed=captured, dense_graph_module=dense_graph_module)
+        self._split_into_modules(entry)
+        return entry
+
+    def _split_into_modules(self, entry: GraphEntry) -> None:
+        """Give the routed graph the dense module tree (module_tree.py), or say why not and run it flat."""
+        tag = str(sum(len(v) for v in self._graphs.values()) + id(entry) % 10007)
+        try:
+            program = module_tree.routed_program(entry.routed, self._tensor)
+            entry.module_forwards = module_tree.module_forwards(program, self, tag)
+        except Exception as e:  # unflatten refuses some programs; the flat graph is still exact
+            entry.tree_problem = f"{type(e).__name__}: {e}"
+            warnings.warn(f"sparsify: this routed graph runs as one flat graph, not per module (hooks on "
+                          f"submodules, FSDP2 per block and per-block checkpointing need the split): "
+                          f"{entry.tree_problem}", stacklevel=3)
+            return
+        module_tree.install(self, entry.module_forwards)
+
+    def _tensor(self, fqn: str) -> torch.Tensor:
+        try:
+            return self.get_parameter(fqn)
+        except AttributeError:
+            return self.get_buffer(fqn)
 
     def seed_graph(self, inputs: dict[str, Any], captured: CapturedGraph) -> None:
         """Cache a graph captured outside (convert captures once for planning and routing)."""

@@ -122,9 +122,19 @@ class _Rewriter:
         self.modality_ids = modality_ids
         self.modalities = modalities
         self._id_layouts: dict[tuple, torch.fx.Node] = {}
+        # Module stack for the nodes this pass creates: the rewritten node's (so splitting the graph per
+        # module, as torch.export.unflatten does, keeps them with their module); the root's for the id
+        # layouts every module shares.
+        stacks = (n.meta.get("nn_module_stack") for n in graph.nodes)
+        first = next((stack for stack in stacks if stack), {})
+        self.root_stack = dict(list(first.items())[:1])
+        self.stack = self.root_stack
 
     def call(self, target, *args) -> torch.fx.Node:
-        return self.graph.call_function(target, args)
+        node = self.graph.call_function(target, args)
+        if self.stack:
+            node.meta["nn_module_stack"] = dict(self.stack)
+        return node
 
     def ids_with_tokens_in_order(self, axes: TokenAxes) -> tuple[torch.fx.Node, tuple[int, ...]]:
         """modality_ids laid out as the tensor's token dims in increasing dim order, and those dims."""
@@ -143,7 +153,9 @@ class _Rewriter:
             make = (lambda: self.modality_ids) if key[1] else \
                 (lambda: self.call(aten.transpose.int, self.modality_ids, 0, 1))
         if key not in self._id_layouts:
+            stack, self.stack = self.stack, self.root_stack
             self._id_layouts[key] = make()
+            self.stack = stack
         return self._id_layouts[key], tuple(sorted(axes.dims))
 
     def ids_for(self, axes: TokenAxes, lead: int, tensor: torch.fx.Node | None) -> torch.fx.Node:
@@ -165,6 +177,7 @@ class _Rewriter:
         return self.call(aten.expand.default, front, [self.modalities] + [-1] * _rank(value))
 
     def rewrite(self, node: torch.fx.Node, uses: list[ParamUse], stacked: set) -> None:
+        self.stack = node.meta.get("nn_module_stack") or self.root_stack
         use = uses[0]
         args = list(node.args)
         with self.graph.inserting_before(node):

@@ -1,0 +1,172 @@
+"""Run a routed graph as the dense model's module tree: each module runs its own routed subgraph.
+
+    routed flat graph  =>  ExportedProgram (modality_ids a user input)  =>  torch.export.unflatten
+                       =>  each unflattened module's graph, as code bound to the *dense* module of that FQN
+
+The routed model keeps the dense model's modules (its parameters under the dense
+FQNs). Each module that the captured forward calls gets an instance `forward` that
+runs its routed subgraph for the graph the current call uses, so `module(...)`
+fires its hooks, and FSDP2's per-module unsharding, activation checkpointing
+wrappers and forward hooks see the module run. The subgraphs read parameters as
+`self.<name>` at call time, which is what FSDP2 swaps during a forward. A module
+gets its inputs as unflatten gives them: the values flowing into its subgraph,
+modality_ids among them where it needs it (hooks see those, not the dense signature).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+from typing import Any, Callable
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.utils._pytree as pytree
+from torch.export.exported_program import ExportedProgram, ModuleCallEntry, ModuleCallSignature
+from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
+
+from sparsify.errors import SparsifyError
+from sparsify.passes.param_uses import PARAM_UNARY_OPS, PARAM_VIEW_OPS
+
+MODALITY_IDS = "modality_ids"
+LIFTED_OPS = PARAM_VIEW_OPS | PARAM_UNARY_OPS
+
+
+def routed_program(captured, parameters: Callable[[str], torch.Tensor]) -> ExportedProgram:
+    """The routed graph of `captured` (routed in place) as an ExportedProgram taking modality_ids last.
+
+    Routing added nodes without example values and changed the parameters' shapes: those get fake values
+    (the capture's fake mode, so sizes stay symbolic), then the signature and the root's call signature
+    gain the modality_ids input.
+    """
+    exported, graph_module = captured.exported, captured.graph_module
+    placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+    kinds = list(captured.placeholders) + [("modality_ids", None)]
+    token_val = next(n.meta["val"] for n, (kind, _) in zip(placeholders, kinds)
+                     if kind == "input" and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() >= 2)
+    fake_mode = token_val.fake_mode
+    recomputed: set[torch.fx.Node] = set()
+    with fake_mode:
+        for node, (kind, target) in zip(placeholders, kinds):
+            if kind == "parameter" and tuple(parameters(target).shape) != tuple(node.meta["val"].shape):
+                node.meta["val"] = fake_mode.from_tensor(parameters(target), static_shapes=True)
+                recomputed.add(node)
+            elif kind == "modality_ids":
+                node.meta["val"] = torch.empty(token_val.shape[:2], dtype=torch.long, device=token_val.device)
+                recomputed.add(node)
+        # Only what routing made or changed: nodes it added, and the views it lifted onto stacked
+        # parameters. Every other value keeps export's example value (its shape did not change).
+        for node in graph_module.graph.nodes:
+            if node.op != "call_function":
+                continue
+            lifted = node.target in LIFTED_OPS and node.args and node.args[0] in recomputed
+            if "val" not in node.meta or lifted:
+                args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta["val"])
+                node.meta["val"] = node.target(*args, **kwargs)
+                recomputed.add(node)
+    signature = exported.graph_signature
+    ids_spec = InputSpec(kind=InputKind.USER_INPUT, arg=TensorArgument(name=placeholders[-1].name), target=None)
+    # Routing replaced nodes the signature names (an output that was a dense linear): name today's.
+    returned = list(graph_module.graph.output_node().args[0])
+    renamed = {spec.arg.name: node.name for spec, node in zip(signature.output_specs, returned)
+               if isinstance(spec.arg, TensorArgument) and isinstance(node, torch.fx.Node)}
+    output_specs = [dataclasses.replace(spec, arg=TensorArgument(name=renamed[spec.arg.name]))
+                    if isinstance(spec.arg, TensorArgument) else spec for spec in signature.output_specs]
+    graph_signature = ExportGraphSignature(input_specs=list(signature.input_specs) + [ids_spec],
+                                           output_specs=output_specs)
+    call_graph = copy.deepcopy(exported.module_call_graph)
+    root = call_graph[0].signature
+    args, kwargs = pytree.tree_unflatten(list(range(root.in_spec.num_leaves)), root.in_spec)
+    in_spec = pytree.tree_flatten((args, {**kwargs, MODALITY_IDS: -1}))[1]
+    call_graph[0] = ModuleCallEntry(fqn="", signature=ModuleCallSignature(
+        inputs=list(root.inputs) + [TensorArgument(name=placeholders[-1].name)],
+        outputs=[TensorArgument(name=renamed.get(a.name, a.name)) if isinstance(a, TensorArgument) else a
+                 for a in root.outputs],
+        in_spec=in_spec, out_spec=root.out_spec,
+        forward_arg_names=list(root.forward_arg_names or []) + [MODALITY_IDS]))
+    state_dict = {}
+    for name in exported.state_dict:
+        state_dict[name] = parameters(name)
+    return ExportedProgram(root=graph_module, graph=graph_module.graph, graph_signature=graph_signature,
+                           state_dict=state_dict, range_constraints=exported.range_constraints,
+                           module_call_graph=call_graph, example_inputs=None, constants=exported.constants,
+                           verifiers=[exported.verifier])
+
+
+def module_forwards(program: ExportedProgram, owner: nn.Module, tag: str) -> dict[str, Callable]:
+    """{module FQN: forward function(module, *inputs)} for every module the routed program calls.
+
+    Each function is the code of that module's unflattened graph, written against `self`, so bound to
+    the dense module of the same FQN in `owner` it reads that module's parameters and calls its
+    children. Graphs export made for regions (autocast, no_grad) are not modules of the dense tree:
+    they are attached to the module under a name unique to this graph (`tag`), outside `_modules`.
+    """
+    unflattened = torch.export.unflatten(program)
+    forwards: dict[str, Callable] = {}
+    for fqn, module in [("", unflattened), *unflattened.named_modules(remove_duplicate=False)]:
+        graph = getattr(module, "graph", None)
+        if fqn and not isinstance(graph, torch.fx.Graph):
+            continue
+        if fqn and "@" in fqn:
+            raise SparsifyError(f"module '{fqn.split('@')[0]}' is called more than once in one forward; sparsify "
+                                "cannot give each call its own subgraph yet")
+        if any(part.startswith("submod_") for part in fqn.split(".")) and not _has(owner, fqn):
+            continue  # a region's graph, reached through its parent's code
+        target = owner.get_submodule(fqn) if fqn else owner
+        graph = copy.deepcopy(graph)
+        for node in graph.nodes:
+            if node.op in ("get_attr", "call_module") and not _has(target, node.target):
+                region = module.get_submodule(node.target) if node.op == "call_module" else \
+                    _get(module, node.target)
+                unique = f"_sparsify_{tag}_{node.target.replace('.', '_')}"
+                target.__dict__[unique] = region  # plain attribute: not a submodule, not in state_dict
+                node.target = unique
+        # Only the generated code is kept: bound to the dense module, its `self.<name>` reads resolve there.
+        forwards[fqn] = type(torch.fx.GraphModule(target, graph)).forward
+    return forwards
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        _get(module, path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _get(module, path: str):
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def routed_forward(module: nn.Module, *args: Any, **kwargs: Any):
+    """The instance `forward` of a dense module inside a routed model: runs the module's routed subgraph
+    for the graph the routed model's current (or last, for activation checkpointing's recomputation)
+    call uses. A method bound to the module, so copies and wrappers of the module keep working."""
+    root, fqn = module.__dict__["_sparsify_root"], module.__dict__["_sparsify_fqn"]
+    if root.__dict__.get("_capturing"):  # capturing a new graph traces the dense forward
+        return type(module).forward(module, *args, **kwargs)
+    entry = root.__dict__.get("_running")
+    if entry is None:
+        raise SparsifyError(f"module '{fqn}' of a routed model runs only inside the routed model's forward "
+                            "(its routed subgraph needs the call's modality_ids): call the routed model")
+    forward = entry.module_forwards.get(fqn)
+    if forward is None:
+        raise SparsifyError(f"module '{fqn}' is not called by the captured forward of the model, so it has no "
+                            "routed subgraph; sparsify runs modules only as the model's forward calls them")
+    return forward(module, *args, **kwargs)
+
+
+def install(routed: nn.Module, fqns) -> None:
+    """Give each module named in `fqns` (once) the forward that runs its routed subgraph. The module keeps a
+    plain reference to the routed root (in its __dict__: not a submodule), which deepcopy follows."""
+    for fqn in fqns:
+        if not fqn:
+            continue
+        module = routed.get_submodule(fqn)
+        if module.__dict__.get("_sparsify_root") is not routed:
+            module.__dict__["_sparsify_root"] = routed
+            module.__dict__["_sparsify_fqn"] = fqn
+            module.forward = types.MethodType(routed_forward, module)

@@ -1,0 +1,138 @@
+"""The routed model runs as the dense model's module tree: hooks, FSDP2 per block, DDP, checkpointing.
+
+Distributed tests run 2 CPU processes with gloo; each compares its sharded or replicated training step
+with a single-process step of the same model on the whole batch (fp32, rel <= 1e-5).
+"""
+import copy
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import sparsify
+from tests.conftest import tiny_llama
+
+TOLERANCE = 1e-5
+
+
+def tiny_mamba():
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    return MambaForCausalLM(MambaConfig(num_hidden_layers=2, hidden_size=16, state_size=4, vocab_size=101,
+                                        intermediate_size=32, use_mambapy=False)).eval()
+
+
+FAMILIES = {"llama": (tiny_llama, "model.layers"), "mamba": (tiny_mamba, "backbone.layers")}
+
+
+def lm_loss(model, tokens, ids):
+    logits = model(tokens, modality_ids=ids).logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+def batch(batch_size=4, seq=9):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 101, (batch_size, seq), generator=g), torch.randint(0, 3, (batch_size, seq), generator=g)
+
+
+def relative(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def _train_step(rank, world, init_file, family, wrapping):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        from torch.distributed.fsdp import fully_shard
+        from torch.nn.parallel import DistributedDataParallel
+
+        factory, blocks = FAMILIES[family]
+        routed = sparsify.convert(factory(), modalities=3).train()
+        tokens, ids = batch()
+        reference = copy.deepcopy(routed)
+        reference_loss = lm_loss(reference, tokens, ids)
+        reference_loss.backward()
+        mine = slice(rank * 2, rank * 2 + 2)
+        with torch.no_grad():  # capture the training graph before sharding (export cannot capture DTensors)
+            routed(tokens[mine], modality_ids=ids[mine])
+        if wrapping == "fsdp":
+            for block in routed.get_submodule(blocks):
+                fully_shard(block)
+            model = fully_shard(routed)
+        else:
+            model = DistributedDataParallel(routed)
+        loss = lm_loss(model, tokens[mine], ids[mine])
+        loss.backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        assert relative(mean_loss / world, reference_loss.detach()) <= TOLERANCE
+        reference_params = dict(reference.named_parameters())
+        for name, param in routed.named_parameters():
+            grad = param.grad.full_tensor() if hasattr(param.grad, "full_tensor") else param.grad
+            assert relative(grad, reference_params[name].grad) <= TOLERANCE, name
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("wrapping", ["fsdp", "ddp"])
+def test_two_process_step_equals_one_process_step(family, wrapping):
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_train_step, args=(2, f"{tmp}/init", family, wrapping), nprocs=2, join=True)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    dense = tiny_llama()
+    return dense, sparsify.convert(dense, modalities=3)
+
+
+def test_block_hooks_fire_once_with_the_block_output(llama):
+    dense, routed = llama
+    tokens, ids = batch()
+    seen, dense_seen = [], []
+    handle = routed.model.layers[1].register_forward_hook(lambda module, args, out: seen.append(out))
+    dense_handle = dense.model.layers[1].register_forward_hook(lambda module, args, out: dense_seen.append(out))
+    try:
+        with torch.no_grad():
+            routed(tokens, modality_ids=torch.zeros_like(ids))
+            dense(tokens, use_cache=False)
+    finally:
+        handle.remove()
+        dense_handle.remove()
+    assert len(seen) == 1 and len(dense_seen) == 1
+    dense_out = dense_seen[0][0] if isinstance(dense_seen[0], tuple) else dense_seen[0]
+    assert relative(seen[0], dense_out) <= TOLERANCE
+    assert [type(m).__name__ for m in routed.model.layers] == ["LlamaDecoderLayer"] * 2  # the dense classes
+
+
+def test_activation_checkpointing_gives_the_same_gradients(llama):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (apply_activation_checkpointing,
+                                                                             checkpoint_wrapper)
+
+    _, routed = llama
+    tokens, ids = batch()
+    plain = copy.deepcopy(routed).train()
+    checked = copy.deepcopy(routed).train()
+    apply_activation_checkpointing(checked, checkpoint_wrapper_fn=checkpoint_wrapper,
+                                   check_fn=lambda m: m in set(checked.model.layers))
+    assert "checkpoint_wrapped" in type(checked.model.layers[0]).__name__.lower() or \
+        hasattr(checked.model.layers[0], "_checkpoint_wrapped_module")
+    for model in (plain, checked):
+        lm_loss(model, tokens, ids).backward()
+    checked_params = dict(checked.named_parameters())
+    for name, param in plain.named_parameters():
+        other = checked_params.get(name) or checked_params[name.replace("layers.0.", "layers.0._checkpoint_wrapped_module.")
+                                                           .replace("layers.1.", "layers.1._checkpoint_wrapped_module.")]
+        assert relative(other.grad, param.grad) <= TOLERANCE, name
+
+
+def test_a_module_outside_a_routed_call_says_why(llama):
+    _, routed = llama
+    with pytest.raises(sparsify.SparsifyError, match="runs only inside the routed model's forward"):
+        fresh = copy.deepcopy(routed)
+        fresh.__dict__.pop("_running", None)
+        fresh.model.layers[0](torch.randn(2, 9, 32))
