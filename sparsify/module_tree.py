@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import types
+from contextlib import contextmanager
 from typing import Any, Callable
 
 import torch
@@ -113,7 +114,7 @@ def module_forwards(program: ExportedProgram, owner: nn.Module, tag: str) -> dic
                                 "cannot give each call its own subgraph yet")
         if any(part.startswith("submod_") for part in fqn.split(".")) and not _has(owner, fqn):
             continue  # a region's graph, reached through its parent's code
-        target = owner.get_submodule(fqn) if fqn else owner
+        target = dense_module(owner, fqn)
         graph = copy.deepcopy(graph)
         for node in graph.nodes:
             if node.op in ("get_attr", "call_module") and not _has(target, node.target):
@@ -125,6 +126,36 @@ def module_forwards(program: ExportedProgram, owner: nn.Module, tag: str) -> dic
         # Only the generated code is kept: bound to the dense module, its `self.<name>` reads resolve there.
         forwards[fqn] = type(torch.fx.GraphModule(target, graph)).forward
     return forwards
+
+
+# Wrappers that PyTorch's tools put around a module (activation checkpointing's CheckpointWrapper) keep
+# the wrapped module under this attribute; the routed subgraph belongs to the wrapped module.
+WRAPPED = "_checkpoint_wrapped_module"
+
+
+def dense_module(root: nn.Module, fqn: str) -> nn.Module:
+    """The module of the dense tree at `fqn`, looking through wrappers added since conversion."""
+    module = root.get_submodule(fqn) if fqn else root
+    while isinstance(getattr(module, WRAPPED, None), nn.Module):
+        module = getattr(module, WRAPPED)
+    return module
+
+
+@contextmanager
+def without_wrappers(root: nn.Module):
+    """While capturing, the dense tree as it was converted: wrappers replaced by what they wrap, so the
+    captured graph has the dense FQNs (those the plan names) and each module its own subgraph."""
+    swapped = []
+    for parent in list(root.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is not None and isinstance(getattr(child, WRAPPED, None), nn.Module):
+                parent._modules[name] = dense_module(child, "")
+                swapped.append((parent, name, child))
+    try:
+        yield
+    finally:
+        for parent, name, child in reversed(swapped):
+            parent._modules[name] = child
 
 
 def _has(module: nn.Module, path: str) -> bool:
@@ -165,7 +196,7 @@ def install(routed: nn.Module, fqns) -> None:
     for fqn in fqns:
         if not fqn:
             continue
-        module = routed.get_submodule(fqn)
+        module = dense_module(routed, fqn)
         if module.__dict__.get("_sparsify_root") is not routed:
             module.__dict__["_sparsify_root"] = routed
             module.__dict__["_sparsify_fqn"] = fqn

@@ -173,7 +173,7 @@ class RoutedModel(nn.Module):
         self._dense.training = self.training  # children share the flag already; the root does not
         self.__dict__["_capturing"] = True  # modules run their dense forwards while export traces them
         try:
-            with self.dense_view():
+            with self.dense_view(), module_tree.without_wrappers(self):
                 captured = capture(self._dense, inputs)
         finally:
             self.__dict__["_capturing"] = False
