@@ -1,7 +1,7 @@
 """sparsify: compile dense transformer and Mamba models into modality-routed ones."""
 from sparsify import ops
 from sparsify.frontends import mamba_ssm as _mamba_ssm_frontend
-from sparsify.api import convert, load, save, verify
+from sparsify.api import consolidate, convert, load, save, verify
 from sparsify.errors import CaptureError, RoutingError, SparsifyError, VerificationError
 from sparsify.passes.verify import VerifyReport
 from sparsify.plan import RoutingPlan
@@ -11,5 +11,5 @@ _mamba_ssm_frontend.install()  # `import mamba_ssm` works without its CUDA exten
 
 __all__ = [
     "CaptureError", "RoutedModel", "RoutingError", "RoutingPlan", "SparsifyError", "VerificationError",
-    "VerifyReport", "convert", "load", "ops", "save", "verify",
+    "VerifyReport", "consolidate", "convert", "load", "ops", "save", "verify",
 ]

@@ -257,6 +257,32 @@ def save(routed: RoutedModel, path, *, overwrite: bool = False,
     return path
 
 
+def consolidate(checkpoint_dir, routed: RoutedModel, path, *, key: str | None = "model",
+                overwrite: bool = False) -> Path:
+    """Turn a torch.distributed.checkpoint (DCP) directory of a sharded routed model into a `sparsify.save`
+    directory that `sparsify.load` reads.
+
+    `routed` is a routed model of the same plan (from `convert` or `load`, unsharded, any values): the
+    checkpoint's tensors are loaded into it (they replace its values) and it is saved. `key` names the
+    entry the model's state dict was saved under (`dcp.save({"model": get_model_state_dict(model)}, ...)`);
+    None for a state dict saved at the top level. Runs in one process, without a process group.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    if not isinstance(routed, RoutedModel):
+        raise SparsifyError(f"consolidate() takes a RoutedModel as the template, got {type(routed).__name__}")
+    tensors = {name: tensor.detach().clone() for name, tensor in routed.state_dict().items()}
+    state = {key: tensors} if key is not None else tensors
+    try:
+        dcp.load(state, checkpoint_id=str(checkpoint_dir), no_dist=True)
+    except Exception as e:  # DCP raises several types for a missing or mismatching entry
+        raise SparsifyError(f"cannot read {checkpoint_dir} as a distributed checkpoint of this routed model "
+                            f"(key={key!r}): {type(e).__name__}: {str(e).strip()[:500]}") from None
+    with torch.no_grad():
+        routed.load_state_dict(tensors)
+    return save(routed, path, overwrite=overwrite)
+
+
 def load(path, model: nn.Module | Callable[[], nn.Module] | None = None) -> RoutedModel:
     """Rebuild a routed model saved by `save` or `sparsify convert`, in eval mode. Hugging Face models need
     no `model`; others pass the dense module (it is copied, not modified) or a factory that builds it."""

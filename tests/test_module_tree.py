@@ -43,10 +43,39 @@ def relative(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
+def _shard(routed, blocks):
+    from torch.distributed.fsdp import fully_shard
+
+    for block in routed.get_submodule(blocks):
+        fully_shard(block)
+    return fully_shard(routed)
+
+
+def _checkpoint_round_trip(model, family, blocks, directory):
+    """DCP save of the sharded model, load into another sharded one (exact), consolidation on rank 0."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=f"{directory}/dcp")
+    factory, _ = FAMILIES[family]
+    other = _shard(sparsify.convert(factory(), modalities=3).train(), blocks)
+    state = {"model": get_model_state_dict(other)}
+    dcp.load(state, checkpoint_id=f"{directory}/dcp")
+    set_model_state_dict(other, state["model"])
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    mine, theirs = get_model_state_dict(model, options=full), get_model_state_dict(other, options=full)
+    if dist.get_rank() == 0:
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+        template = sparsify.convert(factory(), modalities=3)
+        sparsify.consolidate(f"{directory}/dcp", template, f"{directory}/consolidated")
+        loaded = sparsify.load(f"{directory}/consolidated").state_dict()
+        assert loaded.keys() == mine.keys() and all(torch.equal(loaded[k], mine[k]) for k in mine)
+    dist.barrier()
+
+
 def _train_step(rank, world, init_file, family, wrapping):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        from torch.distributed.fsdp import fully_shard
         from torch.nn.parallel import DistributedDataParallel
 
         factory, blocks = FAMILIES[family]
@@ -61,9 +90,7 @@ def _train_step(rank, world, init_file, family, wrapping):
         with torch.no_grad():  # capture the training graph before sharding (export cannot capture DTensors)
             routed(tokens[mine], modality_ids=ids[mine])
         if wrapping == "fsdp":
-            for block in routed.get_submodule(blocks):
-                fully_shard(block)
-            model = fully_shard(routed)
+            model = _shard(routed, blocks)
         else:
             model = DistributedDataParallel(routed)
         loss = lm_loss(model, tokens[mine], ids[mine])
@@ -75,6 +102,8 @@ def _train_step(rank, world, init_file, family, wrapping):
         for name, param in routed.named_parameters():
             grad = param.grad.full_tensor() if hasattr(param.grad, "full_tensor") else param.grad
             assert relative(grad, reference_params[name].grad) <= TOLERANCE, name
+        if wrapping == "fsdp":
+            _checkpoint_round_trip(model, family, blocks, init_file.rsplit("/", 1)[0])
     finally:
         dist.destroy_process_group()
 
