@@ -153,8 +153,11 @@ class _Rewriter:
             make = (lambda: self.modality_ids) if key[1] else \
                 (lambda: self.call(aten.transpose.int, self.modality_ids, 0, 1))
         if key not in self._id_layouts:
+            # Made once, at the graph's start in the root's scope: a module's nodes must stay contiguous
+            # for the per-module split, and every module reads these.
             stack, self.stack = self.stack, self.root_stack
-            self._id_layouts[key] = make()
+            with self.graph.inserting_after(self.modality_ids):
+                self._id_layouts[key] = make()
             self.stack = stack
         return self._id_layouts[key], tuple(sorted(axes.dims))
 
