@@ -122,6 +122,7 @@ class _Rewriter:
         self.modality_ids = modality_ids
         self.modalities = modalities
         self._id_layouts: dict[tuple, torch.fx.Node] = {}
+        self.layout_point = modality_ids.next  # the first node after the placeholders
         # Module stack for the nodes this pass creates: the rewritten node's (so splitting the graph per
         # module, as torch.export.unflatten does, keeps them with their module); the root's for the id
         # layouts every module shares.
@@ -156,7 +157,7 @@ class _Rewriter:
             # Made once, at the graph's start in the root's scope: a module's nodes must stay contiguous
             # for the per-module split, and every module reads these.
             stack, self.stack = self.stack, self.root_stack
-            with self.graph.inserting_after(self.modality_ids):
+            with self.graph.inserting_before(self.layout_point):
                 self._id_layouts[key] = make()
             self.stack = stack
         return self._id_layouts[key], tuple(sorted(axes.dims))
