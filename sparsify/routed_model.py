@@ -87,8 +87,11 @@ class RoutedModel(nn.Module):
             )
         inputs = self.bind_inputs(args, kwargs)
         token = primary_tensor(inputs)
+        # The range check syncs with the host: off the compiled path (torch.compile would break the graph
+        # there); a compiled training loop checks its ids where it makes them.
+        check_range = self.check_id_range and not torch.compiler.is_compiling()
         ids = check_modality_ids(modality_ids, token.shape[:2], self.plan.modalities,
-                                 check_range=self.check_id_range).to(token.device)
+                                 check_range=check_range).to(token.device)
         entry, flat = self.graph_for(inputs)
         graph = entry.routed
         if entry.module_forwards is None:

@@ -165,3 +165,26 @@ def test_a_module_outside_a_routed_call_says_why(llama):
         fresh = copy.deepcopy(routed)
         fresh.__dict__.pop("_running", None)
         fresh.model.layers[0](torch.randn(2, 9, 32))
+
+
+def test_torch_compile_of_the_model_and_of_a_block_without_graph_breaks(llama):
+    _, routed = llama
+    tokens, ids = batch()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(routed)(tokens, modality_ids=ids)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    compiled = torch.compile(routed)
+    for shape in [(4, 9), (3, 5)]:
+        t, i = torch.randint(0, 101, shape), torch.randint(0, 3, shape)
+        with torch.no_grad():
+            assert relative(compiled(t, modality_ids=i).logits, routed(t, modality_ids=i).logits) <= TOLERANCE
+    block_inputs = []
+    handle = routed.model.layers[0].register_forward_pre_hook(lambda m, args: block_inputs.append(args))
+    try:
+        with torch.no_grad():
+            routed(tokens, modality_ids=ids)
+    finally:
+        handle.remove()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(routed.model.layers[0])(*block_inputs[0])
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
