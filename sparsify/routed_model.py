@@ -39,6 +39,10 @@ class GraphEntry:
     tree_problem: str | None = None
 
 
+def _is_sharded(param) -> bool:
+    return type(param).__name__ == "DTensor"  # by name: torch.distributed may be absent from the build
+
+
 class RoutedModel(nn.Module):
     def __init__(self, dense: nn.Module, plan: RoutingPlan, call_defaults: dict[str, Any] | None = None):
         super().__init__()
@@ -103,6 +107,20 @@ class RoutedModel(nn.Module):
         outputs = entry.module_forwards[""](self, *user_inputs, ids)
         return pytree.tree_unflatten(list(outputs), graph.output_spec)
 
+    def precapture(self, *args, param_dtype: torch.dtype | None = None, **kwargs) -> None:
+        """Capture and cache the graph a call like this one needs, now: before `fully_shard` (export
+        cannot capture sharded parameters). `param_dtype` is the dtype a FSDP2 MixedPrecisionPolicy will
+        give the parameters in forward (buffers keep theirs, as under FSDP2); the model is left as it was."""
+        saved = [(p, p.data) for p in self.parameters()] if param_dtype is not None else []
+        try:
+            for param, data in saved:
+                param.data = data.to(param_dtype)
+            with torch.no_grad():
+                self(*args, **kwargs)
+        finally:
+            for param, data in saved:
+                param.data = data
+
     def graph_args(self, graph: CapturedGraph, flat_inputs: list, params: dict | None = None) -> list:
         """Placeholder values in order; `params` overrides parameters by FQN (verify uses it)."""
         values = []
@@ -131,7 +149,9 @@ class RoutedModel(nn.Module):
             ("tensor", leaf.dtype, leaf.device, leaf.dim()) if isinstance(leaf, torch.Tensor) else ("value", repr(leaf))
             for leaf in flat
         )
-        params = frozenset((p.dtype, p.device) for p in self.parameters())
+        # Parameters FSDP2 keeps sharded (DTensors) are left out: they run as the unsharded parameters
+        # the root shows, in the compute dtype of a MixedPrecisionPolicy.
+        params = frozenset((p.dtype, p.device) for p in self.parameters() if not _is_sharded(p))
         return (self.training, self.backend, str(spec), leaves, params)
 
     def graph_for(self, inputs: dict[str, Any]) -> tuple[GraphEntry, list]:
@@ -166,7 +186,7 @@ class RoutedModel(nn.Module):
                 owner._parameters[name] = stacked
 
     def _capture(self, inputs: dict[str, Any]) -> GraphEntry:
-        sharded = [name for name, p in self.named_parameters() if type(p).__name__ == "DTensor"]
+        sharded = [name for name, p in self.named_parameters() if _is_sharded(p)]
         if sharded:
             raise SparsifyError(
                 f"this call needs a new graph (a new shape class, mode, dtype or input structure), but parameters "

@@ -115,6 +115,44 @@ def test_two_process_step_equals_one_process_step(family, wrapping):
         mp.spawn(_train_step, args=(2, f"{tmp}/init", family, wrapping), nprocs=2, join=True)
 
 
+def _mixed_precision_step(rank, world, init_file):
+    """FSDP2 with MixedPrecisionPolicy(bf16 parameters, fp32 gradient reduction) vs one process with bf16
+    parameters: bf16 tolerances (loss rel <= 1e-2, gradients rel <= 2e-2; bf16 eps is 7.8e-3)."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        routed = sparsify.convert(tiny_llama(), modalities=3).train()
+        tokens, ids = batch()
+        reference = copy.deepcopy(routed)
+        for param in reference.parameters():
+            param.data = param.data.to(torch.bfloat16)
+        reference_loss = lm_loss(reference, tokens, ids)
+        reference_loss.backward()
+        mine = slice(rank * 2, rank * 2 + 2)
+        routed.precapture(tokens[mine], modality_ids=ids[mine], param_dtype=torch.bfloat16)
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in routed.model.layers:
+            fully_shard(block, mp_policy=policy)
+        model = fully_shard(routed, mp_policy=policy)
+        loss = lm_loss(model, tokens[mine], ids[mine])
+        loss.backward()
+        mean_loss = loss.detach().float()
+        dist.all_reduce(mean_loss)
+        assert relative(mean_loss / world, reference_loss.detach().float()) <= 1e-2
+        reference_params = dict(reference.named_parameters())
+        for name, param in routed.named_parameters():
+            assert param.grad.dtype == torch.float32 and param.dtype == torch.float32  # fp32 master copies
+            assert relative(param.grad.full_tensor(), reference_params[name].grad.float()) <= 2e-2, name
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_mixed_precision_bf16_parameters_fp32_reduction():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_mixed_precision_step, args=(2, f"{tmp}/init"), nprocs=2, join=True)
+
+
 @pytest.fixture(scope="module")
 def llama():
     dense = tiny_llama()
