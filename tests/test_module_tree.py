@@ -226,3 +226,24 @@ def test_torch_compile_of_the_model_and_of_a_block_without_graph_breaks(llama):
     torch._dynamo.reset()
     explained = torch._dynamo.explain(routed.model.layers[0])(*block_inputs[0])
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
+class WithAnUnusedModule(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.ModuleDict({"used": torch.nn.Linear(4, 4),
+                                                                "unused": torch.nn.Linear(4, 4)})])
+
+    def forward(self, x):
+        return self.layers[0]["used"](x)
+
+
+def test_a_module_the_forward_never_calls_keeps_its_dense_forward():
+    dense = WithAnUnusedModule()
+    routed = sparsify.convert(dense, 2, example_inputs=(torch.randn(2, 5, 4),))
+    x, ids = torch.randn(2, 5, 4), torch.randint(0, 2, (2, 5))
+    routed(x, modality_ids=ids)
+    assert routed.layers[0]["used"].__dict__.get("_sparsify_fqn") == "layers.0.used"   # runs its subgraph
+    unused = routed.layers[0]["unused"]
+    assert "forward" not in unused.__dict__ and "layers.0.unused.weight" not in routed.plan.routed
+    torch.testing.assert_close(unused(x), dense.layers[0]["unused"](x))                # plain and shared
