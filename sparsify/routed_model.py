@@ -2,7 +2,8 @@
 
 It owns the dense model's module tree, with each routed parameter replaced by a
 stacked [M, *S] parameter under the same FQN, and runs captured-and-routed
-graphs that take those parameters as inputs. A graph is valid for one
+graphs, split per module so each dense module runs its own routed subgraph
+(module_tree.py). A graph is valid for one
 train/eval mode, one dtype/device and one input structure, and for the shapes
 export kept dynamic; other calls capture again (cached), binding the same
 parameters, the way torch.compile recompiles.
@@ -190,9 +191,9 @@ class RoutedModel(nn.Module):
         if sharded:
             raise SparsifyError(
                 f"this call needs a new graph (a new shape class, mode, dtype or input structure), but parameters "
-                f"are sharded (e.g. {sharded[0]}: FSDP2), and torch.export cannot capture sharded parameters. Run "
-                "one forward per mode and shape class you train with before fully_shard (routed.train(); "
-                "routed(batch, modality_ids=ids)); graphs are captured once and cached.")
+                f"are sharded (e.g. {sharded[0]}: FSDP2), and torch.export cannot capture sharded parameters. Before "
+                "fully_shard, capture each mode and shape class you train with: routed.train(); "
+                "routed.precapture(batch, modality_ids=ids, param_dtype=<your MixedPrecisionPolicy's or None>).")
         self._dense.training = self.training  # children share the flag already; the root does not
         self.__dict__["_capturing"] = True  # modules run their dense forwards while export traces them
         try:
@@ -223,7 +224,8 @@ class RoutedModel(nn.Module):
 
     def _split_into_modules(self, entry: GraphEntry) -> None:
         """Give the routed graph the dense module tree (module_tree.py), or say why not and run it flat."""
-        tag = str(sum(len(v) for v in self._graphs.values()) + id(entry) % 10007)
+        tag = str(self.__dict__.get("_split_count", 0))  # names region bodies uniquely per graph
+        self.__dict__["_split_count"] = int(tag) + 1
         try:
             program = module_tree.routed_program(entry.routed, self._tensor)
             entry.module_forwards = module_tree.module_forwards(program, self, tag)
