@@ -4,6 +4,7 @@ Distributed tests run 2 CPU processes with gloo; each compares its sharded or re
 with a single-process step of the same model on the whole batch (fp32, rel <= 1e-5).
 """
 import copy
+import gc
 import tempfile
 
 import pytest
@@ -104,6 +105,11 @@ def _train_step(rank, world, init_file, family, wrapping):
             assert relative(grad, reference_params[name].grad) <= TOLERANCE, name
         if wrapping == "fsdp":
             _checkpoint_round_trip(model, family, blocks, init_file.rsplit("/", 1)[0])
+        # DDP's reducer holds the process group: release it (and wait for the peer) before destroying the
+        # group, or its threads can abort the process at exit ("terminate called without an active exception").
+        dist.barrier()
+        del model
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
@@ -144,6 +150,9 @@ def _mixed_precision_step(rank, world, init_file):
         for name, param in routed.named_parameters():
             assert param.grad.dtype == torch.float32 and param.dtype == torch.float32  # fp32 master copies
             assert relative(param.grad.full_tensor(), reference_params[name].grad.float()) <= 2e-2, name
+        dist.barrier()
+        del model
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
