@@ -28,9 +28,9 @@ def _example_inputs(model: nn.Module, example_inputs, example_kwargs) -> dict[st
         if guessed is not None:
             return guessed
         raise SparsifyError(
-               f"sparsify cannot make example inputs for {type(model).__name__}: it is not a Hugging Face "
-               "PreTrainedModel and shows no vocabulary (no config.vocab_size, no nn.Embedding) for token ids. "
-               "Pass example_inputs=(tokens,) (and example_kwargs={...}) as you would call the model."
+            f"sparsify cannot make example inputs for {type(model).__name__}: it is not a Hugging Face "
+            "PreTrainedModel and shows no vocabulary (no config.vocab_size, no nn.Embedding) for token ids. "
+            "Pass example_inputs=(tokens,) (and example_kwargs={...}) as you would call the model."
         )
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -49,8 +49,8 @@ def reinit_module(root: nn.Module, owner_fqn: str) -> None:
         module.reset_parameters()
     else:
         raise SparsifyError(
-               f"init='independent' cannot re-initialise module '{owner_fqn}' ({type(module).__name__}): it has no "
-               "reset_parameters() and the model no _init_weights(). Use init='copy', or add reset_parameters()."
+            f"init='independent' cannot re-initialise module '{owner_fqn}' ({type(module).__name__}): it has no "
+            "reset_parameters() and the model no _init_weights(). Use init='copy', or add reset_parameters()."
         )
 
 
@@ -127,8 +127,8 @@ def convert(
     plan = build_plan(captured, dense, modalities, policy=policy, include=include, exclude=exclude, init=init)
     if not plan.params:
         raise SparsifyError(
-               f"policy={policy!r} selected no parameters to route in {type(model).__name__}; the parameters and "
-               "why they stay shared:\n" + "\n".join(f"  {p.fqn}: {p.reason}" for p in plan.shared)
+            f"policy={policy!r} selected no parameters to route in {type(model).__name__}; the parameters and "
+            "why they stay shared:\n" + "\n".join(f"  {p.fqn}: {p.reason}" for p in plan.shared)
             + "\nUse include=<regex> to pick parameters, or policy='all'."
         )
     _stack_parameters(dense, plan, init)
@@ -233,7 +233,7 @@ def verify(model: nn.Module, routed: RoutedModel, example_inputs=None, seed: int
         expected = tuple(routed.get_parameter(fqn).shape[1:])
         if tuple(param.shape) != expected:
             raise SparsifyError(f"dense parameter {fqn!r} has shape {tuple(param.shape)}, the routed model's "
-                                   f"copies have {expected}: is it the model that was converted?")
+                                f"copies have {expected}: is it the model that was converted?")
         dense_params[fqn] = param
     shared = {n: p for n, p in model.named_parameters(remove_duplicate=False) if n not in dense_params}
     return _verify(routed, inputs, {**shared, **dense_params}, seed)

@@ -26,11 +26,12 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 from torch.export.exported_program import ExportedProgram, ModuleCallEntry, ModuleCallSignature
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
+from torch.export.unflatten import InterpreterModule
 
 from sparsify.errors import SparsifyError
 from sparsify.passes.param_uses import PARAM_UNARY_OPS, PARAM_VIEW_OPS
+from sparsify.passes.route import MODALITY_IDS
 
-MODALITY_IDS = "modality_ids"
 LIFTED_OPS = PARAM_VIEW_OPS | PARAM_UNARY_OPS
 
 
@@ -44,8 +45,8 @@ def routed_program(captured, parameters: Callable[[str], torch.Tensor]) -> Expor
     exported, graph_module = captured.exported, captured.graph_module
     placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
     kinds = list(captured.placeholders) + [("modality_ids", None)]
-    token_val = next(n.meta["val"] for n, (kind, _) in zip(placeholders, kinds)
-                     if kind == "input" and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() >= 2)
+    token_val = next(n.meta["val"] for n in captured.user_input_nodes()
+                     if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() >= 2)
     fake_mode = token_val.fake_mode
     recomputed: set[torch.fx.Node] = set()
     with fake_mode:
@@ -86,9 +87,7 @@ def routed_program(captured, parameters: Callable[[str], torch.Tensor]) -> Expor
                  for a in root.outputs],
         in_spec=in_spec, out_spec=root.out_spec,
         forward_arg_names=list(root.forward_arg_names or []) + [MODALITY_IDS]))
-    state_dict = {}
-    for name in exported.state_dict:
-        state_dict[name] = parameters(name)
+    state_dict = {name: parameters(name) for name in exported.state_dict}
     return ExportedProgram(root=graph_module, graph=graph_module.graph, graph_signature=graph_signature,
                            state_dict=state_dict, range_constraints=exported.range_constraints,
                            module_call_graph=call_graph, example_inputs=None, constants=exported.constants,
@@ -106,16 +105,13 @@ def module_forwards(program: ExportedProgram, owner: nn.Module, tag: str) -> dic
     unflattened = torch.export.unflatten(program)
     forwards: dict[str, Callable] = {}
     for fqn, module in [("", unflattened), *unflattened.named_modules(remove_duplicate=False)]:
-        graph = getattr(module, "graph", None)
-        if fqn and not isinstance(graph, torch.fx.Graph):
-            continue
-        if fqn and "@" in fqn:
+        if fqn and not isinstance(module, InterpreterModule):
+            continue  # a region's graph (autocast, no_grad), reached through its parent's code
+        if "@" in fqn:
             raise SparsifyError(f"module '{fqn.split('@')[0]}' is called more than once in one forward; sparsify "
                                 "cannot give each call its own subgraph yet")
-        if any(part.startswith("submod_") for part in fqn.split(".")) and not _has(owner, fqn):
-            continue  # a region's graph, reached through its parent's code
         target = dense_module(owner, fqn)
-        graph = copy.deepcopy(graph)
+        graph = copy.deepcopy(module.graph)
         for node in graph.nodes:
             if node.op in ("get_attr", "call_module") and not _has(target, node.target):
                 region = module.get_submodule(node.target) if node.op == "call_module" else \

@@ -8,10 +8,8 @@ from typing import Any
 import torch
 
 from sparsify.errors import SparsifyError
+from sparsify.frontends.token_ids import EXAMPLE_SEQ, random_token_ids
 
-# Capture-time batch and sequence sizes: small, distinct, and unlike any feature size,
-# so that dims export specialises cannot be mistaken for one another.
-EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 13
 
 
 def is_hf_model(model) -> bool:
@@ -41,11 +39,7 @@ def example_inputs(model) -> dict[str, Any]:
     if not vocab:
         raise SparsifyError(f"{type(model).__name__}'s config has no vocab_size: pass example_inputs to convert().")
     max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or EXAMPLE_SEQ
-    seq = min(EXAMPLE_SEQ, max_len)
-    generator = torch.Generator().manual_seed(0)
-    device = next(model.parameters()).device
-    input_ids = torch.randint(0, vocab, (EXAMPLE_BATCH, seq), generator=generator).to(device)
-    return {"input_ids": input_ids, **call_defaults(model)}
+    return {"input_ids": random_token_ids(model, vocab, min(EXAMPLE_SEQ, max_len)), **call_defaults(model)}
 
 
 def describe(model) -> dict[str, Any]:

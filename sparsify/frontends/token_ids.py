@@ -13,7 +13,8 @@ import torch.nn as nn
 
 from sparsify.errors import SparsifyError
 
-# Capture-time sizes: small, distinct, and unlike any feature size (as the Hugging Face frontend's).
+# Capture-time batch and sequence sizes (every frontend's): small, distinct, and unlike common feature
+# sizes; provenance does not need that, but it keeps size-matching fallbacks unambiguous.
 EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 13
 # Ops a token-id tensor may pass through on its way into an embedding lookup.
 PASS_THROUGH = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._to_copy.default,
@@ -38,14 +39,18 @@ def first_input_name(model: nn.Module) -> str | None:
     return None
 
 
+def random_token_ids(model: nn.Module, vocab: int, seq: int = EXAMPLE_SEQ) -> torch.Tensor:
+    """Token ids [EXAMPLE_BATCH, seq] in [0, vocab) on the model's device, the same every time."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab, (EXAMPLE_BATCH, seq), generator=generator).to(next(model.parameters()).device)
+
+
 def example_inputs(model: nn.Module) -> dict[str, Any] | None:
     """{first input: random token ids [2, 13]}, or None if the model shows no vocabulary."""
     vocab, name = vocab_size(model), first_input_name(model)
     if vocab is None or name is None:
         return None
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(0)
-    return {name: torch.randint(0, vocab, (EXAMPLE_BATCH, EXAMPLE_SEQ), generator=generator).to(device)}
+    return {name: random_token_ids(model, vocab)}
 
 
 def feeds_an_embedding(token_input: torch.fx.Node, max_depth: int = 4) -> bool:

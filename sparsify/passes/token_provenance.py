@@ -465,8 +465,7 @@ def _transfer(node: torch.fx.Node, token_sizes: dict):
     return _same_shape_input(node, out_value)
 
 
-def token_inputs(graph_module: torch.fx.GraphModule, user_inputs: Sequence[torch.fx.Node],
-                 token_dims: tuple) -> dict[torch.fx.Node, Tokens]:
+def token_inputs(user_inputs: Sequence[torch.fx.Node], token_dims: tuple) -> dict[torch.fx.Node, Tokens]:
     """The user inputs that carry tokens: the first with >= 2 dims has (batch, seq) leading, and so does
     every other input whose leading sizes are the same expressions (an attention mask, position ids)."""
     out: dict[torch.fx.Node, Tokens] = {}
@@ -483,7 +482,7 @@ def token_inputs(graph_module: torch.fx.GraphModule, user_inputs: Sequence[torch
 def token_provenance(graph_module: torch.fx.GraphModule, user_inputs: Sequence[torch.fx.Node],
                      token_dims: tuple) -> PassResult:
     """Annotate every node with its Tokens (node.meta["sparsify_tokens"]). Analysis only."""
-    sources = token_inputs(graph_module, user_inputs, token_dims)
+    sources = token_inputs(user_inputs, token_dims)
     first = next(iter(sources), None)
     hints = _hints(_val(first)) if first is not None else (None, None)
     token_sizes = {"B": hints[0], "T": hints[1]}

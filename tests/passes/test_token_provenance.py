@@ -62,20 +62,8 @@ def test_padding_chunks_and_back():
     assert labels(cut.args[0]) == ("B", "T+", None) and labels(cut) == ("B", "T", None)
 
 
-class LoopWithSeqEqualToWidth(nn.Module):
-    """A Python loop over time (export specialises the length) at a length equal to the width."""
-
-    def __init__(self, d=6):
-        super().__init__()
-        self.layers = nn.ModuleList([nn.Linear(d, d)])
-
-    def forward(self, x):
-        h = self.layers[0](x)
-        return torch.stack([h[:, t] * (t + 1) for t in range(x.shape[1])], 1)
-
-
 def test_sizes_are_ambiguous_where_provenance_is_not():
-    model = LoopWithSeqEqualToWidth()
+    model = toy_models.LoopOverTime(d=6)  # a Python loop over time: export specialises the length
     x = torch.randn(6, 6, 6)                                          # batch == seq == width
     captured = annotated(model, x)
     linear = nodes(captured, aten.linear.default)[0]
