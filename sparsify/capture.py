@@ -20,6 +20,7 @@ import torch.utils._pytree as pytree
 from torch.export import Dim
 from torch.export.graph_signature import InputKind, OutputKind
 
+from sparsify.passes.canonicalize import canonicalize
 from sparsify.errors import CaptureError
 
 SizeExpr = Any  # int for a static dim, sympy.Expr for a dynamic one
@@ -88,6 +89,8 @@ class CapturedGraph:
     # The ExportedProgram whose graph_module this is (its signature, module call graph and ranges).
     exported: Any = field(default=None, repr=False)
     _verdicts: dict = field(default_factory=dict, repr=False)
+    # The parameter-use analysis of this graph (passes/param_uses.py) where the plan made one: route reuses it.
+    param_uses: dict | None = field(default=None, repr=False)
 
     def user_input_nodes(self) -> list[torch.fx.Node]:
         """Placeholders of the model's own inputs, in order."""
@@ -242,7 +245,7 @@ def _inputs_as_named_parameters(module: torch.nn.Module, names: list[str]):
 
 def _from_exported(exported: torch.export.ExportedProgram, token: torch.Tensor) -> CapturedGraph:
     signature = exported.graph_signature
-    graph_module = exported.graph_module
+    graph_module = canonicalize(exported.graph_module).graph_module
     placeholder_nodes = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
     placeholders: list[tuple[str, Any]] = []
     user_index = 0

@@ -16,6 +16,11 @@ class RoutingError(SparsifyError):
     """A parameter selected for routing has a use the route pass cannot rewrite."""
 
 
+class PassCheckError(SparsifyError):
+    """A pass left a graph that does not lint or does not compute the shapes it should (a sparsify bug,
+    reported at the pass with the node and source line)."""
+
+
 class VerificationError(SparsifyError):
     """The routed model does not match the dense one; `.report` holds the comparison."""
 

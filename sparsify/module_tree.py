@@ -29,44 +29,20 @@ from torch.export.graph_signature import ExportGraphSignature, InputKind, InputS
 from torch.export.unflatten import InterpreterModule
 
 from sparsify.errors import SparsifyError
-from sparsify.passes.param_uses import PARAM_UNARY_OPS, PARAM_VIEW_OPS
 from sparsify.passes.route import MODALITY_IDS
-
-LIFTED_OPS = PARAM_VIEW_OPS | PARAM_UNARY_OPS
-
 
 def routed_program(captured, parameters: Callable[[str], torch.Tensor]) -> ExportedProgram:
     """The routed graph of `captured` (routed in place) as an ExportedProgram taking modality_ids last.
 
-    Routing added nodes without example values and changed the parameters' shapes: those get fake values
-    (the capture's fake mode, so sizes stay symbolic), then the signature and the root's call signature
-    gain the modality_ids input.
+    The route pass's self-check left a fake value on every node it created or reshaped (passes/graph_check.py);
+    here the signature and the root's call signature gain the modality_ids input.
     """
     exported, graph_module = captured.exported, captured.graph_module
     placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
-    kinds = list(captured.placeholders) + [("modality_ids", None)]
-    token_val = next(n.meta["val"] for n in captured.user_input_nodes()
-                     if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() >= 2)
-    fake_mode = token_val.fake_mode
-    recomputed: set[torch.fx.Node] = set()
-    with fake_mode:
-        for node, (kind, target) in zip(placeholders, kinds):
-            if kind == "parameter" and tuple(parameters(target).shape) != tuple(node.meta["val"].shape):
-                node.meta["val"] = fake_mode.from_tensor(parameters(target), static_shapes=True)
-                recomputed.add(node)
-            elif kind == "modality_ids":
-                node.meta["val"] = torch.empty(token_val.shape[:2], dtype=torch.long, device=token_val.device)
-                recomputed.add(node)
-        # Only what routing made or changed: nodes it added, and the views it lifted onto stacked
-        # parameters. Every other value keeps export's example value (its shape did not change).
-        for node in graph_module.graph.nodes:
-            if node.op != "call_function":
-                continue
-            lifted = node.target in LIFTED_OPS and node.args and node.args[0] in recomputed
-            if "val" not in node.meta or lifted:
-                args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta["val"])
-                node.meta["val"] = node.target(*args, **kwargs)
-                recomputed.add(node)
+    missing = [n.name for n in graph_module.graph.nodes if n.op in ("placeholder", "call_function")
+               and "val" not in n.meta]
+    if missing:
+        raise SparsifyError(f"internal: routed graph nodes without example values: {missing[:5]}")
     signature = exported.graph_signature
     ids_spec = InputSpec(kind=InputKind.USER_INPUT, arg=TensorArgument(name=placeholders[-1].name), target=None)
     # Routing replaced nodes the signature names (an output that was a dense linear): name today's.

@@ -231,7 +231,10 @@ def build_plan(
     placeholders = [n for n in captured.graph_module.graph.nodes if n.op == "placeholder"]
     param_nodes = {n: canonical.get(t, t) for n, (kind, t) in zip(placeholders, captured.placeholders)
                    if kind == "parameter"}
-    uses = find_param_uses(captured.graph_module, param_nodes, captured.token_dims, captured.user_input_nodes())
+    # Analysed once: route reuses this for the same graph (captured.param_uses).
+    captured.param_uses = find_param_uses(captured.graph_module, list(param_nodes), captured.token_dims,
+                                          captured.user_input_nodes())
+    uses = {param_nodes[node]: node_uses for node, node_uses in captured.param_uses.items()}
     has_blocks = any(_block_of(fqn) for names in names_of.values() for fqn in names)
     attention_blocks = _attention_blocks(captured, has_blocks)
 

@@ -25,8 +25,8 @@ from sparsify.capture import CapturedGraph, bind_call, capture, primary_tensor
 from sparsify.errors import SparsifyError
 from sparsify.ops import check_modality_ids
 from sparsify.passes import run_passes
-from sparsify.passes.lower import lower
-from sparsify.passes.route import route
+from sparsify.passes.lower import LowerPass
+from sparsify.passes.route import RoutePass
 from sparsify.plan import RoutingPlan
 
 
@@ -209,15 +209,12 @@ class RoutedModel(nn.Module):
         param_fqns = {n.name: t for n, (k, t) in zip(placeholders, captured.placeholders) if k == "parameter"}
         user_inputs = [n.name for n in captured.user_input_nodes()]
 
-        def route_pass(graph_module):
-            return route(graph_module, param_fqns=param_fqns, routed=set(self.plan.routed),
-                         modalities=self.plan.modalities, token_dims=captured.token_dims, user_inputs=user_inputs)
-
-        def lower_pass(graph_module):
-            device = next(self.parameters()).device
-            return lower(graph_module, backend=self.backend, device=device)
-
-        captured.graph_module = run_passes(captured.graph_module, [route_pass, lower_pass])
+        device = next(self.parameters()).device
+        passes = [RoutePass(param_fqns=param_fqns, routed=set(self.plan.routed), modalities=self.plan.modalities,
+                            token_dims=captured.token_dims, user_inputs=user_inputs, uses=captured.param_uses),
+                  LowerPass(backend=self.backend, device=device)]
+        captured.graph_module = run_passes(captured.graph_module, passes)
+        captured.param_uses = None  # it described the dense graph
         entry = GraphEntry(routed=captured, dense_graph_module=dense_graph_module)
         self._split_into_modules(entry)
         return entry

@@ -1,26 +1,25 @@
-"""Graph passes. Each is a function GraphModule -> PassResult(graph_module, changed).
+"""Graph passes, in torch.fx's pass style (torch/fx/passes/infra): a pass object takes its configuration
+in the constructor, `requires` checks its precondition, `call` rewrites, `ensures` checks the result;
+calling it runs the three and returns PassResult(graph_module, modified). Analyses are functions.
 
-capture -> plan -> route -> verify; `run_passes` names the failing pass and the
-passes that ran before it, as torch.fx's PassManager does.
+capture (canonicalize) -> plan (norm patterns, token provenance, param uses) -> route -> lower -> verify.
+`run_passes` names the failing pass and the passes that ran before it, as torch.fx's PassManager does,
+and keeps the error's type (a SparsifyError stays one).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch.fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-
-@dataclass
-class PassResult:
-    graph_module: torch.fx.GraphModule
-    changed: bool
+__all__ = ["PassBase", "PassResult", "run_passes"]
 
 
 def run_passes(graph_module: torch.fx.GraphModule, passes: Sequence[Callable[[torch.fx.GraphModule], PassResult]]):
     done: list[str] = []
     for graph_pass in passes:
-        name = getattr(graph_pass, "__name__", repr(graph_pass))
+        name = getattr(graph_pass, "name", None) or getattr(graph_pass, "__name__", type(graph_pass).__name__)
         try:
             graph_module = graph_pass(graph_module).graph_module
         except Exception as e:

@@ -13,7 +13,8 @@ import torch
 import torch.fx
 
 from sparsify.ops.backend import use_triton
-from sparsify.passes import PassResult
+from sparsify.errors import PassCheckError, describe_node
+from sparsify.passes import PassBase, PassResult
 
 ROUTED_OPS = {
     torch.ops.sparsify.routed_linear.default, torch.ops.sparsify.routed_layer_norm.default,
@@ -21,14 +22,31 @@ ROUTED_OPS = {
 }
 
 
-def lower(graph_module: torch.fx.GraphModule, *, backend: str, device) -> PassResult:
-    chosen = "triton" if use_triton(backend, device) else "torch"
-    changed = False
-    for node in graph_module.graph.nodes:
-        if node.op == "call_function" and node.target in ROUTED_OPS and node.kwargs.get("backend") != chosen:
-            node.update_kwarg("backend", chosen)
-            changed = True
-    if changed:
+class LowerPass(PassBase):
+    name = "lower"
+
+    def __init__(self, *, backend: str, device):
+        self.backend, self.device = backend, device
+        self.chosen = "triton" if use_triton(backend, device) else "torch"
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        changed = False
+        for node in graph_module.graph.nodes:
+            if node.op == "call_function" and node.target in ROUTED_OPS and node.kwargs.get("backend") != self.chosen:
+                node.update_kwarg("backend", self.chosen)
+                changed = True
+        if changed:
+            graph_module.recompile()
+        return PassResult(graph_module, changed)
+
+    def ensures(self, graph_module: torch.fx.GraphModule) -> None:
         graph_module.graph.lint()
-        graph_module.recompile()
-    return PassResult(graph_module, changed)
+        unlowered = [describe_node(n) for n in graph_module.graph.nodes
+                     if n.op == "call_function" and n.target in ROUTED_OPS and n.kwargs.get("backend") != self.chosen]
+        if unlowered:
+            raise PassCheckError(f"pass 'lower' left routed ops without the {self.chosen!r} backend: {unlowered[:3]}")
+
+
+def lower(graph_module: torch.fx.GraphModule, *, backend: str, device) -> PassResult:
+    """LowerPass(backend=..., device=...)(graph_module)."""
+    return LowerPass(backend=backend, device=device)(graph_module)

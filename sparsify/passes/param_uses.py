@@ -14,6 +14,7 @@ import torch
 import torch.fx
 
 from sparsify.errors import describe_node
+from sparsify.passes.norm_patterns import find_norms, norm_match
 from sparsify.passes.token_axes import TokenAxes, axes_from_tokens, find_token_axes, shape_env_of, size_exprs
 from sparsify.passes.token_provenance import Tokens, token_provenance, tokens_of
 
@@ -37,8 +38,50 @@ PARAM_UNARY_OPS = {
 METADATA_ASSERTS = {aten._assert_tensor_metadata.default}
 ELEMENTWISE_OPS = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, operator.mul, operator.add}
 MATMUL_OPS = {aten.mm.default, aten.matmul.default}
-# Uses routed by replacing the parameter operand with its per-token copies.
-ELEMENTWISE_KINDS = ("elementwise", "norm_scale", "bias_add")
+
+
+@dataclass(frozen=True)
+class UseKind:
+    """What one kind of parameter use is, where its tokens are, and how route rewrites it: the one table
+    plan, route and the checks read (a kind is never dispatched on its name elsewhere)."""
+
+    name: str
+    role: str                  # linear | norm | conv | elementwise | embedding | unsupported
+    token_operand: int | None  # node.args index of the tensor whose token dims route it; None: the op's output
+    token_layout: str          # rows: tokens in every dim but the last | channels_first: [B, C, T] |
+    #                            columns: w @ x, tokens in every dim but x's -2 | broadcast: elementwise
+    lift: str                  # how the parameter takes the routed form, for the plan summary
+    rewrite: str | None        # the route pass's method for it; None: not routable
+
+    @property
+    def gathered(self) -> bool:
+        """Routed by per-token copies of the parameter (it broadcasts against the tokens), not a stacked op."""
+        return self.lift.startswith("per-token")
+
+
+USE_KINDS = {k.name: k for k in [
+    UseKind("linear_weight", "linear", 0, "rows", "[M, out, in] stacked", "rewrite_linear"),
+    UseKind("linear_bias", "linear", 0, "rows", "[M, out] stacked", "rewrite_linear"),
+    UseKind("addmm_weight", "linear", 1, "rows", "[M, in, out] stacked, transposed to [M, out, in]", "rewrite_addmm"),
+    UseKind("addmm_bias", "linear", 1, "rows", "[M, out] stacked", "rewrite_addmm"),
+    UseKind("matmul_weight_right", "linear", 0, "rows", "[M, in, out] stacked, transposed", "rewrite_matmul_right"),
+    UseKind("matmul_weight_left", "linear", 1, "columns", "[M, out, in] stacked, x transposed", "rewrite_matmul_left"),
+    UseKind("layer_norm_weight", "norm", 0, "rows", "[M, D] stacked", "rewrite_layer_norm"),
+    UseKind("layer_norm_bias", "norm", 0, "rows", "[M, D] stacked", "rewrite_layer_norm"),
+    UseKind("rms_norm_weight", "norm", 0, "rows", "[M, D] stacked", "rewrite_norm_match"),
+    UseKind("norm_pattern_weight", "norm", None, "broadcast", "[M, D] stacked, fused norm", "rewrite_norm_match"),
+    UseKind("norm_pattern_bias", "norm", None, "broadcast", "[M, D] stacked, fused norm", "rewrite_norm_match"),
+    UseKind("norm_like_scale", "norm", None, "broadcast", "per-token copies gathered (norm not fused)",
+            "rewrite_elementwise"),
+    UseKind("bias_add", "linear", None, "broadcast", "per-token copies gathered", "rewrite_elementwise"),
+    UseKind("elementwise", "elementwise", None, "broadcast", "per-token copies gathered", "rewrite_elementwise"),
+    UseKind("conv1d_weight", "conv", 0, "channels_first", "[M, C, K] stacked", "rewrite_conv1d"),
+    UseKind("conv1d_bias", "conv", 0, "channels_first", "[M, C] stacked", "rewrite_conv1d"),
+    UseKind("scan_delta_bias", "linear", 1, "channels_first", "per-token copies added to delta",
+            "rewrite_scan_delta_bias"),
+    UseKind("embedding", "embedding", None, "broadcast", "", None),
+    UseKind("unsupported", "unsupported", None, "broadcast", "", None),
+]}
 
 
 @dataclass
@@ -47,39 +90,49 @@ class ParamUse:
 
     node: torch.fx.Node          # the consuming op
     operand: int                 # index in node.args of the parameter-derived operand
-    kind: str                    # see classify(); "unsupported" and "embedding" are not routable
+    kind: str                    # a key of USE_KINDS
     view_chain: list[torch.fx.Node] = field(default_factory=list)
     token_axes: TokenAxes | None = None
     problem: str | None = None   # why the use cannot be routed
 
     @property
+    def spec(self) -> UseKind:
+        return USE_KINDS[self.kind]
+
+    @property
     def role(self) -> str:
-        if self.kind.startswith(("linear", "addmm", "matmul")) or self.kind in ("bias_add", "scan_delta_bias"):
-            return "linear"
-        if self.kind.startswith("layer_norm") or self.kind == "norm_scale":
-            return "norm"
-        if self.kind.startswith("conv1d"):
-            return "conv"
-        return self.kind
+        return self.spec.role
+
+    @property
+    def norm(self):
+        """The norm layer (norm_patterns.NormMatch) this use belongs to, if a pattern matched one."""
+        return norm_match(self.node)
 
     def describe(self) -> str:
         where = f", {self.token_axes}" if self.token_axes else ""
-        return f"{self.kind} in {self.node.target}{where}"
+        spelling = f" [{self.norm.spelling}]" if self.norm is not None else ""
+        return f"{self.kind} in {self.node.target}{spelling}{where}"
 
 
 def _val(node):
     return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
 
 
-def _reaches_rsqrt(node, depth: int = 4) -> bool:
-    """Whether `node` is computed from an rsqrt within a few ops: the normalised input of an RMSNorm scale."""
+# Ops that compute a root or inverse root of statistics: a parameter multiplied into their result looks
+# like a norm's scale even where no norm pattern matched.
+NORMALIZING_OPS = {aten.rsqrt.default, aten.sqrt.default, aten.var.correction, aten.var_mean.correction,
+                   aten.std.correction, aten.native_layer_norm.default, aten.rms_norm.default}
+
+
+def _looks_normalized(node, depth: int = 5) -> bool:
+    """Whether `node` is computed from a (inverse) root of statistics within a few ops."""
     frontier = [node]
     for _ in range(depth):
         nxt = []
         for n in frontier:
             if not isinstance(n, torch.fx.Node) or n.op != "call_function":
                 continue
-            if n.target in (aten.rsqrt.default, torch.rsqrt):
+            if n.target in NORMALIZING_OPS:
                 return True
             nxt.extend(a for a in n.all_input_nodes)
         frontier = nxt
@@ -103,15 +156,9 @@ def _is_matmul_output(node, depth: int = 4) -> bool:
     return False
 
 
-# Operand holding the tokens of a use, by kind (the rest: the op's own output).
-TOKEN_OPERAND = {"linear_weight": 0, "linear_bias": 0, "matmul_weight_right": 0, "layer_norm_weight": 0,
-                 "layer_norm_bias": 0, "addmm_weight": 1, "addmm_bias": 1, "conv1d_weight": 0, "conv1d_bias": 0,
-                 "scan_delta_bias": 1, "matmul_weight_left": 1}
-
-
 def _token_source(use: ParamUse) -> torch.fx.Node:
     """The graph value whose token dims route this use."""
-    index = TOKEN_OPERAND.get(use.kind)
+    index = use.spec.token_operand
     return use.node.args[index] if index is not None else use.node
 
 
@@ -120,18 +167,19 @@ def _token_tensor(use: ParamUse):
     x = _val(_token_source(use))
     if x is None:
         return None, 0
-    if use.kind in ("conv1d_weight", "conv1d_bias", "scan_delta_bias"):
+    layout = use.spec.token_layout
+    if layout == "channels_first":
         return x, 3  # [batch, channels, time]
-    if use.kind == "matmul_weight_left":
+    if layout == "columns":
         return x.transpose(-1, -2), x.dim() - 1  # w @ x contracts x's dim -2; tokens sit in the others
-    if use.kind in TOKEN_OPERAND:
+    if layout == "rows":
         return x, x.dim() - 1
     return x, x.dim()
 
 
 def _token_provenance(use: ParamUse) -> Tokens | None:
     tokens = tokens_of(_token_source(use))
-    if tokens is not None and use.kind == "matmul_weight_left" and len(tokens.labels) >= 2:
+    if tokens is not None and use.spec.token_layout == "columns" and len(tokens.labels) >= 2:
         labels = list(tokens.labels)
         labels[-1], labels[-2] = labels[-2], labels[-1]
         tokens = Tokens(tuple(labels), tokens.position)
@@ -161,6 +209,13 @@ def classify(node: torch.fx.Node, operand: int, param_val) -> tuple[str, str | N
         if other.dim() >= 2:
             return "matmul_weight_left", None
         return "unsupported", "a matrix-vector product has no token dim"
+    match = norm_match(node)
+    if match is not None and args[operand] in (match.weight, match.bias):
+        return ("norm_pattern_weight" if args[operand] is match.weight else "norm_pattern_bias"), None
+    if target == aten.rms_norm.default:
+        if operand == 2 and len(args[1]) == 1:
+            return "rms_norm_weight", None
+        return "unsupported", "rms_norm over more than the last dim"
     if target == aten.layer_norm.default:
         if operand in (2, 3) and len(args[1]) == 1:
             return ("layer_norm_weight" if operand == 2 else "layer_norm_bias"), None
@@ -173,8 +228,8 @@ def classify(node: torch.fx.Node, operand: int, param_val) -> tuple[str, str | N
         return "embedding", "an embedding table is looked up by token id, not applied per modality"
     if target in ELEMENTWISE_OPS:
         other = args[1 - operand] if len(args) > 1 else None
-        if target == aten.mul.Tensor and _reaches_rsqrt(other):
-            return "norm_scale", None
+        if target == aten.mul.Tensor and param_val.dim() == 1 and _looks_normalized(other):
+            return "norm_like_scale", None  # a norm no pattern knows: routed exactly, but as a plain scale
         if target == aten.add.Tensor and _is_matmul_output(other):
             return "bias_add", None  # e.g. softplus(dt_proj.weight @ x + dt_proj.bias[:, None])
         return "elementwise", None
@@ -227,14 +282,16 @@ def _classify_conv1d(node: torch.fx.Node, operand: int) -> tuple[str, str | None
 
 
 def find_param_uses(
-    graph_module: torch.fx.GraphModule, param_nodes: dict[torch.fx.Node, str], token_dims: tuple,
+    graph_module: torch.fx.GraphModule, param_nodes: Sequence[torch.fx.Node], token_dims: tuple,
     user_inputs: Sequence[torch.fx.Node],
-) -> dict[str, list[ParamUse]]:
-    """Uses of each parameter placeholder in `param_nodes`, keyed by its FQN. `user_inputs` are the
-    placeholders of the model's own inputs, whose (batch, seq) dims provenance follows."""
+) -> dict[torch.fx.Node, list[ParamUse]]:
+    """Uses of each parameter placeholder in `param_nodes`. `user_inputs` are the placeholders of the
+    model's own inputs, whose (batch, seq) dims provenance follows. Runs the norm-pattern and token
+    provenance analyses first (their results land in node.meta)."""
+    find_norms(graph_module)
     token_provenance(graph_module, user_inputs, token_dims)
-    uses: dict[str, list[ParamUse]] = {fqn: [] for fqn in param_nodes.values()}
-    for placeholder, fqn in param_nodes.items():
+    uses: dict[torch.fx.Node, list[ParamUse]] = {node: [] for node in param_nodes}
+    for placeholder in param_nodes:
         stack = [(placeholder, [])]
         while stack:
             value, chain = stack.pop()
@@ -262,7 +319,7 @@ def find_param_uses(
                                        "only per-token parameters can be routed")
                     else:
                         use.token_axes = axes
-                uses[fqn].append(use)
+                uses[placeholder].append(use)
     return uses
 
 
@@ -315,7 +372,8 @@ def param_shape_in_output(param_shape, out_rank: int) -> list[int]:
 
 def broadcast_param_shape(use: "ParamUse", param_val) -> list[int]:
     """How the parameter broadcasts against the token tensor: as is, or [D, 1] for a scan's delta bias."""
-    shape = list(param_val.shape) + ([1] if use.kind == "scan_delta_bias" else [])
+    channels_first = use.spec.token_layout == "channels_first"  # a [D] parameter broadcasts as [D, 1] there
+    shape = list(param_val.shape) + ([1] if channels_first else [])
     return param_shape_in_output(shape, _token_tensor(use)[0].dim())
 
 
@@ -323,10 +381,10 @@ def _tokens_outside_param(use: ParamUse, axes: TokenAxes, param_val) -> bool:
     """Token dims must be dims the parameter does not span: features for matmul-like ops, or dims where
     an elementwise parameter broadcasts (size 1 after aligning it to the output)."""
     tensor, lead = _token_tensor(use)
-    if use.kind in ELEMENTWISE_KINDS or use.kind == "scan_delta_bias":
+    if use.spec.gathered:
         aligned = broadcast_param_shape(use, param_val)
         return all(aligned[d] == 1 for d in axes.dims)
-    if use.kind in ("conv1d_weight", "conv1d_bias"):
+    if use.spec.token_layout == "channels_first":
         # [batch, channels, time]; with a batch of one the time dim alone carries the tokens
         return axes.dims == (0, 2) or (axes.dims == (2,) and tensor.shape[0] == 1)
     return max(axes.dims) < lead

@@ -4,12 +4,13 @@
     addmm(b, x, w)       => sparsify.routed_linear(x, ids, w_stacked.transpose(1, 2), b_stacked)
     w @ x                => sparsify.routed_linear(x.mT, ids, w_stacked).mT
     layer_norm(x, w, b)  => sparsify.routed_layer_norm(x, ids, w_stacked, b_stacked)
-    mul(w, rmsnorm(h))   => sparsify.routed_rms_norm(h, ids, w_stacked)       (decomposed RMSNorm)
+    <an RMSNorm / LayerNorm in any spelling norm_patterns knows>  => sparsify.routed_rms_norm / routed_layer_norm
     mul(w, h)            => mul(sparsify.routed_gather(w_stacked, ids) shaped to broadcast, h)
 
 The routed parameter's placeholder receives the stacked [M, *S] tensor at run
 time; view and cast ops applied to it alone are rewritten to keep the modality
-dim in front. `modality_ids` is a new placeholder after all others.
+dim in front. `modality_ids` is a new placeholder after all others. Which
+rewrite a use gets is param_uses.USE_KINDS' `rewrite` column.
 """
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ import torch.fx
 
 from sparsify import ops  # noqa: F401  (registers torch.ops.sparsify.*)
 from sparsify.errors import RoutingError, describe_node
-from sparsify.passes import PassResult
-from sparsify.passes.param_uses import (ELEMENTWISE_KINDS, METADATA_ASSERTS, ParamUse, broadcast_param_shape,
-                                        conv1d_trim_chain, find_param_uses, token_tensor_lead_dims)
-from sparsify.passes.rms_norm_pattern import match_rms_norm
+from sparsify.passes import PassBase, PassResult
+from sparsify.passes.graph_check import check_graph, snapshot_values
+from sparsify.passes.param_uses import (METADATA_ASSERTS, ParamUse, broadcast_param_shape, conv1d_trim_chain,
+                                        find_param_uses, token_tensor_lead_dims)
 from sparsify.passes.token_axes import TokenAxes
 
 aten = torch.ops.aten
@@ -31,52 +32,93 @@ sparsify_ops = torch.ops.sparsify
 MODALITY_IDS = "modality_ids"
 
 
-def route(
-    graph_module: torch.fx.GraphModule,
-    *,
-    param_fqns: dict[str, str],
-    routed: set[str],
-    modalities: int,
-    token_dims: tuple,
-    user_inputs: list[str],
-) -> PassResult:
-    """Route the parameters named in `routed`. `param_fqns` maps parameter placeholder names to FQNs;
-    `user_inputs` names the placeholders of the model's own inputs (whose token dims provenance follows)."""
-    graph = graph_module.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    param_nodes = {n: param_fqns[n.name] for n in placeholders if param_fqns.get(n.name) in routed}
-    if not param_nodes:
-        return PassResult(graph_module, False)
-    uses = find_param_uses(graph_module, param_nodes, token_dims,
-                           [n for n in placeholders if n.name in set(user_inputs)])
-    problems = [f"- {fqn}: {describe_node(u.node)}: {u.problem}" for fqn, us in uses.items() for u in us if u.problem]
-    if problems:
-        raise RoutingError(
-            "these parameters were selected for routing but have uses sparsify cannot route:\n"
-            + "\n".join(problems)
-            + "\nLeave them shared with exclude=<regex>, or open an issue with the op named above."
-        )
+class RoutePass(PassBase):
+    """Route the parameters named in `routed`.
 
-    with graph.inserting_after(placeholders[-1]):
-        modality_ids = graph.placeholder(MODALITY_IDS)
-    rewriter = _Rewriter(graph, modality_ids, modalities)
-    stacked: set[torch.fx.Node] = set(param_nodes)
-    uses_by_node: dict[torch.fx.Node, list[ParamUse]] = defaultdict(list)
-    for node_uses in uses.values():
-        for use in node_uses:
-            for view in use.view_chain:
-                if view not in stacked:
-                    _lift_view(view)
-                    stacked.add(view)
-            uses_by_node[use.node].append(use)
-    for node in [n for n in graph.nodes if n in uses_by_node]:  # graph order: shared id views come first
-        rewriter.rewrite(node, uses_by_node[node], stacked)
+    `param_fqns` maps parameter placeholder names to FQNs; `user_inputs` names the placeholders of the
+    model's own inputs (whose token dims provenance follows); `uses` is the plan's analysis of this same
+    graph (param_uses.find_param_uses), reused instead of analysing again.
+    """
 
-    while graph.eliminate_dead_code() | _drop_orphan_asserts(graph):
-        pass
-    graph.lint()
-    graph_module.recompile()
-    return PassResult(graph_module, True)
+    name = "route"
+
+    def __init__(self, *, param_fqns: dict[str, str], routed: set[str], modalities: int, token_dims: tuple,
+                 user_inputs: list[str], uses: dict | None = None):
+        self.param_fqns, self.routed, self.modalities = param_fqns, routed, modalities
+        self.token_dims, self.user_inputs, self.uses = token_dims, user_inputs, uses
+        self._before: dict = {}
+        self._reshaped: set = set()
+
+    def requires(self, graph_module: torch.fx.GraphModule) -> None:
+        if any(n.name == MODALITY_IDS for n in graph_module.graph.nodes if n.op == "placeholder"):
+            raise RoutingError("this graph is routed already (it has a modality_ids input)")
+        self._before = snapshot_values(graph_module)
+
+    def ensures(self, graph_module: torch.fx.GraphModule) -> None:
+        check_graph(graph_module, self.name, self._before, self._reshaped)
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        graph = graph_module.graph
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        param_nodes = [n for n in placeholders if self.param_fqns.get(n.name) in self.routed]
+        if not param_nodes:
+            return PassResult(graph_module, False)
+        uses = self.uses
+        if uses is None or any(n not in uses for n in param_nodes):
+            uses = find_param_uses(graph_module, param_nodes, self.token_dims,
+                                   [n for n in placeholders if n.name in set(self.user_inputs)])
+        uses = {n: uses[n] for n in param_nodes}
+        problems = [f"- {self.param_fqns[n.name]}: {describe_node(u.node)}: {u.problem}"
+                    for n, us in uses.items() for u in us if u.problem]
+        if problems:
+            raise RoutingError(
+                "these parameters were selected for routing but have uses sparsify cannot route:\n"
+                + "\n".join(problems)
+                + "\nLeave them shared with exclude=<regex>, or open an issue with the op named above."
+            )
+
+        with graph.inserting_after(placeholders[-1]):
+            modality_ids = graph.placeholder(MODALITY_IDS)
+        rewriter = _Rewriter(graph, modality_ids, self.modalities)
+        stacked: set[torch.fx.Node] = set(param_nodes)
+        uses_by_node: dict[torch.fx.Node, list[ParamUse]] = defaultdict(list)
+        for node_uses in uses.values():
+            for use in node_uses:
+                for view in use.view_chain:
+                    if view not in stacked:
+                        _lift_view(view, self.modalities)
+                        stacked.add(view)
+                uses_by_node[use.node].append(use)
+        self._reshaped = set(stacked)
+        for node in [n for n in graph.nodes if n in uses_by_node]:  # graph order: shared id views come first
+            rewriter.rewrite(node, uses_by_node[node], stacked)
+        # Only now: the rewrites read the dense shapes of the parameters.
+        _give_values(modality_ids, param_nodes, placeholders, self.user_inputs, self.modalities)
+
+        while graph.eliminate_dead_code() | _drop_orphan_asserts(graph):
+            pass
+        graph_module.recompile()
+        return PassResult(graph_module, True)
+
+
+def route(graph_module: torch.fx.GraphModule, **config) -> PassResult:
+    """RoutePass(**config)(graph_module): requires, call, ensures."""
+    return RoutePass(**config)(graph_module)
+
+
+def _give_values(modality_ids: torch.fx.Node, param_nodes: list, placeholders: list, user_inputs: list,
+                 modalities: int) -> None:
+    """Example (fake) values for the new input and the stacked parameters, in the capture's fake mode."""
+    token = next((n.meta.get("val") for n in placeholders if n.name in set(user_inputs)
+                  and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() >= 2), None)
+    mode = getattr(token, "fake_mode", None)
+    if mode is None:
+        return  # a graph without fake values (not from export): check_graph has nothing to propagate
+    with mode:
+        modality_ids.meta["val"] = torch.empty(token.shape[:2], dtype=torch.long, device=token.device)
+        for node in param_nodes:
+            dense = node.meta["val"]
+            node.meta["val"] = torch.empty((modalities, *dense.shape), dtype=dense.dtype, device=dense.device)
 
 
 def _drop_orphan_asserts(graph: torch.fx.Graph) -> bool:
@@ -90,11 +132,15 @@ def _drop_orphan_asserts(graph: torch.fx.Graph) -> bool:
     return changed
 
 
+def _lead(uses: list[ParamUse]) -> int:
+    return token_tensor_lead_dims(uses[0])
+
+
 def _rank(node: torch.fx.Node) -> int:
     return node.meta["val"].dim()
 
 
-def _lift_view(node: torch.fx.Node) -> None:
+def _lift_view(node: torch.fx.Node, modalities: int) -> None:
     """Rewrite a view/cast of a dense parameter to act on the stacked [M, *S] one."""
     source, rank = node.args[0], _rank(node.args[0])
     if node.target == aten.t.default:
@@ -108,7 +154,7 @@ def _lift_view(node: torch.fx.Node) -> None:
     elif node.target == aten.permute.default:
         node.args = (source, [0] + [d % rank + 1 for d in node.args[1]])
     elif node.target in (aten.view.default, aten.reshape.default):
-        node.args = (source, [-1] + list(node.args[1]))
+        node.args = (source, [modalities] + list(node.args[1]))  # not -1: the view may infer a dim itself
     elif node.target == aten.unsqueeze.default:
         node.args = (source, node.args[1] % (rank + 1) + 1)
     elif node.target == aten.squeeze.dim:
@@ -130,6 +176,7 @@ class _Rewriter:
         first = next((stack for stack in stacks if stack), {})
         self.root_stack = dict(list(first.items())[:1])
         self.stack = self.root_stack
+        self.fused_norms: set[int] = set()
 
     def call(self, target, *args) -> torch.fx.Node:
         node = self.graph.call_function(target, args)
@@ -181,78 +228,87 @@ class _Rewriter:
         return self.call(aten.expand.default, front, [self.modalities] + [-1] * _rank(value))
 
     def rewrite(self, node: torch.fx.Node, uses: list[ParamUse], stacked: set) -> None:
+        """Rewrite `node` (every use it makes of routed parameters) with its kind's method from USE_KINDS."""
+        if any(id(u.norm) in self.fused_norms for u in uses if u.norm is not None):
+            return  # a norm's weight and bias are two uses of one match: fused once, at the first
         self.stack = node.meta.get("nn_module_stack") or self.root_stack
-        use = uses[0]
-        args = list(node.args)
+        method = getattr(self, uses[0].spec.rewrite)
         with self.graph.inserting_before(node):
-            if use.kind == "norm_scale" and len(uses) == 1 and self.fuse_rms_norm(node, use, args, stacked):
-                return
-            if use.kind in ELEMENTWISE_KINDS:
-                for u in uses:
-                    node.update_arg(u.operand, self.gathered(u, args[u.operand]))
-                return
-            if use.kind == "scan_delta_bias":
-                # softplus(delta + bias) inside the scan == the scan of (delta + per-token bias), no bias
-                delta = self.call(aten.add.Tensor, args[1], self.gathered(use, args[7]))
-                node.update_arg(1, delta)
-                node.update_arg(7, None)
-                return
-            lead = token_tensor_lead_dims(use)
-            if use.kind in ("linear_weight", "linear_bias"):
-                x = args[0]
-                bias = args[2] if len(args) > 2 else None
-                new = self.call(sparsify_ops.routed_linear.default, x, self.ids_for(use.token_axes, lead, x),
-                                self.stacked(args[1], stacked), self.stacked(bias, stacked))
-            elif use.kind in ("addmm_weight", "addmm_bias"):
-                x = args[1]
-                weight = self.call(aten.transpose.int, self.stacked(args[2], stacked), 1, 2)
-                new = self.call(sparsify_ops.routed_linear.default, x, self.ids_for(use.token_axes, lead, x),
-                                weight, self.stacked(args[0], stacked))
-            elif use.kind == "matmul_weight_right":
-                x = args[0]
-                weight = self.call(aten.transpose.int, self.stacked(args[1], stacked), 1, 2)
-                new = self.call(sparsify_ops.routed_linear.default, x, self.ids_for(use.token_axes, lead, x),
-                                weight, None)
-            elif use.kind == "matmul_weight_left":
-                x_t = self.call(aten.transpose.int, args[1], -1, -2)
-                y_t = self.call(sparsify_ops.routed_linear.default, x_t, self.ids_for(use.token_axes, lead, x_t),
-                                self.stacked(args[0], stacked), None)
-                new = self.call(aten.transpose.int, y_t, -1, -2)
-            elif use.kind in ("conv1d_weight", "conv1d_bias"):
-                self.rewrite_conv1d(node, args, stacked)
-                return
-            elif use.kind in ("layer_norm_weight", "layer_norm_bias"):
-                x, _, weight, bias, eps = (args + [None, None, 1e-5])[:5]
-                new = self.call(sparsify_ops.routed_layer_norm.default, x, self.ids_for(use.token_axes, lead, x),
-                                self.stacked(weight, stacked), self.stacked(bias, stacked), eps)
-            else:  # find_param_uses reported every other kind as a problem already
-                raise RoutingError(f"internal: no rewrite for {use.kind} at {describe_node(node)}")
-        new.meta.update(node.meta)
+            new = method(node, uses, list(node.args), stacked)
+        if new is not None:
+            self.replace(node, new)
+
+    def replace(self, node: torch.fx.Node, new: torch.fx.Node) -> None:
+        new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
         new.meta["sparsify_dense_node"] = node.name
         node.replace_all_uses_with(new)
         self.graph.erase_node(node)
 
-    def fuse_rms_norm(self, node: torch.fx.Node, use: ParamUse, args: list, stacked: set) -> bool:
-        """mul(w, rmsnorm(h)) => sparsify.routed_rms_norm(h, ids, w), cast to the mul's dtype; False if no match."""
-        match = match_rms_norm(node, use.operand)
-        weight = args[use.operand]
-        if match is None or weight.meta.get("val") is None or weight.meta["val"].dim() != 1:
-            return False
-        h = match.normalized
-        lead = h.meta["val"].dim() - 1
-        out = self.call(sparsify_ops.routed_rms_norm.default, h, self.ids_for(use.token_axes, lead, h),
-                        self.stacked(weight, stacked), match.eps)
-        dtype = node.meta["val"].dtype
-        if dtype != torch.promote_types(h.meta["val"].dtype, weight.meta["val"].dtype):
-            out = self.call(aten._to_copy.default, out)
-            out.kwargs = {"dtype": dtype}
-        out.meta.update(node.meta)
-        out.meta["sparsify_dense_node"] = node.name
-        node.replace_all_uses_with(out)
-        self.graph.erase_node(node)
-        return True
+    def rewrite_elementwise(self, node, uses, args, stacked):
+        for u in uses:
+            node.update_arg(u.operand, self.gathered(u, args[u.operand]))
 
-    def rewrite_conv1d(self, node: torch.fx.Node, args: list, stacked: set) -> None:
+    def rewrite_scan_delta_bias(self, node, uses, args, stacked):
+        # softplus(delta + bias) inside the scan == the scan of (delta + per-token bias), no bias
+        delta = self.call(aten.add.Tensor, args[1], self.gathered(uses[0], args[7]))
+        node.update_arg(1, delta)
+        node.update_arg(7, None)
+
+    def rewrite_linear(self, node, uses, args, stacked):
+        x, bias = args[0], args[2] if len(args) > 2 else None
+        return self.call(sparsify_ops.routed_linear.default, x, self.ids_for(uses[0].token_axes, _lead(uses), x),
+                         self.stacked(args[1], stacked), self.stacked(bias, stacked))
+
+    def rewrite_addmm(self, node, uses, args, stacked):
+        x = args[1]
+        weight = self.call(aten.transpose.int, self.stacked(args[2], stacked), 1, 2)
+        return self.call(sparsify_ops.routed_linear.default, x, self.ids_for(uses[0].token_axes, _lead(uses), x),
+                         weight, self.stacked(args[0], stacked))
+
+    def rewrite_matmul_right(self, node, uses, args, stacked):
+        x = args[0]
+        weight = self.call(aten.transpose.int, self.stacked(args[1], stacked), 1, 2)
+        return self.call(sparsify_ops.routed_linear.default, x, self.ids_for(uses[0].token_axes, _lead(uses), x),
+                         weight, None)
+
+    def rewrite_matmul_left(self, node, uses, args, stacked):
+        x_t = self.call(aten.transpose.int, args[1], -1, -2)
+        y_t = self.call(sparsify_ops.routed_linear.default, x_t, self.ids_for(uses[0].token_axes, _lead(uses), x_t),
+                        self.stacked(args[0], stacked), None)
+        return self.call(aten.transpose.int, y_t, -1, -2)
+
+    def rewrite_layer_norm(self, node, uses, args, stacked):
+        x, _, weight, bias, eps = (args + [None, None, 1e-5])[:5]
+        return self.call(sparsify_ops.routed_layer_norm.default, x, self.ids_for(uses[0].token_axes, _lead(uses), x),
+                         self.stacked(weight, stacked), self.stacked(bias, stacked), eps)
+
+    def rewrite_norm_match(self, node, uses, args, stacked):
+        """A norm layer in any spelling (aten.rms_norm, or a norm_patterns match) => one fused routed op."""
+        match = uses[0].norm
+        if match is None:  # aten.rms_norm(x, [D], w, eps): eps None means the dtype's machine epsilon
+            x, weight, eps = args[0], args[2], (args + [None])[3]
+            kind, bias, output = "rms", None, node
+            eps = torch.finfo(x.meta["val"].dtype).eps if eps is None else eps
+        else:
+            self.fused_norms.add(id(match))
+            x, weight, bias, eps, kind, output = match.normalized, match.weight, match.bias, match.eps, match.kind, \
+                match.output
+        with self.graph.inserting_before(output):  # after every operand of the match
+            ids = self.ids_for(uses[0].token_axes, x.meta["val"].dim() - 1, x)
+            if kind == "rms":
+                new = self.call(sparsify_ops.routed_rms_norm.default, x, ids, self.stacked(weight, stacked), eps)
+                computed = torch.promote_types(x.meta["val"].dtype, weight.meta["val"].dtype)
+            else:
+                new = self.call(sparsify_ops.routed_layer_norm.default, x, ids, self.stacked(weight, stacked),
+                                self.stacked(bias, stacked), eps)
+                computed = x.meta["val"].dtype
+            dtype = output.meta["val"].dtype
+            if dtype != computed:  # the model cast the normalised value (Llama: back to the input dtype)
+                new = self.call(aten._to_copy.default, new)
+                new.kwargs = {"dtype": dtype}
+        self.replace(output, new)
+
+    def rewrite_conv1d(self, node, uses, args, stacked):
         """conv1d(x, w, b, padding=K-1, groups=C)[..., :T]  =>  sparsify.routed_conv1d(x, ids, w[:, :, 0], b)."""
         x, weight = args[0], args[1]
         bias = args[2] if len(args) > 2 else None

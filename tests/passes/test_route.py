@@ -35,7 +35,7 @@ def test_route_rewrites_every_form_in_the_toy_graph():
     result = route(captured.graph_module, param_fqns=param_fqns, routed=set(plan.routed), modalities=3,
                    token_dims=captured.token_dims, user_inputs=[n.name for n in captured.user_input_nodes()])
     after = op_counts(result.graph_module)
-    assert result.changed
+    assert result.modified
     # per block: up (linear), conv1d (addmm), left (w @ x); plus the LM head (linear)
     assert after[sp.routed_linear.default] == 7
     assert after[sp.routed_layer_norm.default] == 2
@@ -54,7 +54,7 @@ def test_route_without_routed_parameters_is_a_no_op():
     code = captured.graph_module.code
     result = route(captured.graph_module, param_fqns={}, routed=set(), modalities=3, token_dims=captured.token_dims,
                    user_inputs=[n.name for n in captured.user_input_nodes()])
-    assert not result.changed and result.graph_module.code == code
+    assert not result.modified and result.graph_module.code == code
 
 
 def test_each_token_uses_its_own_modality_copy_in_every_form():

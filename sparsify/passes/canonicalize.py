@@ -1,0 +1,68 @@
+"""Canonicalize a captured graph, so that one pattern matches what models spell many ways.
+
+    _assert_tensor_metadata(h, dtype=f32); to(h, f32)   =>  to(h, f32)
+    sub(x, mean); ...; sub(x, mean)                     =>  sub(x, mean) used twice
+
+Export keeps a dtype assert beside every `.to()` and does not merge a value the
+model computes twice (`(x - mu) / sqrt(((x - mu) ** 2).mean())`). Both hide a
+norm from pattern matching: an assert is a user outside the pattern, and a
+recomputed value is a second node where the pattern has one. Neither changes a
+number, so the graph both the dense and the routed model run is canonical.
+
+Duplicates are merged only within one module (torch.fx's CSEPass would merge
+across modules, and the routed graph is split per module later), only for pure
+ATen ops, and not at all in a graph that mutates a tensor in place (a value read
+before and after a mutation is not the same value).
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from sparsify.passes import PassResult
+
+aten = torch.ops.aten
+METADATA_ASSERTS = {aten._assert_tensor_metadata.default}
+
+
+def _mutates(node: torch.fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and schema.is_mutable
+
+
+def _mergeable(node: torch.fx.Node) -> bool:
+    target = node.target
+    return (node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and not node.is_impure()
+            and torch.Tag.nondeterministic_seeded not in target.tags)
+
+
+def _key(node: torch.fx.Node):
+    name = lambda n: f"%{n.name}"  # noqa: E731  (names are unique within a graph)
+    scope = tuple((node.meta.get("nn_module_stack") or {}).keys())
+    return (node.target, repr(torch.fx.node.map_arg(node.args, name)),
+            repr(torch.fx.node.map_arg(dict(node.kwargs), name)), scope)
+
+
+def canonicalize(graph_module: torch.fx.GraphModule) -> PassResult:
+    graph = graph_module.graph
+    changed = False
+    for node in list(graph.nodes):
+        if node.target in METADATA_ASSERTS:
+            graph.erase_node(node)
+            changed = True
+    if not any(_mutates(n) for n in graph.nodes if n.op == "call_function"):
+        seen: dict = {}
+        for node in list(graph.nodes):
+            if not _mergeable(node):
+                continue
+            key = _key(node)
+            if key in seen:
+                node.replace_all_uses_with(seen[key])
+                graph.erase_node(node)
+                changed = True
+            else:
+                seen[key] = node
+    if changed:
+        graph.lint()
+        graph_module.recompile()
+    return PassResult(graph_module, changed)
