@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -131,6 +132,8 @@ def convert(
             "why they stay shared:\n" + "\n".join(f"  {p.fqn}: {p.reason}" for p in plan.shared)
             + "\nUse include=<regex> to pick parameters, or policy='all'."
         )
+    for note in plan.notes:
+        warnings.warn(f"sparsify: {note}", stacklevel=2)
     _stack_parameters(dense, plan, init)
     routed = RoutedModel(dense, plan, hf.call_defaults(dense) if hf.is_hf_model(dense) else {})
     routed.example_inputs = inputs

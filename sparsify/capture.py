@@ -20,8 +20,9 @@ import torch.utils._pytree as pytree
 from torch.export import Dim
 from torch.export.graph_signature import InputKind, OutputKind
 
-from sparsify.passes.canonicalize import canonicalize
 from sparsify.errors import CaptureError
+from sparsify.frontends import mamba_ssm as mamba_ssm_frontend
+from sparsify.passes.canonicalize import canonicalize
 
 SizeExpr = Any  # int for a static dim, sympy.Expr for a dynamic one
 
@@ -197,7 +198,7 @@ def capture(module: torch.nn.Module, inputs: dict[str, Any]) -> CapturedGraph:
 
     dynamic_shapes = {name: pytree.tree_map(dynamic_spec, value) for name, value in inputs.items()}
     try:
-        with _inputs_as_named_parameters(module, list(inputs)):
+        with _inputs_as_named_parameters(module, list(inputs)), mamba_ssm_frontend.graph_forms():
             exported = torch.export.export(module, (), dict(inputs), dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:  # export raises many types; all mean "this model cannot be captured as is"
         raise CaptureError(

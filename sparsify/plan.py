@@ -24,7 +24,7 @@ import sympy
 import torch
 
 from sparsify.capture import CapturedGraph
-from sparsify.errors import SparsifyError
+from sparsify.errors import SparsifyError, describe_node
 from sparsify.passes.param_uses import find_param_uses
 from sparsify.passes.token_axes import size_exprs
 
@@ -55,6 +55,7 @@ class RoutingPlan:
     exclude: str | None = None
     params: list[PlannedParam] = field(default_factory=list)   # routed
     shared: list[PlannedParam] = field(default_factory=list)   # kept as they are
+    notes: list[str] = field(default_factory=list)             # what a user should know (half-routed blocks)
 
     @property
     def routed(self) -> list[str]:
@@ -69,7 +70,7 @@ class RoutingPlan:
         try:
             params = [PlannedParam(**p) for p in data.get("params", [])]
             shared = [PlannedParam(**p) for p in data.get("shared", [])]
-            fields = {k: data[k] for k in ("modalities", "init", "policy", "include", "exclude") if k in data}
+            fields = {k: data[k] for k in ("modalities", "init", "policy", "include", "exclude", "notes") if k in data}
             return cls(params=params, shared=shared, **fields)
         except (TypeError, KeyError) as e:
             raise SparsifyError(f"not a valid RoutingPlan: {e}") from None
@@ -101,6 +102,7 @@ class RoutingPlan:
             f"({total_routed / max(total_dense, 1):.2f}x); routed tensors {len(self.params)} of "
             f"{len(self.params) + len(self.shared)}; compute per token unchanged"
         )
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -258,4 +260,17 @@ def build_plan(
             entry.reason = reason or ("outside the repeated blocks" if block is None
                                       else f"not selected by policy={policy!r}")
             plan.shared.append(entry)
+    block_of = (lambda fqn: _block_of(fqn)) if has_blocks else (lambda fqn: ROOT_BLOCK)  # noqa: E731
+    routed_blocks = {block_of(p.fqn) for p in plan.params}
+    plan.notes = _norm_notes({p.fqn: uses.get(p.fqn, []) for p in plan.params}) + [
+        f"block {block_of(p.fqn)} is routed but its norm parameter {p.fqn} stays shared ({p.reason})"
+        for p in plan.shared if p.role == "norm" and block_of(p.fqn) in routed_blocks
+        and _selected(policy, "norm", block_of(p.fqn), attention_blocks, True)]
     return plan
+
+
+def _norm_notes(uses: dict) -> list[str]:
+    """Routed norms no pattern recognised: routed exactly (as a per-token scale), but the user should know."""
+    return [f"{fqn}: scales a normalised value in a form no norm pattern matches ({describe_node(use.node)}); "
+            "it is routed as a plain per-token scale, not a fused norm"
+            for fqn, param_uses in uses.items() for use in param_uses if use.kind == "norm_like_scale"]

@@ -166,12 +166,20 @@ def test_cuda_tensors_run_mamba_ssm_kernels_except_while_export_traces(monkeypat
     monkeypatch.setattr(frontend, "_on_cuda", lambda args, kwargs: True)
     x, weight = torch.randn(2, 5, 8), torch.rand(8) + 0.5
     expected = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
-    # mamba_ssm built without its CUDA extension: its fused functions would fail, so PyTorch runs
+    # A Triton kernel runs on CUDA with or without mamba_ssm's CUDA extension
+    for present in (False, True):
+        monkeypatch.setattr(frontend, "extension_present", lambda: present)
+        assert torch.equal(rms_norm_fn(x, weight, None, eps=1e-6), torch.zeros_like(x))
+    assert calls == ["kernel", "kernel"]
+    # The fused Mamba1 function needs the extension itself: without it, its PyTorch form runs
+    inner = frontend._wrapped("mamba_inner_fn", kernel)
     monkeypatch.setattr(frontend, "extension_present", lambda: False)
-    torch.testing.assert_close(rms_norm_fn(x, weight, None, eps=1e-6), expected)
-    assert calls == []
+    monkeypatch.setattr(frontend, "CPU_IMPLEMENTATIONS", {"mamba_inner_fn": lambda *a, **k: "pytorch"})
+    assert frontend._wrapped("mamba_inner_fn", kernel)(x) == "pytorch" and calls == ["kernel", "kernel"]
     monkeypatch.setattr(frontend, "extension_present", lambda: True)
-    assert torch.equal(rms_norm_fn(x, weight, None, eps=1e-6), torch.zeros_like(x)) and calls == ["kernel"]
+    assert torch.equal(inner(x), torch.zeros_like(x)) and calls == ["kernel"] * 3
+    calls.clear()
+    calls.append("kernel")
 
     class Norm(torch.nn.Module):
         def forward(self, x):

@@ -1,18 +1,25 @@
 """mamba_ssm on machines without its CUDA extension, and as a graph sparsify can capture.
 
 mamba_ssm imports `selective_scan_cuda` (a CUDA extension) at import time and runs
-its scans, convs and fused norms as CUDA/Triton kernels. `import sparsify` installs
-an import hook that
-- supplies a stand-in `selective_scan_cuda` module only where the real extension
-  is missing (it raises if mamba_ssm's own CUDA path is ever reached), and
-- once mamba_ssm's modules load, wraps each kernel entry point so that CPU tensors
-  (and any tensor while torch.export traces) take a plain-PyTorch path (CUDA
-  tensors at run time keep mamba_ssm's kernels): the scans go
-  through the `sparsify::selective_scan` / `sparsify::ssd_scan` ops, everything
-  around them (causal conv1d, projections, (add+)norms, gating) is written out in
-  PyTorch.
-Plain PyTorch is what export sees, so projections, convs and norm weights stay
-routable; each scan is one opaque op, so one capture serves every sequence length.
+its scans, convs and fused norms as CUDA/Triton kernels, which neither torch.export
+nor a CPU can run. Two scopes:
+
+- While sparsify captures (`graph_forms()`, entered by capture.py): each kernel
+  entry point takes its *graph form*, plain PyTorch around the
+  `sparsify::selective_scan` / `sparsify::ssd_scan` ops. Projections, convs and norm
+  weights are then visible to routing, and each scan is one opaque op, so one
+  capture serves every sequence length. On exit the originals are back.
+- Only where the real extension is missing, for the whole process (mamba_ssm
+  cannot even be imported otherwise): `import sparsify` installs an import hook
+  that supplies a stand-in `selective_scan_cuda` (it raises if mamba_ssm's own
+  CUDA path is ever reached) and wraps the entry points so that calls on CPU
+  tensors run plain PyTorch: mamba_ssm's own references where it has them
+  (`selective_scan_ref`, so a dense model's numbers and autograd are mamba_ssm's),
+  else the graph forms below. Calls on CUDA tensors keep mamba_ssm's Triton
+  kernels; only the functions that need the missing extension (the selective scan,
+  the fused Mamba1 inner function) take the sparsify ops there.
+
+With the real extension present, nothing of mamba_ssm is replaced outside capture.
 The wrappers also serve libraries that call mamba_ssm (transformers' Mamba models
 do when it is importable).
 """
@@ -24,6 +31,7 @@ import importlib.machinery
 import importlib.util
 import sys
 import types
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +49,12 @@ def extension_present() -> bool:
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                       return_last_state=False):
-    """mamba_ssm's selective_scan_fn signature, through the sparsify op."""
-    if return_last_state:  # generation with a cache: no routing involved, run the reference as is
-        return selective_scan_module.selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True)
+    """mamba_ssm's selective_scan_fn signature: the sparsify op while exporting or on CUDA (it calls mamba_ssm's
+    kernel there when the extension exists), mamba_ssm's own reference on CPU."""
+    if return_last_state or not (torch.compiler.is_exporting() or u.is_cuda):
+        # a dense call on CPU, or generation with a cache (no routing involved): mamba_ssm's reference as is
+        return selective_scan_module.selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                                        return_last_state)
     return torch.ops.sparsify.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
@@ -257,26 +268,24 @@ def _on_cuda(args, kwargs) -> bool:
     return first is not None and first.is_cuda
 
 
-def _runs_mamba_ssm_kernel(args, kwargs) -> bool:
-    """CUDA tensors, outside export, where mamba_ssm's CUDA extension is installed.
+# Entry points that reach the CUDA extension itself (the others are Triton kernels, which run on CUDA
+# without it): without the extension they take the graph form on CUDA too.
+NEEDS_EXTENSION = {"mamba_inner_fn", "selective_scan_fn"}
 
-    Export cannot trace into mamba_ssm's CUDA extensions or Triton launches, so a model
-    captured on a GPU takes the PyTorch path too: the captured graph then holds routable
-    projections and the sparsify scan ops, which call mamba_ssm's kernels when the graph
-    runs on CUDA. Without the extension (mamba_ssm built with MAMBA_SKIP_CUDA_BUILD, as
-    `make test` installs it) its fused functions would reach the stand-in and fail, so
-    CUDA tensors take the PyTorch path as well.
-    """
-    return _on_cuda(args, kwargs) and extension_present() and not torch.compiler.is_exporting()
+
+def _runs_mamba_ssm_kernel(name: str, args, kwargs) -> bool:
+    """CUDA tensors, outside export, where the kernel can run (Triton, or the extension where installed)."""
+    return _on_cuda(args, kwargs) and not torch.compiler.is_exporting() and (
+        name not in NEEDS_EXTENSION or extension_present())
 
 
 def _wrapped(name: str, original):
-    cpu = CPU_IMPLEMENTATIONS[name]
+    graph_form = CPU_IMPLEMENTATIONS[name]
 
     def fn(*args, **kwargs):
-        if original is not None and _runs_mamba_ssm_kernel(args, kwargs):
+        if original is not None and _runs_mamba_ssm_kernel(name, args, kwargs):
             return original(*args, **kwargs)
-        return cpu(*args, **kwargs)
+        return graph_form(*args, **kwargs)
 
     fn.__name__ = name
     fn.__module__ = __name__
@@ -284,15 +293,33 @@ def _wrapped(name: str, original):
     return fn
 
 
-def _patch(module: types.ModuleType) -> None:
+def _patch(module: types.ModuleType) -> list[tuple[types.ModuleType, str, object]]:
+    """Wrap the module's entry points; returns (module, name, original) for each one replaced."""
+    replaced = []
     for name in PATCHES.get(module.__name__, []):
         current = getattr(module, name, None)
         if current is None or getattr(current, "__module__", "") == __name__:
             continue
         if name == "mamba_chunk_scan_combined" and module.__name__.endswith("ssd_combined"):
             ssd_scan_module.cuda_chunk_scan = current  # the op's CUDA path: mamba_ssm's Triton kernels
-        # The scan always goes through the sparsify op (it picks mamba_ssm's kernel on CUDA itself).
         setattr(module, name, selective_scan_fn if name == "selective_scan_fn" else _wrapped(name, current))
+        replaced.append((module, name, current))
+    return replaced
+
+
+@contextmanager
+def graph_forms():
+    """While sparsify captures: mamba_ssm's loaded entry points take their graph forms, restored on exit.
+    Without the extension they are wrapped for good already (the wrappers see that export is tracing)."""
+    if not extension_present():
+        yield
+        return
+    replaced = [r for name in PATCHES if name in sys.modules for r in _patch(sys.modules[name])]
+    try:
+        yield
+    finally:
+        for module, name, original in reversed(replaced):
+            setattr(module, name, original)
 
 
 class _StandInExtension(importlib.abc.Loader):
@@ -337,12 +364,7 @@ class _MambaSsmHook(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    if any(isinstance(finder, _MambaSsmHook) for finder in sys.meta_path):
-        return
-    sys.meta_path.insert(0, _MambaSsmHook())
-    for name in PATCHES:  # mamba_ssm imported before sparsify (possible only with the extension present)
-        if name in sys.modules:
-            _patch(sys.modules[name])
+    """Only where mamba_ssm's CUDA extension is missing: the stand-in and the wrappers (see the module)."""
     if extension_present():
         def cuda_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
             from mamba_ssm.ops.selective_scan_interface import SelectiveScanFn
@@ -350,3 +372,7 @@ def install() -> None:
             return SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, False)
 
         selective_scan_module.cuda_selective_scan = cuda_scan
+        return
+    if any(isinstance(finder, _MambaSsmHook) for finder in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _MambaSsmHook())
