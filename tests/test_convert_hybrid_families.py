@@ -64,3 +64,21 @@ def test_family_converts_and_equals_dense(family):
         with torch.no_grad():
             got, want = routed(tokens, modality_ids=ids).logits, dense(tokens, use_cache=False).logits
         assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_routing_is_real(family):
+    """Modality 1 holds only the last tokens. Perturbing modality 1's copies changes those tokens' logits and
+    leaves the earlier ones (causal: they never see a modality-1 token) as they were."""
+    torch.manual_seed(0)
+    routed = sparsify.convert(FAMILIES[family]().eval(), modalities=3)
+    tokens = torch.randint(0, 101, (2, 9))
+    ids = torch.zeros(2, 9, dtype=torch.long)
+    ids[:, 6:] = 1
+    with torch.no_grad():
+        before = routed(tokens, modality_ids=ids).logits
+        for fqn in routed.plan.routed:
+            routed.get_parameter(fqn)[1].mul_(1.25).add_(0.05)
+        after = routed(tokens, modality_ids=ids).logits
+    torch.testing.assert_close(after[:, :6], before[:, :6], rtol=0, atol=1e-6)
+    assert float((after[:, 6:] - before[:, 6:]).abs().amax(-1).min()) > 1e-4

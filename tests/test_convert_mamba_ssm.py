@@ -205,3 +205,79 @@ def test_pytorch_causal_conv1d_fn_matches_its_definition():
                                torch.nn.functional.silu(expected))
     with pytest.raises(NotImplementedError, match="seq_idx"):
         conv(x, weight, bias, seq_idx=torch.zeros(2, 9, dtype=torch.int32))
+
+
+def test_dense_mamba_ssm_model_on_cpu_runs_mamba_ssm_reference_not_sparsify_ops():
+    """Importing sparsify does not change a dense model's computation: on CPU the scans are mamba_ssm's own
+    selective_scan_ref (plain autograd), not sparsify's op and its recompute backward. Numbers and gradients
+    equal what the sparsify op gives (fp32, rel 1e-5)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpRecorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = MambaLMHeadModel(MambaConfig(d_model=16, n_layer=2, vocab_size=50, ssm_cfg={"d_state": 4}))
+    tokens = torch.randint(0, 50, (2, 9))
+    with OpRecorder() as recorder:
+        loss = model(tokens).logits.square().mean()
+        loss.backward()
+    assert not any(op.startswith("sparsify.") for op in recorder.ops), recorder.ops
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    import mamba_ssm.modules.mamba_simple as mamba_simple
+    from sparsify.frontends import mamba_ssm as frontend
+    model.zero_grad()
+    # the scans through the sparsify op instead (what a dense model ran before the patching was scoped)
+    with pytest.MonkeyPatch.context() as mp, OpRecorder() as recorder:
+        mp.setattr(torch.compiler, "is_exporting", lambda: True)  # the frontend's graph forms
+        loss_op = model(tokens).logits.square().mean()
+    assert "sparsify.selective_scan" in recorder.ops
+    loss_op.backward()
+    assert frontend.selective_scan_fn is mamba_simple.selective_scan_fn  # the process-wide wrapper (no extension)
+    assert abs(float(loss.detach() - loss_op.detach())) <= 1e-5 * abs(float(loss.detach()))
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6)
+
+
+FAKE_EXTENSION_CHECK = r"""
+import sys, importlib
+import sparsify, selective_scan_cuda
+assert not getattr(selective_scan_cuda, "__sparsify_stand_in__", False), "the fake extension must be the one found"
+from sparsify.frontends import mamba_ssm as frontend
+for name in frontend.PATCHES:
+    if name.startswith("mamba_ssm"):
+        importlib.import_module(name)
+def entry_points():
+    return {(m, n): getattr(sys.modules[m], n) for m, names in frontend.PATCHES.items() if m in sys.modules
+            for n in names if hasattr(sys.modules[m], n)}
+before = entry_points()
+patched = [k for k, f in before.items() if getattr(f, "__module__", "") == frontend.__name__]
+assert not patched, f"patched with the real extension present: {patched}"
+import torch
+from mamba_ssm.models.config_mamba import MambaConfig
+from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+torch.manual_seed(0)
+model = MambaLMHeadModel(MambaConfig(d_model=16, n_layer=2, vocab_size=50, ssm_cfg={"d_state": 4}))
+routed = sparsify.convert(model, 3, example_inputs=(torch.randint(0, 50, (2, 7)),))  # capture: graph forms
+assert routed.verify_report.ok and routed.verify_report.max_rel_err <= 1e-5, routed.verify_report
+assert entry_points() == before, "graph forms left in place after capture"
+print("ok")
+"""
+
+
+def test_with_the_cuda_extension_present_nothing_of_mamba_ssm_is_replaced(tmp_path):
+    # A test double of mamba_ssm's CUDA extension (this machine has none): an importable selective_scan_cuda.
+    (tmp_path / "selective_scan_cuda.py").write_text(
+        "def fwd(*args, **kwargs):\n    raise AssertionError('the CUDA extension must not run on CPU')\n"
+        "bwd = fwd\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", FAKE_EXTENSION_CHECK], capture_output=True, text=True,
+                            timeout=300, env=env, cwd=__import__("pathlib").Path(__file__).parents[1])
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
