@@ -48,14 +48,15 @@ def _describe(value) -> str:
 
 class _CheckingPropagation(FakeTensorProp):
     """Re-runs, on fake tensors, every node the pass created or reshaped and every node one of whose inputs
-    changed value; a node whose inputs all kept their values keeps export's value unrun (some ops that
-    export traced through Python decompositions, e.g. aten.pad with symbolic padding, cannot be re-run
-    as one ATen call, and need not be)."""
+    changed value; a node whose inputs all kept their values keeps export's value unrun (some ops export
+    recorded, e.g. aten.pad with a symbolic padding, cannot be re-run on fake tensors, and need not be).
+    A routed op that replaced a dense node must compute that node's shape and dtype."""
 
     def __init__(self, graph_module, mode, pass_name: str, before: dict, may_change: set):
         super().__init__(graph_module, mode)
         self.pass_name, self.before, self.may_change = pass_name, before, may_change
         self.changed: set[torch.fx.Node] = set()
+        self.before_by_name = {node.name: value for node, value in before.items()}
 
     def run_node(self, node: torch.fx.Node):
         old = self.before.get(node)
@@ -72,7 +73,15 @@ class _CheckingPropagation(FakeTensorProp):
             raise PassCheckError(
                 f"pass '{self.pass_name}' left an invalid graph: {describe_node(node)} fails on fake tensors: "
                 f"{type(e).__name__}: {str(e).strip()[:600]}") from e
-        if new_or_reshaped or free_unbacked_symbols(old):
+        replaced = self.before_by_name.get(node.meta.get("sparsify_dense_node")) if old is None else None
+        if replaced is not None:
+            # A routed op must compute the value of the dense node it replaced; then its users see no change.
+            if not _same(replaced, node.meta.get("val")):
+                raise PassCheckError(
+                    f"pass '{self.pass_name}' replaced node '{node.meta['sparsify_dense_node']}' by "
+                    f"{describe_node(node)}, which computes {_describe(node.meta.get('val'))} instead of "
+                    f"{_describe(replaced)}")
+        elif new_or_reshaped or free_unbacked_symbols(old):
             self.changed.add(node)
         elif not _same(old, node.meta.get("val")):
             raise PassCheckError(
