@@ -1,6 +1,6 @@
 """Dense vs Mixture-of-Transformers vs Mixture-of-Mamba on a mixed-modality corpus, on a laptop.
 
-    python demos/train_multimodal.py [--steps 300] [--seed 0] [--device cpu] [--init independent|copy]
+    python demos/train_multimodal.py [--steps 600] [--seed 0] [--device cpu] [--init independent|copy]
 
 The corpus uses nothing that has to be downloaded:
 - text:   bytes of the docstrings of Python's own standard library (256 tokens),
@@ -262,7 +262,7 @@ def write_outputs(curve: list[dict], out: Path, args) -> tuple[Path, Path]:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--init", choices=("independent", "copy"), default="independent")

@@ -1,6 +1,7 @@
 """sparsify: compile dense transformer and Mamba models into modality-routed ones."""
 from sparsify import ops
 from sparsify.frontends import mamba_ssm as _mamba_ssm_frontend
+from sparsify.after_training import export, extract
 from sparsify.api import consolidate, convert, load, save, verify
 from sparsify.errors import CaptureError, RoutingError, SparsifyError, VerificationError
 from sparsify.passes.verify import VerifyReport
@@ -11,5 +12,5 @@ _mamba_ssm_frontend.install()  # `import mamba_ssm` works without its CUDA exten
 
 __all__ = [
     "CaptureError", "RoutedModel", "RoutingError", "RoutingPlan", "SparsifyError", "VerificationError",
-    "VerifyReport", "consolidate", "convert", "load", "ops", "save", "verify",
+    "VerifyReport", "consolidate", "convert", "export", "extract", "load", "ops", "save", "verify",
 ]
