@@ -260,7 +260,9 @@ def build_plan(
             entry.reason = reason or ("outside the repeated blocks" if block is None
                                       else f"not selected by policy={policy!r}")
             plan.shared.append(entry)
-    block_of = (lambda fqn: _block_of(fqn)) if has_blocks else (lambda fqn: ROOT_BLOCK)  # noqa: E731
+    def block_of(fqn):
+        return _block_of(fqn) if has_blocks else ROOT_BLOCK
+
     routed_blocks = {block_of(p.fqn) for p in plan.params}
     plan.notes = _norm_notes({p.fqn: uses.get(p.fqn, []) for p in plan.params}) + [
         f"block {block_of(p.fqn)} is routed but its norm parameter {p.fqn} stays shared ({p.reason})"

@@ -22,7 +22,7 @@ import torch.fx
 from sparsify.passes import PassResult
 
 aten = torch.ops.aten
-METADATA_ASSERTS = {aten._assert_tensor_metadata.default}
+METADATA_ASSERTS = {aten._assert_tensor_metadata.default}  # dtype/device checks export adds beside `.to()`
 
 
 def _mutates(node: torch.fx.Node) -> bool:

@@ -28,12 +28,12 @@ import torch
 import torch.fx
 from torch.fx.passes.utils.matcher_utils import SubgraphMatcher
 
+from sparsify.passes.canonicalize import METADATA_ASSERTS
+
 aten = torch.ops.aten
 META_KEY = "sparsify_norm"
 EPS_SENTINEL = 0.0123456789   # the eps literal in traced patterns; a match reads the model's own
 TRACE_DIM = 7                 # feature size of traced patterns: a literal equal to it is the normalised size
-CASTS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout}
-ASSERTS = {aten._assert_tensor_metadata.default}
 
 
 @dataclass
@@ -131,7 +131,7 @@ def _trace(kind: str, spelling: str, fn, arity: int) -> _TracedPattern:
     graph_module = torch.export.export(_Pattern(fn), tuple(example), strict=False).graph_module
     graph = graph_module.graph
     for node in list(graph.nodes):
-        if node.target in ASSERTS:
+        if node.target in METADATA_ASSERTS:
             graph.erase_node(node)
     graph.eliminate_dead_code()
     inputs = [n for n in graph.nodes if n.op == "placeholder"]

@@ -14,6 +14,7 @@ import torch
 import torch.fx
 
 from sparsify.errors import describe_node
+from sparsify.passes.canonicalize import METADATA_ASSERTS
 from sparsify.passes.norm_patterns import find_norms, norm_match
 from sparsify.passes.token_axes import TokenAxes, axes_from_tokens, find_token_axes, shape_env_of, size_exprs
 from sparsify.passes.token_provenance import Tokens, token_provenance, tokens_of
@@ -34,8 +35,6 @@ PARAM_UNARY_OPS = {
     aten.sqrt.default, aten.rsqrt.default, aten.log.default, aten.softplus.default, aten.reciprocal.default,
     aten.mul.Scalar, aten.add.Scalar, aten.div.Scalar, aten.sub.Scalar, aten.pow.Tensor_Scalar,
 }
-# Ops that only assert a tensor's dtype/device: not a use.
-METADATA_ASSERTS = {aten._assert_tensor_metadata.default}
 ELEMENTWISE_OPS = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, operator.mul, operator.add}
 MATMUL_OPS = {aten.mm.default, aten.matmul.default}
 
@@ -50,13 +49,9 @@ class UseKind:
     token_operand: int | None  # node.args index of the tensor whose token dims route it; None: the op's output
     token_layout: str          # rows: tokens in every dim but the last | channels_first: [B, C, T] |
     #                            columns: w @ x, tokens in every dim but x's -2 | broadcast: elementwise
-    lift: str                  # how the parameter takes the routed form, for the plan summary
+    lift: str                  # how the parameter takes the routed form (shown in the plan's uses)
     rewrite: str | None        # the route pass's method for it; None: not routable
-
-    @property
-    def gathered(self) -> bool:
-        """Routed by per-token copies of the parameter (it broadcasts against the tokens), not a stacked op."""
-        return self.lift.startswith("per-token")
+    gathered: bool = False     # routed by per-token copies that broadcast against the tokens, not a stacked op
 
 
 USE_KINDS = {k.name: k for k in [
@@ -72,13 +67,15 @@ USE_KINDS = {k.name: k for k in [
     UseKind("norm_pattern_weight", "norm", None, "broadcast", "[M, D] stacked, fused norm", "rewrite_norm_match"),
     UseKind("norm_pattern_bias", "norm", None, "broadcast", "[M, D] stacked, fused norm", "rewrite_norm_match"),
     UseKind("norm_like_scale", "norm", None, "broadcast", "per-token copies gathered (norm not fused)",
-            "rewrite_elementwise"),
-    UseKind("bias_add", "linear", None, "broadcast", "per-token copies gathered", "rewrite_elementwise"),
-    UseKind("elementwise", "elementwise", None, "broadcast", "per-token copies gathered", "rewrite_elementwise"),
+            "rewrite_elementwise", gathered=True),
+    UseKind("bias_add", "linear", None, "broadcast", "per-token copies gathered", "rewrite_elementwise",
+            gathered=True),
+    UseKind("elementwise", "elementwise", None, "broadcast", "per-token copies gathered", "rewrite_elementwise",
+            gathered=True),
     UseKind("conv1d_weight", "conv", 0, "channels_first", "[M, C, K] stacked", "rewrite_conv1d"),
     UseKind("conv1d_bias", "conv", 0, "channels_first", "[M, C] stacked", "rewrite_conv1d"),
     UseKind("scan_delta_bias", "linear", 1, "channels_first", "per-token copies added to delta",
-            "rewrite_scan_delta_bias"),
+            "rewrite_scan_delta_bias", gathered=True),
     UseKind("embedding", "embedding", None, "broadcast", "", None),
     UseKind("unsupported", "unsupported", None, "broadcast", "", None),
 ]}
@@ -111,7 +108,8 @@ class ParamUse:
     def describe(self) -> str:
         where = f", {self.token_axes}" if self.token_axes else ""
         spelling = f" [{self.norm.spelling}]" if self.norm is not None else ""
-        return f"{self.kind} in {self.node.target}{spelling}{where}"
+        lifted = f"; {self.spec.lift}" if self.spec.lift and self.problem is None else ""
+        return f"{self.kind} in {self.node.target}{spelling}{where}{lifted}"
 
 
 def _val(node):
@@ -296,7 +294,7 @@ def find_param_uses(
         while stack:
             value, chain = stack.pop()
             for user in value.users:
-                if user.target in METADATA_ASSERTS:
+                if user.target in METADATA_ASSERTS:  # not a use (capture drops them; other graphs may keep them)
                     continue
                 if user.args and user.args[0] is value and (
                         user.target in PARAM_VIEW_OPS or user.target in PARAM_UNARY_OPS

@@ -51,7 +51,8 @@ def test_roles_and_token_dims_are_recorded(captured_toy):
     assert by_fqn["layers.0.shift"].role == "elementwise"
     assert "tokens flattened in dim 0" in by_fqn["layers.0.conv1d_weight"].uses[0]
     # w @ x routes x.mT, whose tokens are [batch, seq, d_in] again
-    assert by_fqn["layers.0.left"].uses[0] == "matmul_weight_left in aten.matmul.default, batch dim 0, seq dim 1"
+    assert by_fqn["layers.0.left"].uses[0] == ("matmul_weight_left in aten.matmul.default, batch dim 0, seq dim 1; "
+                                               "[M, out, in] stacked, x transposed")
     assert by_fqn["layers.0.up.weight"].shape == [12, 8]
 
 
