@@ -100,8 +100,15 @@ class RoutingPlan:
         lines.append(
             f"parameters: dense {total_dense:,} -> routed {total_routed:,} "
             f"({total_routed / max(total_dense, 1):.2f}x); routed tensors {len(self.params)} of "
-            f"{len(self.params) + len(self.shared)}; compute per token unchanged"
+            f"{len(self.params) + len(self.shared)}"
         )
+        # A token uses one copy of each routed tensor: what it touches, and so its compute, is the dense model's.
+        linear_routed = sum(math.prod(p.shape) for p in self.params if p.role == "linear")
+        linear_shared = sum(math.prod(p.shape) for p in self.shared if p.role == "linear")
+        lines.append(
+            f"per modality: {dense_routed:,} routed parameters of its own + {dense_shared:,} shared = {total_dense:,} "
+            f"used per token (the dense count); compute per token unchanged by routing: "
+            f"~{2 * (linear_routed + linear_shared):,} FLOPs in linear layers (2 x their weights), as dense")
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 

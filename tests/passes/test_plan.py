@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -97,3 +99,18 @@ def test_auto_tells_attention_softmax_from_an_expert_router_softmax(seq):
     assert {"layers.0.norm.weight", "layers.0.norm.bias"} <= routed        # attention block: mot, norms too
     assert "layers.1.router.weight" in routed and "layers.1.experts.0.weight" in routed
     assert not {"layers.1.norm.weight", "layers.1.norm.bias"} & routed     # router block: mom, norms shared
+
+
+def test_summary_reports_parameters_per_modality_and_unchanged_compute(captured_toy):
+    model, captured = captured_toy
+    plan = build_plan(captured, model, 3, policy="mot")
+    dense_total = sum(p.numel() for p in model.parameters())
+    own = sum(model.get_parameter(fqn).numel() for fqn in plan.routed)
+    summary = plan.summary()
+    assert f"per modality: {own:,} routed parameters of its own + {dense_total - own:,} shared = {dense_total:,}" \
+        in summary
+    def flops(text):
+        return int(re.search(r"~([\d,]+) FLOPs in linear layers", text).group(1).replace(",", ""))
+
+    assert flops(summary) > 0 and flops(summary) == flops(build_plan(captured, model, 3, policy="none").summary())
+    assert f"parameters: dense {dense_total:,} -> routed {dense_total + 2 * own:,}" in summary
