@@ -48,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="what a checkpoint routes (or would route), params before/after")
     inspect.add_argument("path")
     routing_options(inspect, modalities_required=False)
+    inspect.add_argument("--graph", metavar="OUT.svg", help="a routed checkpoint: draw its routed graph (networkx)")
 
     verify = commands.add_parser("verify", help="compare a routed checkpoint with its dense one")
     verify.add_argument("dense")
@@ -69,6 +70,18 @@ def run(args) -> int:
             versions = ", ".join(f"{k} {v}" for k, v in sorted(metadata.get("versions", {}).items()))
             print(f"{args.path}: routed {metadata['model'].get('class', '?')}, written with {versions}")
             print(plan.summary())
+            if args.graph:
+                import sparsify
+                from sparsify.api import _example_inputs
+                from sparsify.convert_checkpoint import load_factory
+                from sparsify.graph_svg import draw
+
+                routed = sparsify.load(args.path, model=load_factory(args.model) if args.model else None)
+                entry, _ = routed.graph_for(_example_inputs(routed._dense, None, None))
+                print(f"wrote {draw(entry.routed.graph_module, args.graph)}")
+        elif args.graph:
+            raise SparsifyError("--graph draws a routed checkpoint's graph; convert the checkpoint first "
+                                "(sparsify convert SRC -o OUT), then inspect OUT --graph out.svg")
         else:
             from sparsify.convert_checkpoint import describe_source
 

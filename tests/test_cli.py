@@ -105,6 +105,14 @@ def test_inspect_dense_and_routed_and_verify(tmp_path):
     assert cli("convert", src, "-o", dst, "--modalities", 2, "--no-verify", "--quiet").returncode == 0
     result = cli("inspect", dst)
     assert result.returncode == 0 and "2 modalities" in result.stdout and "LlamaForCausalLM" in result.stdout
+    assert "per modality:" in result.stdout and "compute per token unchanged" in result.stdout
+    svg = tmp_path / "routed.svg"
+    result = cli("inspect", dst, "--graph", svg)
+    assert result.returncode == 0, result.stderr
+    drawing = svg.read_text()
+    assert drawing.startswith("<?xml") and "routed_linear" in drawing and "model.layers.1" in drawing
+    result = cli("inspect", src, "--graph", svg)  # a dense source has no routed graph yet
+    assert result.returncode == 2 and "convert the checkpoint first" in result.stderr
     result = cli("verify", src, dst)
     assert result.returncode == 0 and "verify OK" in result.stdout
     # a routed checkpoint whose copies no longer match the dense weights fails verification: exit 1
