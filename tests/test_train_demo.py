@@ -56,3 +56,15 @@ def test_steps_to_match_reads_the_curves():
     assert demo.steps_to_match(curve, "transformer", "MoT", 10) == {m: 0.5 for m in demo.MODALITIES}
     slower = [dict(r, loss=r["loss"] + 1) if r["model"] == "MoT" else r for r in curve]
     assert demo.steps_to_match(slower, "transformer", "MoT", 10) == {m: None for m in demo.MODALITIES}
+
+
+def test_init_copy_starts_every_routed_model_at_its_dense_model(tmp_path):
+    """The upcycling case: before any step, each routed model's held-out loss is its dense model's (fp32)."""
+    demo = load_demo()
+    result = demo.main(["--steps", "2", "--size", "tiny", "--batch", "2", "--length", "32", "--eval-every", "2",
+                        "--init", "copy", "--out", str(tmp_path)])
+    held_out = {(r["model"], r["modality"], r["step"]): r["loss"] for r in result["curve"]}
+    for dense, routed in demo.PAIRS:
+        for modality in demo.MODALITIES:
+            a, b = held_out[(dense, modality, 0)], held_out[(routed, modality, 0)]
+            assert abs(a - b) <= 1e-5 * abs(a), (dense, routed, modality, a, b)
