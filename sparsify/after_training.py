@@ -68,7 +68,9 @@ def export(routed: RoutedModel, path, *args, **kwargs) -> Path:
     path = Path(path)
     if path.suffix != ".pt2":
         raise SparsifyError(f"export() writes a .pt2 file (torch.export.save); got {path.name!r}")
-    handle, staging = tempfile.mkstemp(suffix=".pt2.partial", dir=path.parent if path.parent.exists() else None)
+    if not path.parent.is_dir():
+        raise SparsifyError(f"export(): the directory {str(path.parent)!r} does not exist; create it first")
+    handle, staging = tempfile.mkstemp(suffix=".pt2.partial", dir=path.parent)  # same filesystem: atomic rename
     os.close(handle)
     try:
         torch.export.save(program, staging)

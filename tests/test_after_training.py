@@ -60,4 +60,6 @@ def test_export_round_trip_is_exact(tmp_path):
     assert torch.equal(got, want)
     with pytest.raises(sparsify.SparsifyError, match=r"writes a \.pt2 file"):
         sparsify.export(routed, tmp_path / "routed.bin")
+    with pytest.raises(sparsify.SparsifyError, match="does not exist"):
+        sparsify.export(routed, tmp_path / "missing" / "routed.pt2")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["routed.pt2"]
