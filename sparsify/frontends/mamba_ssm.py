@@ -15,7 +15,7 @@ nor a CPU can run. Two scopes:
   CUDA path is ever reached) and wraps the entry points so that calls on CPU
   tensors run plain PyTorch: mamba_ssm's own references where it has them
   (`selective_scan_ref`, so a dense model's numbers and autograd are mamba_ssm's),
-  else the graph forms below. Calls on CUDA tensors keep mamba_ssm's Triton
+  else their graph forms. Calls on CUDA tensors keep mamba_ssm's Triton
   kernels; only the functions that need the missing extension (the selective scan,
   the fused Mamba1 inner function) take the sparsify ops there.
 
