@@ -298,7 +298,6 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     with tqdm(total=args.steps * len(models), desc="training", file=sys.stdout, mininterval=2) as bar:
         for name, (model, routed) in models.items():
-            torch.manual_seed(args.seed + 1)  # the same dropout/sampling stream for every model (none is used)
             points, losses = train(name, model, routed, batches, held_out, args, bar)
             curve += points
             train_losses[name] = losses

@@ -33,22 +33,14 @@ def extract(routed: RoutedModel, modality: int) -> nn.Module:
     if isinstance(modality, bool) or not isinstance(modality, int) or not 0 <= modality < modalities:
         raise SparsifyError(f"modality must be an int in [0, {modalities}) for this {modalities}-modality model, "
                             f"got {modality!r}")
-    # The dense modules refer back to the routed model (their routed forwards): that link is not copied.
-    dense = copy.deepcopy(routed._dense, memo={id(routed): None})
+    # dense_view gives every routed parameter modality k's copy (tied aliases stay one tensor), so the deep copy
+    # is the dense model with those weights. The modules' link back to the routed model is not copied.
+    with routed.dense_view(modality):
+        dense = copy.deepcopy(routed._dense, memo={id(routed): None})
     for module in dense.modules():
         for key in [k for k in module.__dict__ if k.startswith("_sparsify")]:
             del module.__dict__[key]
         module.__dict__.pop("forward", None)  # back to the class's own forward
-    copies: dict[int, nn.Parameter] = {}
-    with torch.no_grad():
-        for planned in routed.plan.params:
-            stacked = routed.get_parameter(planned.fqn)
-            if id(stacked) not in copies:  # tied aliases stay one tensor
-                copies[id(stacked)] = nn.Parameter(stacked[modality].detach().clone(),
-                                                   requires_grad=stacked.requires_grad)
-            for name in [planned.fqn, *planned.aliases]:
-                owner, _, attr = name.rpartition(".")
-                dense.get_submodule(owner)._parameters[attr] = copies[id(stacked)]
     return dense.train(routed.training)
 
 

@@ -6,21 +6,21 @@ Routed ops (sparsify::*) are drawn red and labelled; the rest grey.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import networkx as nx
 import torch.fx
 
 from sparsify.errors import SparsifyError
+from sparsify.plan import _block_of
 
 
 def _block(node: torch.fx.Node) -> str:
-    """The outermost repeated block (an FQN ending in a number) whose forward made the node."""
+    """The repeated block whose forward made the node, as the plan names blocks ('' outside any)."""
     for fqn, _ in (node.meta.get("nn_module_stack") or {}).values():
-        match = re.match(r"(.*?\.\d+)(\.|$)", fqn)
-        if match:
-            return match.group(1)
+        block = _block_of(fqn + ".x")  # _block_of takes a parameter FQN: the module's FQN plus a name
+        if block:
+            return block
     return ""
 
 

@@ -14,7 +14,6 @@ import torch
 import torch.fx
 
 from sparsify.errors import describe_node
-from sparsify.passes.canonicalize import METADATA_ASSERTS
 from sparsify.passes.norm_patterns import find_norms, norm_match
 from sparsify.passes.token_axes import TokenAxes, axes_from_tokens, find_token_axes, shape_env_of, size_exprs
 from sparsify.passes.token_provenance import Tokens, token_provenance, tokens_of
@@ -294,8 +293,6 @@ def find_param_uses(
         while stack:
             value, chain = stack.pop()
             for user in value.users:
-                if user.target in METADATA_ASSERTS:  # not a use (capture drops them; other graphs may keep them)
-                    continue
                 if user.args and user.args[0] is value and (
                         user.target in PARAM_VIEW_OPS or user.target in PARAM_UNARY_OPS
                         or _scalar_elementwise(user, value)):

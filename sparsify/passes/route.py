@@ -23,7 +23,7 @@ from sparsify import ops  # noqa: F401  (registers torch.ops.sparsify.*)
 from sparsify.errors import RoutingError, describe_node
 from sparsify.passes import PassBase, PassResult
 from sparsify.passes.graph_check import check_graph, snapshot_values
-from sparsify.passes.param_uses import (METADATA_ASSERTS, ParamUse, broadcast_param_shape, conv1d_trim_chain,
+from sparsify.passes.param_uses import (ParamUse, broadcast_param_shape, conv1d_trim_chain,
                                         find_param_uses, token_tensor_lead_dims)
 from sparsify.passes.token_axes import TokenAxes
 
@@ -95,8 +95,7 @@ class RoutePass(PassBase):
         # Only now: the rewrites read the dense shapes of the parameters.
         _give_values(modality_ids, param_nodes, placeholders, self.user_inputs, self.modalities)
 
-        while graph.eliminate_dead_code() | _drop_orphan_asserts(graph):
-            pass
+        graph.eliminate_dead_code()  # the dense ops a fused norm replaced
         graph_module.recompile()
         return PassResult(graph_module, True)
 
@@ -119,17 +118,6 @@ def _give_values(modality_ids: torch.fx.Node, param_nodes: list, placeholders: l
         for node in param_nodes:
             dense = node.meta["val"]
             node.meta["val"] = torch.empty((modalities, *dense.shape), dtype=dense.dtype, device=dense.device)
-
-
-def _drop_orphan_asserts(graph: torch.fx.Graph) -> bool:
-    """Remove dtype/device asserts on values nothing else uses any more (e.g. an RMSNorm replaced by the
-    fused op): dead-code elimination keeps asserts, and they would keep the whole old subgraph running."""
-    changed = False
-    for node in list(graph.nodes):
-        if node.target in METADATA_ASSERTS and all(u.target in METADATA_ASSERTS for u in node.args[0].users):
-            graph.erase_node(node)
-            changed = True
-    return changed
 
 
 def _lead(uses: list[ParamUse]) -> int:
