@@ -181,17 +181,21 @@ class SizeConditions:
         return cls(guards=list(dict.fromkeys(guards)), size_classes=size_classes)
 
 
-def capture(module: torch.nn.Module, inputs: dict[str, Any]) -> CapturedGraph:
-    """Export `module(**inputs)` with the batch and sequence dims of token-shaped inputs marked dynamic.
+def capture(module: torch.nn.Module, inputs: dict[str, Any], every_dim: bool = False) -> CapturedGraph:
+    """Export `module(**inputs)` with the batch and sequence dims of token-shaped inputs marked dynamic
+    (`every_dim`: every dim of every tensor input, for a decoding step whose masks are shaped by the query
+    and cache lengths in model-specific ways).
 
     Dim.AUTO lets export keep a dim dynamic where the model allows and specialise
-    it where the model's code does; the caller re-captures for shapes a
-    specialised graph does not accept.
+    it where the model's code does (a size of 1 always specialises: a decode step of one token gets its
+    own graph); the caller re-captures for shapes a specialised graph does not accept.
     """
     token = primary_tensor(inputs)
     batch, seq = token.shape[0], token.shape[1]
 
     def dynamic_spec(leaf):
+        if isinstance(leaf, torch.Tensor) and every_dim and leaf.dim() > 0:
+            return {d: Dim.AUTO for d in range(leaf.dim())}
         if isinstance(leaf, torch.Tensor) and leaf.dim() >= 2 and tuple(leaf.shape[:2]) == (batch, seq):
             return {0: Dim.AUTO, 1: Dim.AUTO}
         return None

@@ -108,6 +108,18 @@ class RoutedModel(nn.Module):
         outputs = entry.module_forwards[""](self, *user_inputs, ids)
         return pytree.tree_unflatten(list(outputs), graph.output_spec)
 
+    def generate(self, input_ids: torch.Tensor, modality_ids: torch.Tensor | None = None, next_modality=0,
+                 **generation_kwargs) -> torch.Tensor:
+        """Hugging Face `generate` on the routed model, with the model's cache inside the routed graphs.
+
+        `modality_ids`: LongTensor[batch, prompt_len], the prompt's modalities. `next_modality` gives each new
+        token's modality: an int, a mapping {range(start, stop) or (start, stop): modality, "default": m} over
+        token ids, or a callable (new_token_ids [batch], ids_so_far [batch, len]) -> LongTensor [batch].
+        Every other keyword is Hugging Face's (max_new_tokens, do_sample, attention_mask, ...).
+        """
+        from sparsify.generation import generate
+        return generate(self, input_ids, modality_ids, next_modality, **generation_kwargs)
+
     def precapture(self, *args, param_dtype: torch.dtype | None = None, **kwargs) -> None:
         """Capture and cache the graph a call like this one needs, now: before `fully_shard` (export
         cannot capture sharded parameters). `param_dtype` is the dtype a FSDP2 MixedPrecisionPolicy will
@@ -122,30 +134,33 @@ class RoutedModel(nn.Module):
             for param, data in saved:
                 param.data = data
 
-    def graph_args(self, graph: CapturedGraph, flat_inputs: list, params: dict | None = None) -> list:
-        """Placeholder values in order; `params` overrides parameters by FQN (verify uses it)."""
+    def graph_args(self, graph: CapturedGraph, flat_inputs: list, params: dict | None = None,
+                   owner: nn.Module | None = None) -> list:
+        """Placeholder values in order; `params` overrides parameters by FQN (verify uses it); `owner` is the
+        module the graph was captured from where that is not this model (a decoding step holding its cache)."""
+        owner = owner or self
         values = []
         for kind, target in graph.placeholders:
             if kind == "parameter":
-                values.append(params[target] if params and target in params else self.get_parameter(target))
+                values.append(params[target] if params and target in params else owner.get_parameter(target))
             elif kind == "buffer":
-                values.append(self.get_buffer(target))
+                values.append(owner.get_buffer(target))
             elif kind == "constant":
                 values.append(graph.constants[target])
             else:
                 values.append(flat_inputs[target])
         return values
 
-    def unpack_outputs(self, graph: CapturedGraph, outputs):
+    def unpack_outputs(self, graph: CapturedGraph, outputs, owner: nn.Module | None = None):
         outputs = list(outputs)
         mutated = len(graph.mutated_buffers)
         with torch.no_grad():
             for name, value in zip(graph.mutated_buffers, outputs[:mutated]):
-                self.get_buffer(name).copy_(value)
+                (owner or self).get_buffer(name).copy_(value)
         return pytree.tree_unflatten(outputs[mutated:], graph.output_spec)
 
     # -- capture cache ---------------------------------------------------------------------
-    def _cache_key(self, flat: list, spec) -> tuple:
+    def _cache_key(self, flat: list, spec, step: nn.Module | None = None) -> tuple:
         leaves = tuple(
             ("tensor", leaf.dtype, leaf.device, leaf.dim()) if isinstance(leaf, torch.Tensor) else ("value", repr(leaf))
             for leaf in flat
@@ -153,17 +168,20 @@ class RoutedModel(nn.Module):
         # Parameters FSDP2 keeps sharded (DTensors) are left out: they run as the unsharded parameters
         # the root shows, in the compute dtype of a MixedPrecisionPolicy.
         params = frozenset((p.dtype, p.device) for p in self.parameters() if not _is_sharded(p))
-        return (self.training, self.backend, str(spec), leaves, params)
+        # A decoding step's graphs (generation.py) are keyed by the shapes of the cache they hold.
+        cache = step.cache_signature() if step is not None else None
+        return (self.training, self.backend, str(spec), leaves, params, cache)
 
-    def graph_for(self, inputs: dict[str, Any]) -> tuple[GraphEntry, list]:
-        """The routed graph for these inputs, capturing and routing a new one if none accepts them."""
+    def graph_for(self, inputs: dict[str, Any], step: nn.Module | None = None) -> tuple[GraphEntry, list]:
+        """The routed graph for these inputs, capturing and routing a new one if none accepts them. `step`: a
+        decoding step module (generation.py) to capture instead of the dense model."""
         flat, spec = pytree.tree_flatten(((), inputs))
-        key = self._cache_key(flat, spec)
+        key = self._cache_key(flat, spec, step)
         entries = self._graphs.setdefault(key, [])
         for entry in entries:
             if entry.routed.accepts(flat):
                 return entry, flat
-        entry = self._capture(inputs)
+        entry = self._capture(inputs, step)
         entries.append(entry)
         return entry, flat
 
@@ -186,7 +204,7 @@ class RoutedModel(nn.Module):
             for owner, name, stacked in reversed(swapped):
                 owner._parameters[name] = stacked
 
-    def _capture(self, inputs: dict[str, Any]) -> GraphEntry:
+    def _capture(self, inputs: dict[str, Any], step: nn.Module | None = None) -> GraphEntry:
         sharded = [name for name, p in self.named_parameters() if _is_sharded(p)]
         if sharded:
             raise SparsifyError(
@@ -198,12 +216,17 @@ class RoutedModel(nn.Module):
         self.__dict__["_capturing"] = True  # modules run their dense forwards while export traces them
         try:
             with self.dense_view(), module_tree.without_wrappers(self):
-                captured = capture(self._dense, inputs)
+                if step is None:
+                    captured = capture(self._dense, inputs)
+                else:  # the step prepares its cache (dense forwards) and is captured in the state that leaves
+                    with step.prepared_for(inputs):
+                        captured = capture(step, inputs, every_dim=True)
         finally:
             self.__dict__["_capturing"] = False
-        return self.route_captured(captured)
+        # A decoding step runs as one flat graph: nothing hooks or shards modules during generation.
+        return self.route_captured(captured, split=step is None)
 
-    def route_captured(self, captured: CapturedGraph) -> GraphEntry:
+    def route_captured(self, captured: CapturedGraph, split: bool = True) -> GraphEntry:
         dense_graph_module = copy.deepcopy(captured.graph_module)
         placeholders = [n for n in captured.graph_module.graph.nodes if n.op == "placeholder"]
         param_fqns = {n.name: t for n, (k, t) in zip(placeholders, captured.placeholders) if k == "parameter"}
@@ -216,7 +239,8 @@ class RoutedModel(nn.Module):
         captured.graph_module = run_passes(captured.graph_module, passes)
         captured.param_uses = None  # it described the dense graph
         entry = GraphEntry(routed=captured, dense_graph_module=dense_graph_module)
-        self._split_into_modules(entry)
+        if split:
+            self._split_into_modules(entry)
         return entry
 
     def _split_into_modules(self, entry: GraphEntry) -> None:

@@ -93,6 +93,8 @@ def find_token_axes(shape: Sequence, token_dims: tuple, shape_env=None) -> Token
         return TokenAxes((flat_dims[0],))
     if not batch_dims and not seq_dims and not flat_dims:
         return f"shape {list(shape)} has no dim of batch {batch}, sequence {seq} or batch*sequence"
+    if len(batch_dims) == 1 and not flat_dims and seq == 1:
+        return TokenAxes((batch_dims[0],), seq_index=0)  # one new token per sequence (see axes_from_tokens)
     if len(batch_dims) == 1 and not seq_dims and not flat_dims:
         return (f"shape {list(shape)} has the batch dim but no sequence dim: it holds part of the sequence "
                 "(e.g. x[:, t] inside a Python loop over time), which sparsify cannot route per token yet")
@@ -117,6 +119,10 @@ def axes_from_tokens(tokens: Tokens, token_dims: tuple, shape: Sequence) -> Toke
         axes = TokenAxes((batch[0],), seq_index=tokens.position)
     elif len(seq) == 1 and not batch and not flat and not flat_seq_major and token_dims[0] == 1:
         axes = TokenAxes((seq[0],))  # a batch of one squeezed away: the sequence dim alone holds the tokens
+    elif len(batch) == 1 and not seq and not flat and not flat_seq_major and token_dims[1] == 1:
+        # A graph for one new token per sequence (a decoding step): each batch row holds that token, mixed
+        # at most with the cached state of its own past, and the token's modality routes the row.
+        axes = TokenAxes((batch[0],), seq_index=0)
     elif any(name and ":" in name for name in tokens.labels):
         return (f"its dims carry tokens as {tokens}: the sequence is cut into chunks there; sparsify routes "
                 "the tokens before the chunking or after they are joined back")

@@ -1,0 +1,293 @@
+"""Generation: `routed.generate(input_ids, modality_ids=..., next_modality=..., **hf_generation_kwargs)`.
+
+Hugging Face's `generate` drives the loop (logits processors, sampling, stopping, left padding); the model's
+forward it calls is replaced, for the call, by one that runs a routed graph:
+
+    with a cache      DecodingStep = dense forward + the cache's tensors as buffers  =>  captured, routed:
+                      one prefill graph and one decode graph per (batch, cache length, dtype) class;
+                      the graph mutates the cache buffers in place, as transformers' ExecuTorch export does
+    without a cache   the routed model's own forward on the whole sequence (one graph, dynamic length)
+
+The cache is a transformers StaticCache (fixed-size tensors: attention keys/values, Mamba conv and SSM states),
+so a graph's buffers keep their shapes across steps. Each new token's modality comes from `next_modality`.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from sparsify import module_tree
+from sparsify.errors import SparsifyError
+from sparsify.ops import check_modality_ids
+
+CACHE = "sparsify_cache"  # the step module's child holding the cache tensors as buffers
+CACHE_ARGS = ("past_key_values", "cache_params")  # what Hugging Face forwards call their cache
+
+
+def _model_output():
+    from transformers.utils import ModelOutput
+
+    @dataclass
+    class StepOutput(ModelOutput):
+        """What generate reads back from a step: logits, and the cache under the model's own name."""
+        logits: torch.Tensor | None = None
+        past_key_values: Any = None
+        cache_params: Any = None
+
+    return StepOutput
+
+
+def _cache_slots(cache) -> list[tuple[str, dict, Any]]:
+    """Every tensor a transformers Cache holds, as (name by layer and attribute, stable for one config;
+    the dict holding it; its key there)."""
+    slots = []
+    for index, layer in enumerate(getattr(cache, "layers", [])):
+        for attr, value in vars(layer).items():
+            if isinstance(value, torch.Tensor):
+                slots.append((f"layer{index}_{attr}", vars(layer), attr))
+            elif isinstance(value, dict):
+                slots += [(f"layer{index}_{attr}_{k}", value, k) for k, v in value.items() if isinstance(v, torch.Tensor)]
+    return slots
+
+
+@contextmanager
+def dense_forwards(routed):
+    """The dense model's own forward on every module, with modality 0's weights (allocates a cache)."""
+    if routed.__dict__.get("_capturing"):  # inside a capture, which set all this up already
+        with torch.no_grad():
+            yield
+        return
+    routed.__dict__["_capturing"] = True
+    try:
+        with routed.dense_view(), module_tree.without_wrappers(routed), torch.no_grad():
+            yield
+    finally:
+        routed.__dict__["_capturing"] = False
+
+
+class DecodingStep(nn.Module):
+    """The dense model's forward with a cache held as buffers: `step(**model_inputs) -> logits`.
+
+    It shares the dense model's parameter and module registries, so parameter FQNs are the dense ones and
+    the routed model's stacked parameters bind to its graphs; the cache's tensors are buffers of a child
+    named `sparsify_cache`. A captured graph is lifted: it reads those buffers by name at call time, so the
+    graphs of one cache shape serve every cache of that shape.
+    """
+
+    def __init__(self, routed, cache, cache_arg: str):
+        super().__init__()
+        dense = routed._dense
+        self._parameters = dense._parameters
+        self._buffers = dense._buffers
+        self._modules = dict(dense._modules)
+        object.__setattr__(self, "_routed", routed)
+        self.cache_arg = cache_arg
+        self.phase = "prefill"  # then "decode": the model's code takes other paths once the cache holds tokens
+        self.batch = None
+        self.cache = cache
+
+    def allocate(self, batch: int) -> None:
+        """Allocate the cache's tensors (transformers allocates them lazily, in the first forward) by one dense
+        forward, and empty it again: a graph's buffers must exist before it is captured."""
+        self.batch = batch
+        self._feed_dummy(self.cache)
+        self.cache.reset()
+        self._use(self.cache)
+
+    def _feed_dummy(self, cache) -> None:
+        dense = self._routed._dense
+        dummy = torch.zeros(self.batch, 2, dtype=torch.long, device=next(self.parameters()).device)
+        with dense_forwards(self._routed):
+            type(dense).forward(dense, input_ids=dummy, **{self.cache_arg: cache}, use_cache=True)
+
+    def _use(self, cache) -> None:
+        holder = nn.Module()
+        for name, where, key in _cache_slots(cache):
+            holder.register_buffer(name, where[key], persistent=False)
+        if not len(holder._buffers):
+            raise SparsifyError(f"the cache {type(cache).__name__} holds no tensors after a forward: sparsify "
+                                "generates with a transformers StaticCache (fixed-size tensors)")
+        self._modules[CACHE] = holder
+        self.cache = cache
+
+    def cache_signature(self) -> tuple:
+        buffers = self._modules[CACHE]._buffers.items()
+        return (self.phase, tuple((name, tuple(t.shape), t.dtype) for name, t in buffers))
+
+    @contextmanager
+    def prepared_for(self, inputs: dict):
+        """While capturing: a scratch cache of the same shapes in the state of this phase (empty for the
+        prefill, holding tokens for a decode step), so the model's code takes the path this phase runs."""
+        real = self.cache
+        scratch = copy.deepcopy(real)
+        scratch.reset()
+        if self.phase == "decode":
+            self._feed_dummy(scratch)
+        self._use(scratch)
+        try:
+            yield
+        finally:
+            self._use(real)
+
+    def forward(self, **inputs):
+        # While export traces this, the buffers are export's own tensors, not the ones the cache object holds:
+        # hand them to the cache so its in-place updates are the graph's buffer mutations (at run time this
+        # rebinds the same tensors).
+        buffers = self._modules[CACHE]._buffers
+        for name, where, key in _cache_slots(self.cache):
+            where[key] = buffers[name]
+        dense = self._routed._dense
+        out = type(dense).forward(dense, **inputs, **{self.cache_arg: self.cache}, use_cache=True, return_dict=True)
+        return out.logits
+
+    def run(self, inputs: dict, modality_ids: torch.Tensor) -> torch.Tensor:
+        routed = self._routed
+        entry, flat = routed.graph_for(inputs, self)
+        graph = entry.routed
+        outputs = graph.graph_module(*routed.graph_args(graph, flat, owner=self), modality_ids)
+        logits = routed.unpack_outputs(graph, outputs, owner=self)
+        self.phase = "decode"
+        return logits
+
+
+def modality_rule(next_modality, modalities: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`next_modality` as a function (new token ids [B], ids so far [B, L]) -> modality ids [B], validated."""
+    def check(ids, new):
+        if isinstance(ids, int) and not isinstance(ids, bool):
+            ids = torch.full_like(new, ids)
+        if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise SparsifyError(f"next_modality must give integer modality ids (an int or a LongTensor of shape "
+                                f"[{new.shape[0]}]), got {type(ids).__name__} {getattr(ids, 'dtype', '')}")
+        if ids.shape not in (new.shape, (*new.shape, 1)):
+            raise SparsifyError(f"next_modality gave modality ids of shape {tuple(ids.shape)}; it must give one per "
+                                f"sequence: shape [{new.shape[0]}] (batch)")
+        ids = ids.reshape(new.shape).long().to(new.device)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= modalities):
+            raise SparsifyError(f"next_modality gave modality ids in [{int(ids.min())}, {int(ids.max())}]; this "
+                                f"model has {modalities} modalities: ids must lie in [0, {modalities})")
+        return ids
+
+    if isinstance(next_modality, int) and not isinstance(next_modality, bool):
+        if not 0 <= next_modality < modalities:
+            raise SparsifyError(f"next_modality={next_modality} is not a modality of this {modalities}-modality model")
+        return lambda new, so_far: torch.full_like(new, next_modality)
+    if isinstance(next_modality, Mapping):
+        ranges, default = [], next_modality.get("default", 0)
+        for key, modality in next_modality.items():
+            if key == "default":
+                continue
+            if isinstance(key, range) and key.step == 1:
+                key = (key.start, key.stop)
+            if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(v, int) for v in key)):
+                raise SparsifyError(f"next_modality mapping keys are token-id ranges: range(start, stop) or "
+                                    f"(start, stop), or 'default'; got {key!r}")
+            ranges.append((key, modality))
+
+        def by_range(new, so_far):
+            ids = check(default, new)
+            for (start, stop), modality in ranges:
+                ids = torch.where((new >= start) & (new < stop), check(modality, new), ids)
+            return ids
+        return by_range
+    if callable(next_modality):
+        return lambda new, so_far: check(next_modality(new, so_far), new)
+    raise SparsifyError(f"next_modality must be an int, a mapping from token-id ranges to modalities, or a callable "
+                        f"(new_token_ids, ids_so_far) -> modality ids; got {type(next_modality).__name__}")
+
+
+class ModalityTracker:
+    """The modality of every token of the sequences being generated: the prompt's as given, each new token's
+    from the rule when the loop feeds it to the model."""
+
+    def __init__(self, input_ids: torch.Tensor, modality_ids: torch.Tensor, rule):
+        self.tokens, self.modalities, self.rule = input_ids, modality_ids, rule
+        self.fed = 0  # tokens already in the cache
+
+    def ids_for(self, input_ids: torch.Tensor, cached: bool) -> torch.Tensor:
+        """Modality ids for the tokens of this forward: with a cache, the uncached tail of the sequence; without
+        one, the whole sequence."""
+        if input_ids.shape[0] != self.tokens.shape[0]:  # generate expanded the batch (num_return_sequences)
+            repeat = input_ids.shape[0] // self.tokens.shape[0]
+            self.tokens = self.tokens.repeat_interleave(repeat, 0)
+            self.modalities = self.modalities.repeat_interleave(repeat, 0)
+        start = self.fed if cached else 0
+        end = start + input_ids.shape[1]
+        for position in range(self.tokens.shape[1], end):
+            new = input_ids[:, position - start]
+            self.tokens = torch.cat([self.tokens, new[:, None]], 1)
+            self.modalities = torch.cat([self.modalities, self.rule(new, self.tokens)[:, None]], 1)
+        if cached:
+            self.fed = end
+        return self.modalities[:, start:end]
+
+
+@contextmanager
+def _forward_replaced(module: nn.Module, forward):
+    saved = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if saved is None:
+            del module.forward
+        else:
+            module.forward = saved
+
+
+def generate(routed, input_ids: torch.Tensor, modality_ids: torch.Tensor | None = None, next_modality=0,
+             **kwargs) -> torch.Tensor:
+    dense = routed._dense
+    if not callable(getattr(dense, "generate", None)) or not hasattr(dense, "generation_config"):
+        raise SparsifyError(f"generate() needs a Hugging Face causal LM (GenerationMixin); {type(dense).__name__} "
+                            "is not one: call the routed model in your own decoding loop")
+    modalities = routed.plan.modalities
+    if modality_ids is None:
+        raise SparsifyError("generate() needs modality_ids for the prompt: LongTensor[batch, prompt_len] with ids in "
+                            f"[0, {modalities}); `next_modality` decides the new tokens' modalities")
+    modality_ids = check_modality_ids(modality_ids, input_ids.shape[:2], modalities).to(input_ids.device)
+    given = [name for name in CACHE_ARGS if kwargs.get(name) is not None]
+    if given:
+        raise SparsifyError(f"generate() got {given[0]}=: sparsify keeps the cache inside the routed graphs and "
+                            "builds it for each call; a cache made elsewhere (another model, the dense model) "
+                            "cannot be used. Drop the argument.")
+    if kwargs.get("num_beams", dense.generation_config.num_beams or 1) > 1 and kwargs.get("use_cache", True):
+        raise SparsifyError("beam search reorders the cache in Python, outside the routed graphs: pass "
+                            "use_cache=False with num_beams > 1 (or sample / search greedily with the cache)")
+    signature = inspect.signature(dense.forward)
+    cache_arg = next((name for name in CACHE_ARGS if name in signature.parameters), None)
+    use_cache = kwargs.get("use_cache", dense.generation_config.use_cache) and cache_arg is not None
+    if use_cache:
+        # transformers builds a StaticCache sized for this call (batch after expansion, max length).
+        kwargs["cache_implementation"] = "static"
+    tracker = ModalityTracker(input_ids, modality_ids, modality_rule(next_modality, modalities))
+    step_output = _model_output()
+    state: dict[str, DecodingStep] = {}
+
+    def forward(**model_inputs):
+        tokens = model_inputs["input_ids"]
+        ids = tracker.ids_for(tokens, cached=use_cache)
+        if not use_cache:
+            model_inputs = {k: v for k, v in model_inputs.items() if k not in CACHE_ARGS}
+            with _forward_replaced(dense, type(dense).forward.__get__(dense)):
+                return routed(**model_inputs, modality_ids=ids)
+        cache = model_inputs.pop(cache_arg)
+        if "step" not in state:
+            state["step"] = DecodingStep(routed, cache, cache_arg)
+            state["step"].allocate(tokens.shape[0])
+        step = state["step"]
+        if cache is not step.cache:
+            raise SparsifyError("internal: generate passed a different cache object mid-generation")
+        inputs = {"input_ids": tokens, **{k: v for k, v in model_inputs.items()
+                                          if k not in ("input_ids", "use_cache", "return_dict")}}
+        return step_output(logits=step.run(inputs, ids), **{cache_arg: cache})
+
+    forward.__signature__ = signature
+    with _forward_replaced(dense, forward):
+        return dense.generate(input_ids, **kwargs)
