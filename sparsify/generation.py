@@ -26,6 +26,7 @@ import torch.nn as nn
 from sparsify import module_tree
 from sparsify.errors import SparsifyError
 from sparsify.ops import check_modality_ids
+from sparsify.passes.direct_calls import direct_calls
 
 CACHE = "sparsify_cache"  # the step module's child holding the cache tensors as buffers
 CACHE_ARGS = ("past_key_values", "cache_params")  # what Hugging Face forwards call their cache
@@ -92,6 +93,7 @@ class DecodingStep(nn.Module):
         self.phase = "prefill"  # then "decode": the model's code takes other paths once the cache holds tokens
         self.batch = None
         self.cache = cache
+        self._bound: dict = {}  # (phase, input shapes) -> (graph entry, its arguments, user input positions)
 
     def allocate(self, batch: int) -> None:
         """Allocate the cache's tensors (transformers allocates them lazily, in the first forward) by one dense
@@ -149,10 +151,23 @@ class DecodingStep(nn.Module):
 
     def run(self, inputs: dict, modality_ids: torch.Tensor) -> torch.Tensor:
         routed = self._routed
-        entry, flat = routed.graph_for(inputs, self)
-        graph = entry.routed
-        outputs = graph.graph_module(*routed.graph_args(graph, flat, owner=self), modality_ids)
-        logits = routed.unpack_outputs(graph, outputs, owner=self)
+        # Within one generate call parameters and cache tensors stay put, and every decode step has the same
+        # shapes: the graph and its parameter / buffer arguments are looked up once per shape, not per token.
+        shapes = tuple((k, tuple(v.shape) if isinstance(v, torch.Tensor) else repr(v)) for k, v in inputs.items())
+        key = (self.phase, shapes)
+        if key not in self._bound:
+            entry, flat = routed.graph_for(inputs, self)
+            if entry.direct is None:
+                entry.direct = direct_calls(entry.routed.graph_module, len(entry.routed.mutated_buffers))
+            args = routed.graph_args(entry.routed, flat, owner=self)
+            positions = [i for i, (kind, _) in enumerate(entry.routed.placeholders) if kind == "input"]
+            self._bound[key] = (entry, args, positions)
+        entry, args, positions = self._bound[key]
+        flat = [v for v in torch.utils._pytree.tree_leaves(((), inputs))]
+        for position, (_, index) in zip(positions, [entry.routed.placeholders[p] for p in positions]):
+            args[position] = flat[index]
+        outputs = entry.direct(*args, modality_ids)
+        logits = routed.unpack_outputs(entry.routed, outputs, owner=self)
         self.phase = "decode"
         return logits
 

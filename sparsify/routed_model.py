@@ -38,6 +38,8 @@ class GraphEntry:
     # where the split is not possible; the flat graph then runs and `tree_problem` says why.
     module_forwards: dict | None = None
     tree_problem: str | None = None
+    # For a graph only ever run eagerly (a decoding step): the routed graph with direct op calls.
+    direct: torch.fx.GraphModule | None = None
 
 
 def _is_sharded(param) -> bool:
@@ -156,7 +158,9 @@ class RoutedModel(nn.Module):
         mutated = len(graph.mutated_buffers)
         with torch.no_grad():
             for name, value in zip(graph.mutated_buffers, outputs[:mutated]):
-                (owner or self).get_buffer(name).copy_(value)
+                buffer = (owner or self).get_buffer(name)
+                if value.data_ptr() != buffer.data_ptr():  # not updated in place already (direct_calls)
+                    buffer.copy_(value)
         return pytree.tree_unflatten(outputs[mutated:], graph.output_spec)
 
     # -- capture cache ---------------------------------------------------------------------

@@ -13,34 +13,48 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparsify.ops._grouping import accumulation_dtype, rows_by_modality
+from sparsify.ops._grouping import accumulation_dtype, groups_of
 from sparsify.ops.backend import use_triton
 
 
 def routed_linear_ref(x: Tensor, modality_ids: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """Plain-PyTorch reference: one F.linear per modality over that modality's rows."""
+    """Plain-PyTorch reference: one F.linear per modality over that modality's rows (contiguous after one
+    sort; no sort at all when one modality holds every row, as in a decoding step of one modality)."""
     x_rows = x.reshape(-1, x.shape[-1])
+    groups = groups_of(modality_ids, weight.shape[0])
+    out_shape = (*x.shape[:-1], weight.shape[1])
+    if groups.single is not None:
+        m = groups.single
+        return F.linear(x_rows, weight[m], None if bias is None else bias[m]).reshape(out_shape)
     out = x_rows.new_empty(x_rows.shape[0], weight.shape[1], dtype=torch.result_type(x, weight))
-    for m, rows in enumerate(rows_by_modality(modality_ids.reshape(-1), weight.shape[0])):
-        if rows.numel():
-            out.index_copy_(0, rows, F.linear(x_rows.index_select(0, rows), weight[m], None if bias is None else bias[m]))
-    return out.reshape(*x.shape[:-1], weight.shape[1])
+    if groups.order is None:  # no rows
+        return out.reshape(out_shape)
+    x_sorted = groups.to_sorted(x_rows)
+    for m, start, stop in groups.slices():
+        out[start:stop] = F.linear(x_sorted[start:stop], weight[m], None if bias is None else bias[m])
+    return groups.from_sorted(out).reshape(out_shape)
 
 
 def routed_linear_backward_ref(grad: Tensor, x: Tensor, modality_ids: Tensor, weight: Tensor, has_bias: bool):
     """Gradients (dx, dweight, dbias) of routed_linear_ref; dbias is empty when has_bias is False."""
     x_rows = x.reshape(-1, x.shape[-1])
     grad_rows = grad.reshape(-1, weight.shape[1])
-    dx = torch.empty_like(x_rows)
+    groups = groups_of(modality_ids, weight.shape[0])
     dweight = torch.zeros_like(weight)
     dbias = grad.new_zeros((weight.shape[0], weight.shape[1]) if has_bias else (0,), dtype=weight.dtype)
-    for m, rows in enumerate(rows_by_modality(modality_ids.reshape(-1), weight.shape[0])):
-        if rows.numel():
-            g = grad_rows.index_select(0, rows)
-            dx.index_copy_(0, rows, (g @ weight[m]).to(dx.dtype))
-            dweight[m] = g.t() @ x_rows.index_select(0, rows)
-            if has_bias:
-                dbias[m] = g.sum(0, dtype=accumulation_dtype(g.dtype)).to(dbias.dtype)
+    if groups.order is None and groups.single is None:  # no rows
+        return torch.empty_like(x), dweight, dbias
+    if groups.single is None:
+        x_rows, grad_rows = groups.to_sorted(x_rows), groups.to_sorted(grad_rows)
+    dx = torch.empty_like(x_rows)
+    for m, start, stop in groups.slices():
+        g = grad_rows[start:stop]
+        dx[start:stop] = (g @ weight[m]).to(dx.dtype)
+        dweight[m] = g.t() @ x_rows[start:stop]
+        if has_bias:
+            dbias[m] = g.sum(0, dtype=accumulation_dtype(g.dtype)).to(dbias.dtype)
+    if groups.single is None:
+        dx = groups.from_sorted(dx)
     return dx.reshape(x.shape), dweight, dbias
 
 

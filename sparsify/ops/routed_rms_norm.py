@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sparsify.ops._grouping import accumulation_dtype, rows_by_modality
+from sparsify.ops._grouping import accumulation_dtype, groups_of, rows_by_modality
 from sparsify.ops.backend import use_triton
 
 
@@ -17,11 +17,12 @@ def routed_rms_norm_ref(x: Tensor, modality_ids: Tensor, weight: Tensor, eps: fl
     acc = accumulation_dtype(x.dtype)
     x_rows = x.reshape(-1, x.shape[-1]).to(acc)
     normed = x_rows * torch.rsqrt(x_rows.pow(2).mean(-1, keepdim=True) + eps)
-    out = torch.empty(x_rows.shape, device=x.device, dtype=torch.result_type(x, weight))
-    for m, rows in enumerate(rows_by_modality(modality_ids.reshape(-1), weight.shape[0])):
-        if rows.numel():
-            out.index_copy_(0, rows, (normed.index_select(0, rows) * weight[m].to(acc)).to(out.dtype))
-    return out.reshape(x.shape)
+    out_dtype = torch.result_type(x, weight)
+    # The per-token scale as one broadcast multiply: weight rows gathered per token (a [tokens, D] gather is
+    # cheaper than grouping rows for an elementwise op), or the one modality's row when all tokens share it.
+    groups = groups_of(modality_ids, weight.shape[0])
+    scale = weight[groups.single] if groups.single is not None else weight.index_select(0, modality_ids.reshape(-1))
+    return (normed * scale.to(acc)).to(out_dtype).reshape(x.shape)
 
 
 def routed_rms_norm_backward_ref(grad: Tensor, x: Tensor, modality_ids: Tensor, weight: Tensor, eps: float):

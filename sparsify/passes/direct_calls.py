@@ -1,0 +1,62 @@
+"""Direct calls: a copy of a routed graph whose torch-backend routed ops call their Python implementations.
+
+    sparsify.routed_linear(x, ids, w, b, backend="torch")  =>  routed_linear_ref(x, ids, w, b)
+
+A custom op call costs 30-50 us of dispatch on CPU (autograd wrapper, dynamo guard) before any work: a third
+of a small model's decoding step. A graph that is only ever run eagerly (a decoding step: never exported,
+traced or unflattened) calls the references directly; they are plain PyTorch, so autograd still follows them.
+Triton-lowered ops keep the custom op (their backward is the op's own).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx
+
+from sparsify.ops.routed_linear import routed_linear_ref
+from sparsify.ops.routed_rms_norm import routed_rms_norm_ref
+
+
+def routed_linear_direct(x, modality_ids, weight, bias=None, backend="torch"):
+    return routed_linear_ref(x, modality_ids, weight, bias)
+
+
+def routed_rms_norm_direct(x, modality_ids, weight, eps=1e-6, backend="torch"):
+    return routed_rms_norm_ref(x, modality_ids, weight, eps)
+
+
+DIRECT = {
+    torch.ops.sparsify.routed_linear.default: routed_linear_direct,
+    torch.ops.sparsify.routed_rms_norm.default: routed_rms_norm_direct,
+}
+
+
+# Functional updates export writes for a buffer's in-place update, and their in-place forms.
+IN_PLACE = {torch.ops.aten.index_copy.default: torch.ops.aten.index_copy_.default,
+            torch.ops.aten.index_put.default: torch.ops.aten.index_put_.default}
+
+
+def direct_calls(graph_module: torch.fx.GraphModule, mutated_buffers: int = 0) -> torch.fx.GraphModule:
+    """A copy of `graph_module` (left as it is) with each torch-backend routed op called directly, and the
+    buffer updates (the first `mutated_buffers` outputs) written in place where that is safe."""
+    graph_module = copy.deepcopy(graph_module)
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and node.target in DIRECT and node.kwargs.get("backend") == "torch":
+            node.target = DIRECT[node.target]
+    _update_buffers_in_place(graph_module.graph, mutated_buffers)
+    graph_module.recompile()
+    return graph_module
+
+
+def _update_buffers_in_place(graph: torch.fx.Graph, mutated_buffers: int) -> None:
+    """Export returns a cache update (`keys.index_copy_(2, positions, new)`) as a new full tensor the caller
+    copies back: two copies of the whole cache per step. Where the old buffer has no other reader, the
+    update is made in place (the caller then finds the buffer already holds its new value)."""
+    outputs = list(graph.output_node().args[0])[:mutated_buffers]
+    for updated in outputs:
+        if not (isinstance(updated, torch.fx.Node) and updated.target in IN_PLACE):
+            continue
+        buffer = updated.args[0]
+        if isinstance(buffer, torch.fx.Node) and buffer.op == "placeholder" and set(buffer.users) == {updated}:
+            updated.target = IN_PLACE[updated.target]
