@@ -25,11 +25,11 @@ import torch.nn as nn
 
 from sparsify import module_tree
 from sparsify.errors import SparsifyError
+from sparsify.frontends.huggingface import CACHE_ARGS
 from sparsify.ops import check_modality_ids
 from sparsify.passes.direct_calls import direct_calls
 
 CACHE = "sparsify_cache"  # the step module's child holding the cache tensors as buffers
-CACHE_ARGS = ("past_key_values", "cache_params")  # what Hugging Face forwards call their cache
 
 
 def _model_output():

@@ -23,6 +23,7 @@ import torch.utils._pytree as pytree
 from sparsify import module_tree
 from sparsify.capture import CapturedGraph, bind_call, capture, primary_tensor
 from sparsify.errors import SparsifyError
+from sparsify.frontends.huggingface import CACHE_ARGS
 from sparsify.ops import check_modality_ids
 from sparsify.passes import run_passes
 from sparsify.passes.lower import LowerPass
@@ -93,6 +94,12 @@ class RoutedModel(nn.Module):
                 f"[0, {self.plan.modalities}) per token, e.g. routed(input_ids, modality_ids=ids)."
             )
         inputs = self.bind_inputs(args, kwargs)
+        if inputs.get("use_cache") is True or any(inputs.get(name) is not None for name in CACHE_ARGS):
+            raise SparsifyError(
+                "a routed model's forward takes no cache (use_cache=True, past_key_values=, cache_params=): the "
+                "cache lives inside the routed graphs that routed.generate(input_ids, modality_ids=..., "
+                "next_modality=...) runs, and a cache object made by another model cannot be used. Call "
+                "routed(...) with use_cache=False for training and scoring, routed.generate(...) to decode.")
         token = primary_tensor(inputs)
         # The range check syncs with the host: off the compiled path (torch.compile would break the graph
         # there); a compiled training loop checks its ids where it makes them.

@@ -10,6 +10,8 @@ import torch
 from sparsify.errors import SparsifyError
 from sparsify.frontends.token_ids import EXAMPLE_SEQ, random_token_ids
 
+# What Hugging Face forwards call their cache argument (attention models; Mamba models).
+CACHE_ARGS = ("past_key_values", "cache_params")
 
 
 def is_hf_model(model) -> bool:

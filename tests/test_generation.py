@@ -1,0 +1,165 @@
+"""routed.generate: Hugging Face generation with the cache inside the routed graphs (sparsify/generation.py).
+
+Small models with random weights, fp32. At init (copy) every modality's weights are the dense ones, so greedy
+generation must equal the dense model's token for token; after perturbing modality 1's copies it must not,
+and generating with the cache must still equal generating without it.
+"""
+import pytest
+import torch
+import transformers as T
+
+import sparsify
+from sparsify import SparsifyError
+from tests.test_convert_hybrid_families import jamba
+
+
+def llama():
+    return T.LlamaForCausalLM(T.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2))
+
+
+def mamba():
+    return T.MambaForCausalLM(T.MambaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, state_size=8))
+
+
+MODELS = {"llama": llama, "mamba": mamba, "jamba": jamba}
+NEW = 5
+
+
+def prompt(batch=2, length=6, vocab=96, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, length), generator=generator)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, :2] = 0  # left padding: the first prompt is 4 tokens long
+    return ids, mask
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def converted(request):
+    torch.manual_seed(0)
+    dense = MODELS[request.param]().eval()
+    return dense, sparsify.convert(dense, modalities=3).eval()
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_greedy_generation_equals_dense_at_init(converted, use_cache):
+    dense, routed = converted
+    ids, mask = prompt()
+    expected = dense.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
+    modality_ids = torch.tensor([[0, 1, 2, 0, 1, 2], [2, 2, 1, 1, 0, 0]])
+    out = routed.generate(ids, modality_ids=modality_ids, next_modality=2, attention_mask=mask,
+                          max_new_tokens=NEW, do_sample=False, use_cache=use_cache)
+    assert out.shape == (2, ids.shape[1] + NEW)
+    assert torch.equal(out, expected)
+
+
+def test_perturbed_modality_changes_generation_and_cache_equals_no_cache(converted):
+    dense, routed = converted
+    ids, mask = prompt(seed=1)
+    modality_ids = torch.zeros_like(ids)
+    baseline = routed.generate(ids, modality_ids=modality_ids, next_modality=1, attention_mask=mask,
+                               max_new_tokens=NEW, do_sample=False)
+    saved = {fqn: routed.get_parameter(fqn).detach().clone() for fqn in routed.plan.routed}
+    try:
+        generator = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for fqn in routed.plan.routed:
+                copy1 = routed.get_parameter(fqn)[1]
+                copy1.add_(torch.randn(copy1.shape, generator=generator) * copy1.std().clamp_min(0.02) * 2)
+        with_cache = routed.generate(ids, modality_ids=modality_ids, next_modality=1, attention_mask=mask,
+                                     max_new_tokens=NEW, do_sample=False)
+        without = routed.generate(ids, modality_ids=modality_ids, next_modality=1, attention_mask=mask,
+                                  max_new_tokens=NEW, do_sample=False, use_cache=False)
+        modality0 = routed.generate(ids, modality_ids=modality_ids, next_modality=0, attention_mask=mask,
+                                    max_new_tokens=NEW, do_sample=False)
+    finally:
+        with torch.no_grad():
+            for fqn, value in saved.items():
+                routed.get_parameter(fqn).copy_(value)
+    assert not torch.equal(with_cache, baseline)
+    assert torch.equal(with_cache, without)
+    assert torch.equal(modality0, baseline)  # modality 0's copies were left alone
+
+
+def step_graphs(routed):
+    """{phase: number of graphs} of the decoding-step graphs the routed model holds."""
+    counts = {}
+    for key, entries in routed._graphs.items():
+        if key[-1] is not None:
+            counts[key[-1][0]] = counts.get(key[-1][0], 0) + len(entries)
+    return counts
+
+
+def test_one_prefill_and_one_decode_graph_per_cache_shape():
+    torch.manual_seed(0)
+    routed = sparsify.convert(llama().eval(), modalities=2).eval()
+    for length in (5, 7, 9):  # prompt lengths differ; batch and cache length (max_length) stay
+        ids = torch.randint(0, 96, (2, length))
+        routed.generate(ids, modality_ids=torch.zeros_like(ids), max_length=16, min_length=16, do_sample=False)
+    assert step_graphs(routed) == {"prefill": 1, "decode": 1}
+
+
+def test_next_modality_mapping_equals_the_callable_it_describes():
+    torch.manual_seed(0)
+    dense = llama().eval()
+    routed = sparsify.convert(dense, modalities=3).eval()
+    with torch.no_grad():
+        for fqn in routed.plan.routed:
+            routed.get_parameter(fqn)[2].mul_(1.5)
+    ids, mask = prompt(seed=3)
+    seen = []
+
+    def rule(new, so_far):
+        seen.append(so_far.shape)
+        return torch.where((new >= 32) & (new < 64), 2, 0)
+
+    options = dict(modality_ids=torch.zeros_like(ids), attention_mask=mask, max_new_tokens=NEW, do_sample=False)
+    by_callable = routed.generate(ids, next_modality=rule, **options)
+    by_mapping = routed.generate(ids, next_modality={range(32, 64): 2}, **options)
+    assert torch.equal(by_callable, by_mapping)
+    # Called once per new token fed back, with the ids so far including it.
+    assert seen == [(2, ids.shape[1] + k) for k in range(1, NEW)]
+
+
+def test_sampling_with_several_sequences_per_prompt():
+    torch.manual_seed(0)
+    routed = sparsify.convert(llama().eval(), modalities=2).eval()
+    ids, mask = prompt()
+    torch.manual_seed(4)
+    out = routed.generate(ids, modality_ids=torch.ones_like(ids), attention_mask=mask, max_new_tokens=NEW,
+                          do_sample=True, top_k=20, temperature=0.8, num_return_sequences=3)
+    assert out.shape == (6, ids.shape[1] + NEW)
+    assert torch.equal(out[:, :ids.shape[1]], ids.repeat_interleave(3, 0))
+
+
+@pytest.mark.parametrize("next_modality, message", [
+    (lambda new, so_far: torch.full_like(new, 7), r"next_modality gave modality ids in \[7, 7\]"),
+    (lambda new, so_far: torch.zeros(3, 3, dtype=torch.long), "shape"),
+    (lambda new, so_far: new.float(), "integer modality ids"),
+    (5, "not a modality"),
+    ({"text": 0}, "token-id ranges"),
+])
+def test_bad_next_modality_is_a_clear_error(next_modality, message):
+    torch.manual_seed(0)
+    routed = sparsify.convert(llama().eval(), modalities=2).eval()
+    ids, mask = prompt()
+    with pytest.raises(SparsifyError, match=message):
+        routed.generate(ids, modality_ids=torch.zeros_like(ids), next_modality=next_modality, attention_mask=mask,
+                        max_new_tokens=3, do_sample=False)
+
+
+def test_a_cache_from_elsewhere_is_refused():
+    torch.manual_seed(0)
+    other = llama().eval()
+    routed = sparsify.convert(llama().eval(), modalities=2).eval()
+    ids, _ = prompt()
+    foreign = T.DynamicCache(config=other.config)
+    other(ids, past_key_values=foreign, use_cache=True)
+    with pytest.raises(SparsifyError, match="cannot be used"):
+        routed.generate(ids, modality_ids=torch.zeros_like(ids), past_key_values=foreign, max_new_tokens=2)
+    with pytest.raises(SparsifyError, match="routed.generate"):
+        routed(ids, modality_ids=torch.zeros_like(ids), past_key_values=foreign, use_cache=True)
+    with pytest.raises(SparsifyError, match="routed.generate"):
+        routed(ids, modality_ids=torch.zeros_like(ids), use_cache=True)
+    with pytest.raises(SparsifyError, match="modality_ids for the prompt"):
+        routed.generate(ids, max_new_tokens=2)
