@@ -34,7 +34,7 @@ from sparsify.plan import RoutingPlan
 @dataclass
 class GraphEntry:
     routed: CapturedGraph              # graph_module routed; last placeholder is modality_ids
-    dense_graph_module: torch.fx.GraphModule  # the same capture before routing, for verify
+    dense_graph_module: torch.fx.GraphModule | None  # the same capture before routing, for verify
     # The routed graph split per module (module_tree.py): {module FQN ("" = root): forward code}. None
     # where the split is not possible; the flat graph then runs and `tree_problem` says why.
     module_forwards: dict | None = None
@@ -234,8 +234,14 @@ class RoutedModel(nn.Module):
                         captured = capture(step, inputs, every_dim=True)
         finally:
             self.__dict__["_capturing"] = False
-        # A decoding step runs as one flat graph: nothing hooks or shards modules during generation.
-        return self.route_captured(captured, split=step is None)
+        if step is None:
+            return self.route_captured(captured)
+        # A decoding step runs as one flat graph: nothing hooks or shards modules during generation, and it is
+        # never verified or exported, so neither the dense copy nor the ExportedProgram (whose state_dict holds
+        # the scratch cache it was traced with) is kept.
+        entry = self.route_captured(captured, split=False)
+        entry.routed.exported, entry.dense_graph_module = None, None
+        return entry
 
     def route_captured(self, captured: CapturedGraph, split: bool = True) -> GraphEntry:
         dense_graph_module = copy.deepcopy(captured.graph_module)
