@@ -53,6 +53,17 @@ def test_greedy_generation_equals_dense_at_init(converted, use_cache):
     assert torch.equal(out, expected)
 
 
+def test_generation_without_attention_mask(converted):
+    # No mask: nothing in the graph multiplies by a [batch, seq] tensor; HF Mamba's prefill keeps its tokens
+    # through `x[..., -seq_len:]` (a whole-dim slice written from the end).
+    dense, routed = converted
+    ids, _ = prompt(batch=1, seed=5)
+    expected = dense.generate(ids, max_new_tokens=NEW, do_sample=False)
+    out = routed.generate(ids, modality_ids=torch.ones_like(ids), next_modality=1, max_new_tokens=NEW,
+                          do_sample=False)
+    assert torch.equal(out, expected)
+
+
 def test_perturbed_modality_changes_generation_and_cache_equals_no_cache(converted):
     dense, routed = converted
     ids, mask = prompt(seed=1)
