@@ -230,7 +230,6 @@ def _inputs_as_named_parameters(module: torch.nn.Module, names: list[str]):
         yield
         return
     real_forward = module.forward
-    saved = module.__dict__.get("forward")
 
     def forward(self, **inputs):
         return real_forward(**inputs)
@@ -238,7 +237,15 @@ def _inputs_as_named_parameters(module: torch.nn.Module, names: list[str]):
     forward.__signature__ = inspect.Signature(
         [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
         + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY) for name in names])
-    module.forward = types.MethodType(forward, module)
+    with forward_replaced(module, types.MethodType(forward, module)):
+        yield
+
+
+@contextmanager
+def forward_replaced(module: torch.nn.Module, forward):
+    """`module.forward` is `forward` (an instance attribute) inside the block, then what it was."""
+    saved = module.__dict__.get("forward")
+    module.forward = forward
     try:
         yield
     finally:

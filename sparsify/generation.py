@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from sparsify import module_tree
+from sparsify.capture import forward_replaced
 from sparsify.errors import SparsifyError
 from sparsify.frontends.huggingface import CACHE_ARGS
 from sparsify.ops import check_modality_ids
@@ -163,9 +164,9 @@ class DecodingStep(nn.Module):
             positions = [i for i, (kind, _) in enumerate(entry.routed.placeholders) if kind == "input"]
             self._bound[key] = (entry, args, positions)
         entry, args, positions = self._bound[key]
-        flat = [v for v in torch.utils._pytree.tree_leaves(((), inputs))]
-        for position, (_, index) in zip(positions, [entry.routed.placeholders[p] for p in positions]):
-            args[position] = flat[index]
+        flat = torch.utils._pytree.tree_leaves(((), inputs))  # as graph_for flattens them
+        for position in positions:
+            args[position] = flat[entry.routed.placeholders[position][1]]
         outputs = entry.direct(*args, modality_ids)
         logits = routed.unpack_outputs(entry.routed, outputs, owner=self)
         self.phase = "decode"
@@ -243,19 +244,6 @@ class ModalityTracker:
         return self.modalities[:, start:end]
 
 
-@contextmanager
-def _forward_replaced(module: nn.Module, forward):
-    saved = module.__dict__.get("forward")
-    module.forward = forward
-    try:
-        yield
-    finally:
-        if saved is None:
-            del module.forward
-        else:
-            module.forward = saved
-
-
 def generate(routed, input_ids: torch.Tensor, modality_ids: torch.Tensor | None = None, next_modality=0,
              **kwargs) -> torch.Tensor:
     dense = routed._dense
@@ -290,7 +278,7 @@ def generate(routed, input_ids: torch.Tensor, modality_ids: torch.Tensor | None 
         ids = tracker.ids_for(tokens, cached=use_cache)
         if not use_cache:
             model_inputs = {k: v for k, v in model_inputs.items() if k not in CACHE_ARGS}
-            with _forward_replaced(dense, type(dense).forward.__get__(dense)):
+            with forward_replaced(dense, type(dense).forward.__get__(dense)):
                 return routed(**model_inputs, modality_ids=ids)
         cache = model_inputs.pop(cache_arg)
         if "step" not in state:
@@ -304,5 +292,5 @@ def generate(routed, input_ids: torch.Tensor, modality_ids: torch.Tensor | None 
         return step_output(logits=step.run(inputs, ids), **{cache_arg: cache})
 
     forward.__signature__ = signature
-    with _forward_replaced(dense, forward):
+    with forward_replaced(dense, forward):
         return dense.generate(input_ids, **kwargs)
