@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from sparsify import module_tree
+from sparsify.api import example_call
 from sparsify.errors import SparsifyError
 from sparsify.routed_model import RoutedModel
 
@@ -46,22 +47,19 @@ def extract(routed: RoutedModel, modality: int) -> nn.Module:
 
 def export(routed: RoutedModel, path, *args, **kwargs) -> Path:
     """Write a torch.export program (.pt2) of the routed model: the graph for the given example call
-    (default: the example inputs of the conversion), in the model's current mode, with modality_ids its
-    last input. `torch.export.load(path)` reads it back after `import sparsify` (which registers the routed
-    ops); `.module()(*inputs, modality_ids=ids)` runs it. Nothing is left behind if writing fails."""
+    (default: api.example_call), in the model's current mode, with modality_ids its last input.
+    `torch.export.load(path)` reads it back after `import sparsify` (which registers the routed ops);
+    `.module()(*inputs, modality_ids=ids)` runs it. Nothing is left behind if writing fails."""
     _check_routed(routed, "export")
-    kwargs.pop("modality_ids", None)  # an input of the program, not part of the example call
-    inputs = routed.bind_inputs(args, kwargs) if args or kwargs else getattr(routed, "example_inputs", None)
-    if inputs is None:
-        raise SparsifyError("export() needs an example call for a model loaded from a checkpoint: "
-                            "sparsify.export(routed, path, input_ids)")
-    entry, _ = routed.graph_for(inputs)
-    program = module_tree.routed_program(entry.routed, routed._tensor)
-    path = Path(path)
+    path = Path(path)  # checked before anything is captured
     if path.suffix != ".pt2":
         raise SparsifyError(f"export() writes a .pt2 file (torch.export.save); got {path.name!r}")
     if not path.parent.is_dir():
         raise SparsifyError(f"export(): the directory {str(path.parent)!r} does not exist; create it first")
+    kwargs.pop("modality_ids", None)  # an input of the program, not part of the example call
+    inputs = routed.bind_inputs(args, kwargs) if args or kwargs else example_call(routed)
+    entry, _ = routed.graph_for(inputs)
+    program = module_tree.routed_program(entry.routed, routed._tensor)
     handle, staging = tempfile.mkstemp(suffix=".pt2.partial", dir=path.parent)  # same filesystem: atomic rename
     os.close(handle)
     try:

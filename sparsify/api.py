@@ -41,6 +41,12 @@ def _example_inputs(model: nn.Module, example_inputs, example_kwargs) -> dict[st
     return bind_call(model, tuple(example_inputs or ()), kwargs)
 
 
+def example_call(routed: RoutedModel) -> dict[str, Any]:
+    """A routed model's example inputs: its conversion's, or for a model loaded from a checkpoint, made the way
+    convert makes them."""
+    return getattr(routed, "example_inputs", None) or _example_inputs(routed._dense, None, None)
+
+
 def reinit_module(root: nn.Module, owner_fqn: str) -> None:
     """Re-initialise one module the way the dense model initialises it."""
     module = root.get_submodule(owner_fqn)

@@ -23,6 +23,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from sparsify.errors import CaptureError
 from sparsify.frontends import mamba_ssm as mamba_ssm_frontend
 from sparsify.passes.canonicalize import canonicalize
+from sparsify.passes.token_provenance import size_expr
 
 SizeExpr = Any  # int for a static dim, sympy.Expr for a dynamic one
 
@@ -63,10 +64,6 @@ def primary_tensor(inputs: dict[str, Any]) -> torch.Tensor:
         "no input tensor with (batch, seq, ...) dims was found; sparsify routes tokens, so the model's "
         "first tensor input must have its batch and sequence dims first (e.g. input_ids [batch, seq])."
     )
-
-
-def _expr(size) -> SizeExpr:
-    return size.node.expr if isinstance(size, torch.SymInt) else int(size)
 
 
 @dataclass
@@ -282,7 +279,7 @@ def _from_exported(exported: torch.export.ExportedProgram, token: torch.Tensor) 
                                "whose forward mutates its inputs or parameters")
 
     user_vals = [n.meta.get("val") for n, (kind, _) in zip(placeholder_nodes, placeholders) if kind == "input"]
-    input_shapes = [tuple(_expr(s) for s in v.shape) if isinstance(v, torch.Tensor) else None for v in user_vals]
+    input_shapes = [tuple(size_expr(s) for s in v.shape) if isinstance(v, torch.Tensor) else None for v in user_vals]
     # The token tensor is the first user input with >= 2 dims, as in primary_tensor().
     token_shape = next(s for s in input_shapes if s is not None and len(s) >= 2)
     ranges = {}

@@ -72,12 +72,12 @@ def run(args) -> int:
             print(plan.summary())
             if args.graph:
                 import sparsify
-                from sparsify.api import _example_inputs
+                from sparsify.api import example_call
                 from sparsify.convert_checkpoint import load_factory
                 from sparsify.graph_svg import draw
 
                 routed = sparsify.load(args.path, model=load_factory(args.model) if args.model else None)
-                entry, _ = routed.graph_for(_example_inputs(routed._dense, None, None))
+                entry, _ = routed.graph_for(example_call(routed))
                 print(f"wrote {draw(entry.routed.graph_module, args.graph)}")
         elif args.graph:
             raise SparsifyError("--graph draws a routed checkpoint's graph; convert the checkpoint first "

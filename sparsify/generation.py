@@ -14,6 +14,7 @@ so a graph's buffers keep their shapes across steps. Each new token's modality c
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -23,16 +24,15 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from sparsify import module_tree
 from sparsify.capture import forward_replaced
 from sparsify.errors import SparsifyError
 from sparsify.frontends.huggingface import CACHE_ARGS
 from sparsify.ops import check_modality_ids
-from sparsify.passes.direct_calls import direct_calls
 
 CACHE = "sparsify_cache"  # the step module's child holding the cache tensors as buffers
 
 
+@functools.cache
 def _model_output():
     from transformers.utils import ModelOutput
 
@@ -57,21 +57,6 @@ def _cache_slots(cache) -> list[tuple[str, dict, Any]]:
             elif isinstance(value, dict):
                 slots += [(f"layer{index}_{attr}_{k}", value, k) for k, v in value.items() if isinstance(v, torch.Tensor)]
     return slots
-
-
-@contextmanager
-def dense_forwards(routed):
-    """The dense model's own forward on every module, with modality 0's weights (allocates a cache)."""
-    if routed.__dict__.get("_capturing"):  # inside a capture, which set all this up already
-        with torch.no_grad():
-            yield
-        return
-    routed.__dict__["_capturing"] = True
-    try:
-        with routed.dense_view(), module_tree.without_wrappers(routed), torch.no_grad():
-            yield
-    finally:
-        routed.__dict__["_capturing"] = False
 
 
 class DecodingStep(nn.Module):
@@ -107,7 +92,7 @@ class DecodingStep(nn.Module):
     def _feed_dummy(self, cache) -> None:
         dense = self._routed._dense
         dummy = torch.zeros(self.batch, 2, dtype=torch.long, device=next(self.parameters()).device)
-        with dense_forwards(self._routed):
+        with self._routed.dense_forwards(), torch.no_grad():
             type(dense).forward(dense, input_ids=dummy, **{self.cache_arg: cache}, use_cache=True)
 
     def _use(self, cache) -> None:
@@ -125,7 +110,7 @@ class DecodingStep(nn.Module):
         return (self.phase, tuple((name, tuple(t.shape), t.dtype) for name, t in buffers))
 
     @contextmanager
-    def prepared_for(self, inputs: dict):
+    def prepared(self):
         """While capturing: a scratch cache of the same shapes in the state of this phase (empty for the
         prefill, holding tokens for a decode step), so the model's code takes the path this phase runs."""
         real = self.cache
@@ -158,8 +143,6 @@ class DecodingStep(nn.Module):
         key = (self.phase, shapes)
         if key not in self._bound:
             entry, flat = routed.graph_for(inputs, self)
-            if entry.direct is None:
-                entry.direct = direct_calls(entry.routed.graph_module, len(entry.routed.mutated_buffers))
             args = routed.graph_args(entry.routed, flat, owner=self)
             positions = [i for i, (kind, _) in enumerate(entry.routed.placeholders) if kind == "input"]
             self._bound[key] = (entry, args, positions)
@@ -190,13 +173,19 @@ def modality_rule(next_modality, modalities: int) -> Callable[[torch.Tensor, tor
                                 f"model has {modalities} modalities: ids must lie in [0, {modalities})")
         return ids
 
+    def modality(value, what):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < modalities:
+            raise SparsifyError(f"{what}={value!r} is not a modality of this {modalities}-modality model: give an "
+                                f"int in [0, {modalities})")
+        return value
+
     if isinstance(next_modality, int) and not isinstance(next_modality, bool):
-        if not 0 <= next_modality < modalities:
-            raise SparsifyError(f"next_modality={next_modality} is not a modality of this {modalities}-modality model")
-        return lambda new, so_far: torch.full_like(new, next_modality)
+        constant = modality(next_modality, "next_modality")
+        return lambda new, so_far: torch.full_like(new, constant)
     if isinstance(next_modality, Mapping):
-        ranges, default = [], next_modality.get("default", 0)
-        for key, modality in next_modality.items():
+        # Validated once here, so each step only compares token ids.
+        ranges, default = [], modality(next_modality.get("default", 0), "next_modality['default']")
+        for key, value in next_modality.items():
             if key == "default":
                 continue
             if isinstance(key, range) and key.step == 1:
@@ -204,12 +193,12 @@ def modality_rule(next_modality, modalities: int) -> Callable[[torch.Tensor, tor
             if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(v, int) for v in key)):
                 raise SparsifyError(f"next_modality mapping keys are token-id ranges: range(start, stop) or "
                                     f"(start, stop), or 'default'; got {key!r}")
-            ranges.append((key, modality))
+            ranges.append((key, modality(value, f"next_modality[{key!r}]")))
 
         def by_range(new, so_far):
-            ids = check(default, new)
-            for (start, stop), modality in ranges:
-                ids = torch.where((new >= start) & (new < stop), check(modality, new), ids)
+            ids = torch.full_like(new, default)
+            for (start, stop), value in ranges:
+                ids = torch.where((new >= start) & (new < stop), value, ids)
             return ids
         return by_range
     if callable(next_modality):

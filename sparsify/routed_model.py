@@ -26,6 +26,7 @@ from sparsify.errors import SparsifyError
 from sparsify.frontends.huggingface import CACHE_ARGS
 from sparsify.ops import check_modality_ids
 from sparsify.passes import run_passes
+from sparsify.passes.direct_calls import direct_calls
 from sparsify.passes.lower import LowerPass
 from sparsify.passes.route import RoutePass
 from sparsify.plan import RoutingPlan
@@ -34,12 +35,12 @@ from sparsify.plan import RoutingPlan
 @dataclass
 class GraphEntry:
     routed: CapturedGraph              # graph_module routed; last placeholder is modality_ids
-    dense_graph_module: torch.fx.GraphModule | None  # the same capture before routing, for verify
+    dense_graph_module: torch.fx.GraphModule | None  # the same capture before routing, for verify (None: eager_only)
     # The routed graph split per module (module_tree.py): {module FQN ("" = root): forward code}. None
     # where the split is not possible; the flat graph then runs and `tree_problem` says why.
     module_forwards: dict | None = None
     tree_problem: str | None = None
-    # For a graph only ever run eagerly (a decoding step): the routed graph with direct op calls.
+    # For a graph only ever run as it is (route_captured's eager_only): the routed graph with direct op calls.
     direct: torch.fx.GraphModule | None = None
 
 
@@ -224,27 +225,34 @@ class RoutedModel(nn.Module):
                 "fully_shard, capture each mode and shape class you train with: routed.train(); "
                 "routed.precapture(batch, modality_ids=ids, param_dtype=<your MixedPrecisionPolicy's or None>).")
         self._dense.training = self.training  # children share the flag already; the root does not
-        self.__dict__["_capturing"] = True  # modules run their dense forwards while export traces them
+        with self.dense_forwards():
+            if step is None:
+                captured = capture(self._dense, inputs)
+            else:  # the step prepares its cache (dense forwards) and is captured in the state that leaves
+                with step.prepared():
+                    captured = capture(step, inputs, every_dim=True)
+        return self.route_captured(captured, eager_only=step is not None)
+
+    @contextmanager
+    def dense_forwards(self):
+        """Every module runs its dense forward, with modality 0's copy of each routed weight: what export
+        traces, and what fills a cache before capture (generation.py). Re-entrant: inside, it does nothing."""
+        if self.__dict__.get("_capturing"):
+            yield
+            return
+        self.__dict__["_capturing"] = True  # routed_forward (module_tree.py) then calls the class's forward
         try:
             with self.dense_view(), module_tree.without_wrappers(self):
-                if step is None:
-                    captured = capture(self._dense, inputs)
-                else:  # the step prepares its cache (dense forwards) and is captured in the state that leaves
-                    with step.prepared_for(inputs):
-                        captured = capture(step, inputs, every_dim=True)
+                yield
         finally:
             self.__dict__["_capturing"] = False
-        if step is None:
-            return self.route_captured(captured)
-        # A decoding step runs as one flat graph: nothing hooks or shards modules during generation, and it is
-        # never verified or exported, so neither the dense copy nor the ExportedProgram (whose state_dict holds
-        # the scratch cache it was traced with) is kept.
-        entry = self.route_captured(captured, split=False)
-        entry.routed.exported, entry.dense_graph_module = None, None
-        return entry
 
-    def route_captured(self, captured: CapturedGraph, split: bool = True) -> GraphEntry:
-        dense_graph_module = copy.deepcopy(captured.graph_module)
+    def route_captured(self, captured: CapturedGraph, eager_only: bool = False) -> GraphEntry:
+        """Route and lower a captured graph. `eager_only`: a graph only ever run as it is (a decoding step):
+        not split per module (nothing hooks or shards modules while generating), not verified or exported
+        (so neither a dense copy nor the ExportedProgram, whose state_dict holds the scratch cache it was
+        traced with, is kept), and run with direct op calls."""
+        dense_graph_module = None if eager_only else copy.deepcopy(captured.graph_module)
         placeholders = [n for n in captured.graph_module.graph.nodes if n.op == "placeholder"]
         param_fqns = {n.name: t for n, (k, t) in zip(placeholders, captured.placeholders) if k == "parameter"}
         user_inputs = [n.name for n in captured.user_input_nodes()]
@@ -256,7 +264,10 @@ class RoutedModel(nn.Module):
         captured.graph_module = run_passes(captured.graph_module, passes)
         captured.param_uses = None  # it described the dense graph
         entry = GraphEntry(routed=captured, dense_graph_module=dense_graph_module)
-        if split:
+        if eager_only:
+            captured.exported = None
+            entry.direct = direct_calls(captured.graph_module, len(captured.mutated_buffers))
+        else:
             self._split_into_modules(entry)
         return entry
 

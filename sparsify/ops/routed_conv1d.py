@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparsify.ops._grouping import accumulation_dtype
-from sparsify.ops.modality_ids import check_id_range
+from sparsify.ops._grouping import accumulation_dtype, groups_of
 from sparsify.ops.backend import use_triton
 from sparsify.errors import SparsifyError
 
@@ -37,7 +36,7 @@ def _windows(x: Tensor, kernel_size: int) -> Tensor:
 
 def routed_conv1d_ref(x: Tensor, modality_ids: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     _check(x, modality_ids, weight, bias)
-    check_id_range(modality_ids, weight.shape[0])
+    groups_of(modality_ids, weight.shape[0])  # validates the ids, once per ids tensor
     per_token = weight[modality_ids].permute(0, 2, 1, 3)  # [B, C, T, K]
     out = (_windows(x, weight.shape[-1]) * per_token).sum(-1)
     if bias is not None:

@@ -9,14 +9,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sparsify.ops._grouping import accumulation_dtype
-from sparsify.ops.modality_ids import check_id_range
+from sparsify.ops._grouping import accumulation_dtype, groups_of
 
 
 def routed_gather_ref(weight: Tensor, modality_ids: Tensor) -> Tensor:
-    flat_ids = modality_ids.reshape(-1)
-    check_id_range(flat_ids, weight.shape[0])
-    return weight.index_select(0, flat_ids).reshape(*modality_ids.shape, *weight.shape[1:])
+    groups_of(modality_ids, weight.shape[0])  # validates the ids, once per ids tensor
+    return weight.index_select(0, modality_ids.reshape(-1)).reshape(*modality_ids.shape, *weight.shape[1:])
 
 
 def routed_gather_backward_ref(grad: Tensor, modality_ids: Tensor, modalities: int) -> Tensor:

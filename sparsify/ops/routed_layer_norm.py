@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparsify.ops._grouping import accumulation_dtype, rows_by_modality
+from sparsify.ops._grouping import accumulation_dtype, groups_of
 from sparsify.ops.backend import use_triton
 from sparsify.errors import SparsifyError
 
@@ -20,16 +20,13 @@ def routed_layer_norm_ref(
 ) -> Tensor:
     """Plain-PyTorch reference: F.layer_norm per modality, so each row is computed exactly as dense."""
     stacked = weight if weight is not None else bias
-    x_rows = x.reshape(-1, x.shape[-1])
+    groups = groups_of(modality_ids, stacked.shape[0])
+    x_rows = groups.to_sorted(x.reshape(-1, x.shape[-1]))
     out = torch.empty_like(x_rows)
-    for m, rows in enumerate(rows_by_modality(modality_ids.reshape(-1), stacked.shape[0])):
-        if rows.numel():
-            y = F.layer_norm(
-                x_rows.index_select(0, rows), (x.shape[-1],),
-                None if weight is None else weight[m], None if bias is None else bias[m], eps,
-            )
-            out.index_copy_(0, rows, y)
-    return out.reshape(x.shape)
+    for m, start, stop in groups.slices():
+        out[start:stop] = F.layer_norm(x_rows[start:stop], (x.shape[-1],), None if weight is None else weight[m],
+                                       None if bias is None else bias[m], eps)
+    return groups.from_sorted(out).reshape(x.shape)
 
 
 def routed_layer_norm_backward_ref(
@@ -39,27 +36,23 @@ def routed_layer_norm_backward_ref(
     """(dx, dweight, dbias), accumulated in at least fp32; dweight/dbias are empty when absent."""
     d = x.shape[-1]
     acc = accumulation_dtype(x.dtype)
-    x32 = x.reshape(-1, d).to(acc)
-    g32 = grad.reshape(-1, d).to(acc)
+    groups = groups_of(modality_ids, modalities)
+    x32, g32 = (groups.to_sorted(t.reshape(-1, d)).to(acc) for t in (x, grad))
     mean = x32.mean(-1, keepdim=True)
     rstd = torch.rsqrt(x32.var(-1, unbiased=False, keepdim=True) + eps)
     xhat = (x32 - mean) * rstd
     dx = torch.empty_like(x32)
     dweight = x.new_zeros((modalities, d) if weight is not None else (0,), dtype=acc)
     dbias = x.new_zeros((modalities, d) if has_bias else (0,), dtype=acc)
-    for m, rows in enumerate(rows_by_modality(modality_ids.reshape(-1), modalities)):
-        if not rows.numel():
-            continue
-        g, xh = g32.index_select(0, rows), xhat.index_select(0, rows)
+    for m, start, stop in groups.slices():
+        g, xh = g32[start:stop], xhat[start:stop]
         gw = g * weight[m].to(acc) if weight is not None else g
-        dx.index_copy_(
-            0, rows,
-            rstd.index_select(0, rows) * (gw - gw.mean(-1, keepdim=True) - xh * (gw * xh).mean(-1, keepdim=True)),
-        )
+        dx[start:stop] = rstd[start:stop] * (gw - gw.mean(-1, keepdim=True) - xh * (gw * xh).mean(-1, keepdim=True))
         if weight is not None:
             dweight[m] = (g * xh).sum(0)
         if has_bias:
             dbias[m] = g.sum(0)
+    dx = groups.from_sorted(dx)
     param_dtype = weight.dtype if weight is not None else x.dtype
     return dx.to(x.dtype).reshape(x.shape), dweight.to(param_dtype), dbias.to(param_dtype)
 

@@ -19,17 +19,15 @@ from sparsify.ops.backend import use_triton
 
 def routed_linear_ref(x: Tensor, modality_ids: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """Plain-PyTorch reference: one F.linear per modality over that modality's rows (contiguous after one
-    sort; no sort at all when one modality holds every row, as in a decoding step of one modality)."""
+    sort; no sort when one modality holds every row, as in a decoding step of one modality)."""
     x_rows = x.reshape(-1, x.shape[-1])
     groups = groups_of(modality_ids, weight.shape[0])
     out_shape = (*x.shape[:-1], weight.shape[1])
-    if groups.single is not None:
+    if groups.single is not None:  # no output buffer to fill either
         m = groups.single
         return F.linear(x_rows, weight[m], None if bias is None else bias[m]).reshape(out_shape)
-    out = x_rows.new_empty(x_rows.shape[0], weight.shape[1], dtype=torch.result_type(x, weight))
-    if groups.order is None:  # no rows
-        return out.reshape(out_shape)
     x_sorted = groups.to_sorted(x_rows)
+    out = x_rows.new_empty(x_rows.shape[0], weight.shape[1], dtype=torch.result_type(x, weight))
     for m, start, stop in groups.slices():
         out[start:stop] = F.linear(x_sorted[start:stop], weight[m], None if bias is None else bias[m])
     return groups.from_sorted(out).reshape(out_shape)
@@ -37,25 +35,19 @@ def routed_linear_ref(x: Tensor, modality_ids: Tensor, weight: Tensor, bias: Opt
 
 def routed_linear_backward_ref(grad: Tensor, x: Tensor, modality_ids: Tensor, weight: Tensor, has_bias: bool):
     """Gradients (dx, dweight, dbias) of routed_linear_ref; dbias is empty when has_bias is False."""
-    x_rows = x.reshape(-1, x.shape[-1])
-    grad_rows = grad.reshape(-1, weight.shape[1])
     groups = groups_of(modality_ids, weight.shape[0])
+    x_rows = groups.to_sorted(x.reshape(-1, x.shape[-1]))
+    grad_rows = groups.to_sorted(grad.reshape(-1, weight.shape[1]))
+    dx = torch.empty_like(x_rows)
     dweight = torch.zeros_like(weight)
     dbias = grad.new_zeros((weight.shape[0], weight.shape[1]) if has_bias else (0,), dtype=weight.dtype)
-    if groups.order is None and groups.single is None:  # no rows
-        return torch.empty_like(x), dweight, dbias
-    if groups.single is None:
-        x_rows, grad_rows = groups.to_sorted(x_rows), groups.to_sorted(grad_rows)
-    dx = torch.empty_like(x_rows)
     for m, start, stop in groups.slices():
         g = grad_rows[start:stop]
         dx[start:stop] = (g @ weight[m]).to(dx.dtype)
         dweight[m] = g.t() @ x_rows[start:stop]
         if has_bias:
             dbias[m] = g.sum(0, dtype=accumulation_dtype(g.dtype)).to(dbias.dtype)
-    if groups.single is None:
-        dx = groups.from_sorted(dx)
-    return dx.reshape(x.shape), dweight, dbias
+    return groups.from_sorted(dx).reshape(x.shape), dweight, dbias
 
 
 @torch.library.custom_op("sparsify::routed_linear", mutates_args=())

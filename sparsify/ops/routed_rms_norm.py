@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sparsify.ops._grouping import accumulation_dtype, groups_of, rows_by_modality
+from sparsify.ops._grouping import accumulation_dtype, groups_of
 from sparsify.ops.backend import use_triton
 
 
@@ -28,17 +28,18 @@ def routed_rms_norm_ref(x: Tensor, modality_ids: Tensor, weight: Tensor, eps: fl
 def routed_rms_norm_backward_ref(grad: Tensor, x: Tensor, modality_ids: Tensor, weight: Tensor, eps: float):
     acc = accumulation_dtype(x.dtype)
     d = x.shape[-1]
-    x_rows, g_rows = x.reshape(-1, d).to(acc), grad.reshape(-1, d).to(acc)
+    groups = groups_of(modality_ids, weight.shape[0])
+    x_rows, g_rows = (groups.to_sorted(t.reshape(-1, d)).to(acc) for t in (x, grad))
     rstd = torch.rsqrt(x_rows.pow(2).mean(-1, keepdim=True) + eps)
     xhat = x_rows * rstd
     dx = torch.empty_like(x_rows)
     dweight = torch.zeros(weight.shape, device=x.device, dtype=acc)
-    for m, rows in enumerate(rows_by_modality(modality_ids.reshape(-1), weight.shape[0])):
-        if rows.numel():
-            g, xh = g_rows.index_select(0, rows), xhat.index_select(0, rows)
-            gw = g * weight[m].to(acc)
-            dx.index_copy_(0, rows, rstd.index_select(0, rows) * (gw - xh * (gw * xh).mean(-1, keepdim=True)))
-            dweight[m] = (g * xh).sum(0)
+    for m, start, stop in groups.slices():
+        g, xh = g_rows[start:stop], xhat[start:stop]
+        gw = g * weight[m].to(acc)
+        dx[start:stop] = rstd[start:stop] * (gw - xh * (gw * xh).mean(-1, keepdim=True))
+        dweight[m] = (g * xh).sum(0)
+    dx = groups.from_sorted(dx)
     return dx.to(x.dtype).reshape(x.shape), dweight.to(weight.dtype)
 
 

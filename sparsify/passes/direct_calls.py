@@ -1,6 +1,7 @@
 """Direct calls: a copy of a routed graph whose torch-backend routed ops call their Python implementations.
 
     sparsify.routed_linear(x, ids, w, b, backend="torch")  =>  routed_linear_ref(x, ids, w, b)
+    sparsify.routed_gather(w, ids)                          =>  routed_gather_ref(w, ids)
 
 A custom op call costs 30-50 us of dispatch on CPU (autograd wrapper, dynamo guard) before any work: a third
 of a small model's decoding step. A graph that is only ever run eagerly (a decoding step: never exported,
@@ -14,6 +15,9 @@ import copy
 import torch
 import torch.fx
 
+from sparsify.ops.routed_conv1d import routed_conv1d_ref
+from sparsify.ops.routed_gather import routed_gather_ref
+from sparsify.ops.routed_layer_norm import routed_layer_norm_ref
 from sparsify.ops.routed_linear import routed_linear_ref
 from sparsify.ops.routed_rms_norm import routed_rms_norm_ref
 
@@ -26,9 +30,20 @@ def routed_rms_norm_direct(x, modality_ids, weight, eps=1e-6, backend="torch"):
     return routed_rms_norm_ref(x, modality_ids, weight, eps)
 
 
+def routed_layer_norm_direct(x, modality_ids, weight, bias, eps=1e-5, backend="torch"):
+    return routed_layer_norm_ref(x, modality_ids, weight, bias, eps)
+
+
+def routed_conv1d_direct(x, modality_ids, weight, bias=None, backend="torch"):
+    return routed_conv1d_ref(x, modality_ids, weight, bias)
+
+
+# Ops with a backend argument: direct only where lowered to "torch". routed_gather has one implementation.
 DIRECT = {
     torch.ops.sparsify.routed_linear.default: routed_linear_direct,
     torch.ops.sparsify.routed_rms_norm.default: routed_rms_norm_direct,
+    torch.ops.sparsify.routed_layer_norm.default: routed_layer_norm_direct,
+    torch.ops.sparsify.routed_conv1d.default: routed_conv1d_direct,
 }
 
 
@@ -44,6 +59,8 @@ def direct_calls(graph_module: torch.fx.GraphModule, mutated_buffers: int = 0) -
     for node in graph_module.graph.nodes:
         if node.op == "call_function" and node.target in DIRECT and node.kwargs.get("backend") == "torch":
             node.target = DIRECT[node.target]
+        elif node.op == "call_function" and node.target == torch.ops.sparsify.routed_gather.default:
+            node.target = routed_gather_ref
     _update_buffers_in_place(graph_module.graph, mutated_buffers)
     graph_module.recompile()
     return graph_module

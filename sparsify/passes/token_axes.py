@@ -18,7 +18,7 @@ from typing import Sequence
 import sympy
 import torch
 
-from sparsify.passes.token_provenance import MIXED, Tokens
+from sparsify.passes.token_provenance import MIXED, Tokens, size_expr
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def shape_env_of(value):
 
 def size_exprs(value) -> tuple:
     """Shape of a node's example value as ints (static dims) and sympy expressions (dynamic dims)."""
-    return tuple(s.node.expr if isinstance(s, torch.SymInt) else int(s) for s in value.shape)
+    return tuple(size_expr(s) for s in value.shape)
 
 
 def _same_size(a, b, shape_env) -> bool:

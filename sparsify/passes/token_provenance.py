@@ -71,6 +71,12 @@ def _val(node):
     return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
 
 
+def size_expr(size):
+    """A size as an int (static) or its sympy expression (dynamic): equal expressions are equal sizes at every
+    shape a graph accepts."""
+    return size.node.expr if isinstance(size, torch.SymInt) else int(size)
+
+
 def _hint(size) -> int | None:
     """The example value of a size (export traced with concrete inputs, so every backed size has one)."""
     if isinstance(size, torch.SymInt):
@@ -198,11 +204,6 @@ def _select(tokens: Tokens, dim: int, index) -> Tokens:
     return Tokens(rest, tokens.position)
 
 
-def _expr_of(size):
-    """A size as an int or its sympy expression: equal expressions are equal sizes at every shape."""
-    return size.node.expr if isinstance(size, torch.SymInt) else int(size)
-
-
 def _slice(node, tokens: Tokens, token_sizes: dict) -> Tokens:
     args = list(node.args) + [None] * (5 - len(node.args))
     source, dim, start, end, step = args[:5]
@@ -215,7 +216,7 @@ def _slice(node, tokens: Tokens, token_sizes: dict) -> Tokens:
     from_start = start in (None, 0) and step in (None, 1)
     if from_start and out_size == in_size:
         return tokens  # the whole dim
-    out_expr, in_expr = _expr_of(out_value.shape[dim]), _expr_of(in_value.shape[dim])
+    out_expr, in_expr = size_expr(out_value.shape[dim]), size_expr(in_value.shape[dim])
     if step in (None, 1) and out_expr == in_expr:
         return tokens  # the whole dim, written from the end (x[..., -seq_len:] of a seq_len-long dim)
     labels = list(tokens.labels)
