@@ -15,14 +15,18 @@ from transformers import LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCau
 import sparsify
 
 
-def tokens_per_s(generate, new_tokens, batch, repeats):
-    generate()  # warm-up: captures the routed graphs
-    samples = []
+def tokens_per_s(runs: dict, new_tokens, batch, repeats) -> dict:
+    """{name: tokens/s}, each the median of `repeats`. The runs take turns within each repeat, so a slow
+    spell of this shared machine falls on all of them alike rather than on whichever ran then."""
+    for generate in runs.values():
+        generate()  # warm-up: captures the routed graphs
+    samples = {name: [] for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        generate()
-        samples.append(time.perf_counter() - start)
-    return batch * new_tokens / statistics.median(samples)
+        for name, generate in runs.items():
+            start = time.perf_counter()
+            generate()
+            samples[name].append(time.perf_counter() - start)
+    return {name: batch * new_tokens / statistics.median(times) for name, times in samples.items()}
 
 
 def main():
@@ -50,17 +54,18 @@ def main():
     modality_ids = torch.randint(0, args.modalities, (args.batch, args.prompt))
     options = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)
 
-    dense_tps = tokens_per_s(lambda: dense.generate(prompt, **options), args.new, args.batch, args.repeats)
-    routed_tps = tokens_per_s(lambda: routed.generate(prompt, modality_ids=modality_ids, next_modality=1, **options),
-                              args.new, args.batch, args.repeats)
     # Sequence b's new tokens get modality b % M: every decode step groups its rows into M GEMMs.
     per_row = torch.arange(args.batch) % args.modalities
-    mixed_tps = tokens_per_s(lambda: routed.generate(prompt, modality_ids=modality_ids,
-                                                     next_modality=lambda new, so_far: per_row, **options),
-                             args.new, args.batch, args.repeats)
+    speeds = tokens_per_s({
+        "dense": lambda: dense.generate(prompt, **options),
+        "one": lambda: routed.generate(prompt, modality_ids=modality_ids, next_modality=1, **options),
+        "mixed": lambda: routed.generate(prompt, modality_ids=modality_ids,
+                                         next_modality=lambda new, so_far: per_row, **options),
+    }, args.new, args.batch, args.repeats)
+    dense_tps, routed_tps, mixed_tps = speeds["dense"], speeds["one"], speeds["mixed"]
     name = "HF Mamba" if args.mamba else "Llama"
     print(f"{name} {args.layers} layers x {args.hidden}, batch {args.batch}, prompt {args.prompt}, {args.new} new tokens, "
-          f"{args.modalities} modalities, float32, cpu, greedy with cache: median of {args.repeats}")
+          f"{args.modalities} modalities, float32, cpu, greedy with cache: median of {args.repeats}, interleaved")
     print(f"  dense   {dense_tps:9.1f} tokens/s   1.00x")
     print(f"  routed  {routed_tps:9.1f} tokens/s   {routed_tps / dense_tps:.2f}x   (new tokens of one modality)")
     print(f"  routed  {mixed_tps:9.1f} tokens/s   {mixed_tps / dense_tps:.2f}x   (sequence b's new tokens of modality b % M)")
