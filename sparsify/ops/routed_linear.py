@@ -20,12 +20,12 @@ from sparsify.ops.backend import use_triton
 def routed_linear_ref(x: Tensor, modality_ids: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """Plain-PyTorch reference: one F.linear per modality over that modality's rows (contiguous after one
     sort; no sort when one modality holds every row, as in a decoding step of one modality)."""
-    x_rows = x.reshape(-1, x.shape[-1])
     groups = groups_of(modality_ids, weight.shape[0])
-    out_shape = (*x.shape[:-1], weight.shape[1])
-    if groups.single is not None:  # no output buffer to fill either
+    if groups.single is not None:  # no sort, no output buffer: one F.linear on x as it is
         m = groups.single
-        return F.linear(x_rows, weight[m], None if bias is None else bias[m]).reshape(out_shape)
+        return F.linear(x, weight[m], None if bias is None else bias[m])
+    x_rows = x.reshape(-1, x.shape[-1])
+    out_shape = (*x.shape[:-1], weight.shape[1])
     x_sorted = groups.to_sorted(x_rows)
     out = x_rows.new_empty(x_rows.shape[0], weight.shape[1], dtype=torch.result_type(x, weight))
     for m, start, stop in groups.slices():

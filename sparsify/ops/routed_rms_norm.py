@@ -15,14 +15,17 @@ from sparsify.ops.backend import use_triton
 
 def routed_rms_norm_ref(x: Tensor, modality_ids: Tensor, weight: Tensor, eps: float) -> Tensor:
     acc = accumulation_dtype(x.dtype)
-    x_rows = x.reshape(-1, x.shape[-1]).to(acc)
-    normed = x_rows * torch.rsqrt(x_rows.pow(2).mean(-1, keepdim=True) + eps)
+    x_acc = x.to(acc)
+    normed = x_acc * torch.rsqrt(x_acc.pow(2).mean(-1, keepdim=True) + eps)
     out_dtype = torch.result_type(x, weight)
     # The per-token scale as one broadcast multiply: weight rows gathered per token (a [tokens, D] gather is
     # cheaper than grouping rows for an elementwise op), or the one modality's row when all tokens share it.
     groups = groups_of(modality_ids, weight.shape[0])
-    scale = weight[groups.single] if groups.single is not None else weight.index_select(0, modality_ids.reshape(-1))
-    return (normed * scale.to(acc)).to(out_dtype).reshape(x.shape)
+    if groups.single is not None:
+        scale = weight[groups.single]
+    else:
+        scale = weight.index_select(0, modality_ids.reshape(-1)).reshape(x.shape)
+    return (normed * scale.to(acc)).to(out_dtype)
 
 
 def routed_rms_norm_backward_ref(grad: Tensor, x: Tensor, modality_ids: Tensor, weight: Tensor, eps: float):
