@@ -101,12 +101,16 @@ def step_graphs(routed):
     return counts
 
 
-def test_one_prefill_and_one_decode_graph_per_cache_shape():
+@pytest.mark.parametrize("padded", [False, True])
+def test_one_prefill_and_one_decode_graph_per_cache_shape(padded):
     torch.manual_seed(0)
     routed = sparsify.convert(llama().eval(), modalities=2).eval()
     for length in (5, 7, 9):  # prompt lengths differ; batch and cache length (max_length) stay
         ids = torch.randint(0, 96, (2, length))
-        routed.generate(ids, modality_ids=torch.zeros_like(ids), max_length=16, min_length=16, do_sample=False)
+        # With a padding mask, the 2-D mask the graphs take grows by one column per step.
+        mask = {"attention_mask": (torch.arange(length) >= torch.tensor([[0], [2]])).long()} if padded else {}
+        routed.generate(ids, modality_ids=torch.zeros_like(ids), max_length=16, min_length=16, do_sample=False,
+                        **mask)
     assert step_graphs(routed) == {"prefill": 1, "decode": 1}
 
 
