@@ -1,34 +1,63 @@
-"""A routed model's training step vs its dense model's, measured in the same run, printed as a ratio.
+"""A routed model's training step vs its dense model's, measured in the same run, printed as ratios.
 
-Builds a Llama-style model from a config (random weights), converts it with 3 modalities, and times
-forward+backward of both on the same tokens (interleaved random modality ids). Routing adds no FLOPs,
-so 1.0x is the floor; the gap is the cost of grouping tokens by modality. Default size is small enough
-for CPU; pass --hidden 2048 --layers 8 on a GPU.
+For each model (a Llama-style transformer, a Hugging Face MambaForCausalLM, a mamba_ssm MambaLMHeadModel;
+random weights from configs of similar size), converts it with 3 modalities and times forward+backward of
+dense and routed on the same tokens (random modality ids per token). Routing adds no FLOPs, so 1.0x is the
+floor; the gap is the cost of grouping tokens by modality. Dense and routed steps take turns within each
+repeat, so a slow spell of a shared machine falls on both. Default sizes suit a CPU; on a GPU pass e.g.
+--hidden 2048 --layers 8. Targets on CPU: transformer <= 1.05x, Mamba <= 1.10x.
 """
 import argparse
 import statistics
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-import sparsify
+import sparsify  # before mamba_ssm: installs its CPU stand-ins
+
+MODELS = ("llama", "hf-mamba", "mamba-ssm")
 
 
-def timed(step, repeats, cuda):
-    step()
-    samples = []
+def build(name: str, hidden: int, layers: int, seq: int):
+    if name == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+        config = LlamaConfig(hidden_size=hidden, intermediate_size=int(hidden * 2.75), num_hidden_layers=layers,
+                             num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64),
+                             vocab_size=8000, max_position_embeddings=max(2048, seq))
+        return LlamaForCausalLM(config), "Llama"
+    if name == "hf-mamba":
+        from transformers import MambaConfig, MambaForCausalLM
+        config = MambaConfig(hidden_size=hidden, num_hidden_layers=layers, state_size=16, vocab_size=8000)
+        return MambaForCausalLM(config), "HF Mamba"
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    config = MambaConfig(d_model=hidden, n_layer=layers, vocab_size=8000, ssm_cfg={"layer": "Mamba1", "d_state": 16},
+                         pad_vocab_size_multiple=1)
+    return MambaLMHeadModel(config), "mamba_ssm Mamba1"
+
+
+def logits(output):
+    return output.logits if hasattr(output, "logits") else output[0]
+
+
+def timed(steps: dict, repeats: int, cuda: bool) -> dict:
+    """{name: median seconds}; the steps take turns within each repeat."""
+    for step in steps.values():
+        step()  # warm-up: captures the routed graph
+    samples = {name: [] for name in steps}
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=4)
@@ -36,33 +65,32 @@ def main():
     parser.add_argument("--modalities", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    parser.add_argument("--hoist", action=argparse.BooleanOptionalAction, default=True,
+                        help="sort tokens by modality once per token-wise region (sparsify.convert(hoist=...))")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="model dtype (default: bfloat16 on a GPU, float32 on CPU)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     device = "cuda" if cuda else "cpu"
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.75), num_hidden_layers=args.layers,
-                         num_attention_heads=max(1, args.hidden // 64), num_key_value_heads=max(1, args.hidden // 64),
-                         vocab_size=8000, max_position_embeddings=max(2048, args.seq))
-    dense = LlamaForCausalLM(config).to(device, dtype).train()
-    routed = sparsify.convert(dense, args.modalities, verify=False).train()
-    routed.backend = args.backend
-    tokens = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
-    ids = torch.randint(0, args.modalities, (args.batch, args.seq), device=device)
-
-    def dense_step():
-        dense(tokens, use_cache=False).logits.float().pow(2).mean().backward()
-
-    def routed_step():
-        routed(tokens, modality_ids=ids).logits.float().pow(2).mean().backward()
-
-    dense_s, routed_s = timed(dense_step, args.repeats, cuda), timed(routed_step, args.repeats, cuda)
-    print(f"Llama {args.layers} layers x {args.hidden}, batch {args.batch} x seq {args.seq}, {args.modalities} "
-          f"modalities, {str(dtype).removeprefix('torch.')}, {device}, backend {args.backend}: forward+backward, median of {args.repeats}")
-    print(f"  dense   {dense_s * 1e3:9.1f} ms   1.00x")
-    print(f"  routed  {routed_s * 1e3:9.1f} ms   {routed_s / dense_s:.2f}x")
+    print(f"{args.batch} x {args.seq} tokens, {args.modalities} modalities, {str(dtype).removeprefix('torch.')}, "
+          f"{device}, backend {args.backend}, hoist {args.hoist}: forward+backward, median of {args.repeats}, "
+          "dense and routed interleaved")
+    for name in args.models:
+        torch.manual_seed(0)
+        dense, label = build(name, args.hidden, args.layers, args.seq)
+        dense = dense.to(device, dtype).train()
+        routed = sparsify.convert(dense, args.modalities, verify=False, hoist=args.hoist).train()
+        routed.backend = args.backend
+        tokens = torch.randint(0, 8000, (args.batch, args.seq), device=device)
+        ids = torch.randint(0, args.modalities, (args.batch, args.seq), device=device)
+        seconds = timed({
+            "dense": lambda: logits(dense(tokens)).float().pow(2).mean().backward(),
+            "routed": lambda: logits(routed(tokens, modality_ids=ids)).float().pow(2).mean().backward(),
+        }, args.repeats, cuda)
+        print(f"{label}, {args.layers} layers x {args.hidden}")
+        print(f"  dense   {seconds['dense'] * 1e3:9.1f} ms   1.00x")
+        print(f"  routed  {seconds['routed'] * 1e3:9.1f} ms   {seconds['routed'] / seconds['dense']:.2f}x")
 
 
 if __name__ == "__main__":

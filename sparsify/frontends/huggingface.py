@@ -1,8 +1,12 @@
-"""Hugging Face transformers: example inputs from the config, use_cache=False, config-based rebuild."""
+"""Hugging Face transformers: example inputs from the config, use_cache=False, config-based rebuild, and the
+Mamba-family scan as one op while capturing."""
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
+import sys
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -64,3 +68,38 @@ def rebuild(description: dict[str, Any]) -> torch.nn.Module:
                             "that has it, or pass model=... to sparsify.load") from None
     config = cls.config_class.from_dict(description["config"])
     return cls(config)
+
+
+# transformers' Mamba-family selective scan (Mamba, FalconMamba, Jamba: `mamba_selective_scan`, mamba_ssm's
+# selective_scan_fn signature). Under torch.export transformers takes its PyTorch path, a Python loop over
+# time: export would unroll it into a graph with one step per token, fixed to the example's length, whose
+# backward touches the whole sequence at every step. While capturing, it is the sparsify scan op instead.
+SCAN_FUNCTION = "mamba_selective_scan"
+
+
+def _scan_graph_form(original):
+    @functools.wraps(original)
+    def scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+             return_last_state=False, **options):
+        if return_last_state:  # the prefill of generation with a cache: the final state is wanted too
+            return original(hidden_states, dt, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                            **options)
+        return torch.ops.sparsify.selective_scan(hidden_states, dt, A, B, C, D, z, delta_bias, delta_softplus)
+    return scan
+
+
+@contextmanager
+def graph_forms():
+    """While sparsify captures: the Mamba-family scan of every loaded transformers model module is the
+    sparsify op (one opaque op, any sequence length); restored on exit."""
+    replaced = []
+    for name, module in list(sys.modules.items()):
+        original = getattr(module, SCAN_FUNCTION, None) if name.startswith("transformers.models.") else None
+        if callable(original):
+            setattr(module, SCAN_FUNCTION, _scan_graph_form(original))
+            replaced.append((module, original))
+    try:
+        yield
+    finally:
+        for module, original in replaced:
+            setattr(module, SCAN_FUNCTION, original)

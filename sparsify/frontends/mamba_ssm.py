@@ -13,9 +13,8 @@ nor a CPU can run. Two scopes:
   cannot even be imported otherwise): `import sparsify` installs an import hook
   that supplies a stand-in `selective_scan_cuda` (it raises if mamba_ssm's own
   CUDA path is ever reached) and wraps the entry points so that calls on CPU
-  tensors run plain PyTorch: mamba_ssm's own references where it has them
-  (`selective_scan_ref`, so a dense model's numbers and autograd are mamba_ssm's),
-  else their graph forms. Calls on CUDA tensors keep mamba_ssm's Triton
+  tensors run their graph forms (the scans: sparsify's CPU scan ops, so a dense
+  model trains at the routed model's scan speed). Calls on CUDA tensors keep mamba_ssm's Triton
   kernels; only the functions that need the missing extension (the selective scan,
   the fused Mamba1 inner function) take the sparsify ops there.
 
@@ -49,10 +48,10 @@ def extension_present() -> bool:
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                       return_last_state=False):
-    """mamba_ssm's selective_scan_fn signature: the sparsify op while exporting or on CUDA (it calls mamba_ssm's
-    kernel there when the extension exists), mamba_ssm's own reference on CPU."""
-    if return_last_state or not (torch.compiler.is_exporting() or u.is_cuda):
-        # a dense call on CPU, or generation with a cache (no routing involved): mamba_ssm's reference as is
+    """mamba_ssm's selective_scan_fn signature: the sparsify op (mamba_ssm's kernel on CUDA when the extension
+    exists; sparsify's chunked scan and analytic backward on CPU), or the step-by-step reference where the
+    final state is wanted (generation with a cache)."""
+    if return_last_state:
         return selective_scan_module.selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                                         return_last_state)
     return torch.ops.sparsify.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)

@@ -6,11 +6,14 @@ with delta = softplus(delta + delta_bias) when delta_softplus. Shapes as mamba_s
 selective_scan_fn: u, delta, z [b, d, l]; A [d, n] (real); B, C [b, n, l] or
 [b, groups, n, l]; D, delta_bias [d].
 
-Being one op keeps the capture dynamic in the sequence length (the reference
-loops over time) and lets the route pass see the scan's operands. CPU runs the
-plain-PyTorch reference; CUDA runs mamba_ssm's kernel when its extension is
-installed. Backward recomputes the forward under autograd (mamba_ssm's kernel and
-its CUDA backward where available, the reference elsewhere).
+Being one op keeps the capture dynamic in the sequence length and lets the route
+pass see the scan's operands. CPU runs `selective_scan_cpu` (the two-level scan of
+_linear_scan.py, ~2 sqrt(L) Python steps) and its analytic backward (the adjoint
+recurrence, run by the same scan backwards in time; states recomputed, not saved).
+CUDA runs mamba_ssm's kernel when its extension is installed, and its backward
+recomputes that kernel's forward under autograd. `selective_scan_ref` is the
+step-by-step reference both are tested against (and what generation with a final
+state calls).
 """
 from __future__ import annotations
 
@@ -20,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparsify.ops._recompute import save_optional_tensors, vjp_by_recompute
 from sparsify.errors import SparsifyError
+from sparsify.ops._linear_scan import linear_scan
+from sparsify.ops._recompute import save_optional_tensors, vjp_by_recompute
 
 # mamba_ssm's own CUDA selective scan, set by sparsify.frontends.mamba_ssm when the extension exists.
 cuda_selective_scan = None
@@ -62,13 +66,108 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return (y, state) if return_last_state else y
 
 
+class _TimeMajor:
+    """The scan's operands in fp32, time first ([l, b, d, n] for per-state tensors), as both directions use
+    them. B and C shared by all channels stay [l, b, n] (multiplied in by batched matmuls); grouped ones are
+    spread to [l, b, d, n]."""
+
+    def __init__(self, u, delta, A, B, C, delta_bias, delta_softplus):
+        if A.is_complex():
+            raise SparsifyError("selective_scan: complex A is not supported by sparsify's CPU scan")
+        self.channels, self.groups = u.shape[1], (B.shape[1] if B.dim() == 4 else None)
+        pre = delta.float() + (delta_bias.float()[:, None] if delta_bias is not None else 0.0)
+        self.pre = pre
+        dt = F.softplus(pre) if delta_softplus else pre
+        self.u, self.dt, self.A = u.float().permute(2, 0, 1), dt.permute(2, 0, 1), A.float()  # [l, b, d]
+        self.B, self.C = self._time_major(B), self._time_major(C)
+        self.decay = torch.exp(self.dt[..., None] * self.A)  # [l, b, d, n]
+        self.dtu = self.dt * self.u
+
+    def _time_major(self, x):
+        if x.dim() == 3:
+            return x.float().permute(2, 0, 1)  # [l, b, n]
+        return x.float().permute(3, 0, 1, 2).repeat_interleave(self.channels // x.shape[1], dim=2)  # [l, b, d, n]
+
+    def times_state(self, values, per_state):
+        """values [l, b, d] times B or C per state: [l, b, d, n]."""
+        per_state = per_state if per_state.dim() == 4 else per_state[:, :, None, :]
+        return values[..., None] * per_state
+
+    def contract(self, states, per_state):
+        """sum over n of states [l, b, d, n] times B or C: [l, b, d]."""
+        if per_state.dim() == 3:
+            return torch.matmul(states, per_state[..., None]).squeeze(-1)
+        return (states * per_state).sum(-1)
+
+    def per_state_grad(self, values, states, like):
+        """Gradient of a B or C operand: sum over channels of values [l, b, d] times states, in its layout."""
+        if like.dim() == 3:
+            return torch.matmul(values[:, :, None, :], states).squeeze(2).permute(1, 2, 0)  # [b, n, l]
+        full = values[..., None] * states  # [l, b, d, n]
+        grouped = full.reshape(*full.shape[:2], self.groups, -1, full.shape[-1]).sum(3)  # [l, b, g, n]
+        return grouped.permute(1, 2, 3, 0)
+
+
+def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """The scan without a Python step per token (see _linear_scan.py); the same numbers as the reference up
+    to float rounding."""
+    ops = _TimeMajor(u, delta, A, B, C, delta_bias, delta_softplus)
+    states = linear_scan(ops.decay, ops.times_state(ops.dtu, ops.B))
+    y = ops.contract(states, ops.C).permute(1, 2, 0)  # [b, d, l]
+    if D is not None:
+        y = y + u.float() * D.float()[:, None]
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(u.dtype)
+
+
+def selective_scan_cpu_backward(grad, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """Gradients of selective_scan_cpu for (u, delta, A, B, C, D, z, delta_bias), None where absent.
+
+    With G_t = dL/dh_t, the adjoint runs backwards in time: G_t = C_t g_t + a_{t+1} G_{t+1}; then
+    dL/dx_t = G_t and dL/da_t = G_t h_{t-1}, which the chain rule takes to every operand."""
+    ops = _TimeMajor(u, delta, A, B, C, delta_bias, delta_softplus)
+    states = linear_scan(ops.decay, ops.times_state(ops.dtu, ops.B))
+    g = grad.float()
+    grads = dict.fromkeys(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"))
+    if z is not None:
+        scan_y = ops.contract(states, ops.C).permute(1, 2, 0)
+        if D is not None:
+            scan_y = scan_y + u.float() * D.float()[:, None]
+        sig = torch.sigmoid(z.float())
+        grads["z"] = (g * scan_y * sig * (1 + z.float() * (1 - sig))).to(z.dtype)
+        g = g * z.float() * sig  # through the gate: silu(z) = z * sigmoid(z)
+    grad_u = g * D.float()[:, None] if D is not None else torch.zeros_like(g)
+    if D is not None:
+        grads["D"] = (g * u.float()).sum((0, 2)).to(D.dtype)
+    g = g.permute(2, 0, 1)  # [l, b, d]
+    grads["C"] = ops.per_state_grad(g, states, C).to(C.dtype)
+    next_decay = torch.cat([ops.decay[1:], torch.zeros_like(ops.decay[:1])])
+    adjoint = linear_scan(next_decay.flip(0), ops.times_state(g, ops.C).flip(0)).flip(0)  # G_t
+    previous = torch.cat([torch.zeros_like(states[:1]), states[:-1]])
+    grad_log_decay = adjoint * previous * ops.decay  # dL/d(dt * A), [l, b, d, n]
+    del previous, states
+    grads["A"] = (grad_log_decay * ops.dt[..., None]).sum((0, 1)).to(A.dtype)
+    grads["B"] = ops.per_state_grad(ops.dtu, adjoint, B).to(B.dtype)
+    adjoint_b = ops.contract(adjoint, ops.B)  # sum_n G B: [l, b, d]
+    grad_dt = (grad_log_decay * ops.A).sum(-1) + adjoint_b * ops.u
+    grads["u"] = (grad_u + (adjoint_b * ops.dt).permute(1, 2, 0)).to(u.dtype)
+    grad_pre = grad_dt.permute(1, 2, 0)
+    if delta_softplus:
+        grad_pre = grad_pre * torch.sigmoid(ops.pre)
+    grads["delta"] = grad_pre.to(delta.dtype)
+    if delta_bias is not None:
+        grads["delta_bias"] = grad_pre.sum((0, 2)).to(delta_bias.dtype)
+    return tuple(grads.values())
+
+
 @torch.library.custom_op("sparsify::selective_scan", mutates_args=())
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                    z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
                    delta_softplus: bool = False) -> Tensor:
     if u.is_cuda and cuda_selective_scan is not None:
         return cuda_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
 @selective_scan.register_fake
@@ -82,13 +181,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    # Recompute through mamba_ssm's kernel (and its CUDA backward) when it is there.
-    def forward(*tensors):
-        if tensors[0].is_cuda and cuda_selective_scan is not None:
-            return cuda_selective_scan(*tensors, ctx.delta_softplus)
-        return selective_scan_ref(*tensors, delta_softplus=ctx.delta_softplus)
-
-    return vjp_by_recompute(forward, ctx.saved_tensors, grad) + (None,)
+    saved = ctx.saved_tensors
+    if saved[0].is_cuda and cuda_selective_scan is not None:
+        # Recompute through mamba_ssm's kernel (and its CUDA backward).
+        return vjp_by_recompute(lambda *t: cuda_selective_scan(*t, ctx.delta_softplus), saved, grad) + (None,)
+    return selective_scan_cpu_backward(grad, *saved, ctx.delta_softplus) + (None,)
 
 
 selective_scan.register_autograd(_backward, setup_context=_setup_context)

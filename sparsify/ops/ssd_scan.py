@@ -4,9 +4,12 @@
     y_t = h_t C_t + D * x_t,   out = y * silu(z)
 with dt = clamp(softplus(dt + dt_bias)) as mamba_ssm's mamba_chunk_scan_combined.
 Shapes: x, z [b, l, h, p]; dt [b, l, h]; A [h]; B, C [b, l, g, n]; D [h] or [h, p];
-dt_bias [h]. CPU runs this plain-PyTorch recurrence (mamba_ssm's chunked Triton
-kernels compute the same sums in another order; they run on CUDA when mamba_ssm is installed);
-backward recomputes the forward under autograd.
+dt_bias [h]. On CPU it is a selective scan whose channels are (head, headdim) pairs,
+each with its head's decay (`ssd_scan_cpu`): sparsify::selective_scan's chunked scan
+and analytic backward, which autograd reaches through the reshapes when this op's
+backward recomputes its forward. CUDA runs mamba_ssm's chunked Triton kernels when
+mamba_ssm is installed. `ssd_scan_ref` is the step-by-step reference (and what a
+caller wanting the final state runs).
 """
 from __future__ import annotations
 
@@ -52,6 +55,29 @@ def ssd_scan_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False
     return (y, state) if return_final_state else y
 
 
+def ssd_scan_cpu(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_min=0.0, dt_max=float("inf")):
+    """The SSD scan as a selective scan over d = heads * headdim channels (differentiable)."""
+    b, length, heads, headdim = x.shape
+    dt = dt.float() + (dt_bias.float() if dt_bias is not None else 0.0)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    if dt_min > 0.0 or dt_max != float("inf"):
+        dt = dt.clamp(min=dt_min, max=dt_max)
+
+    def channels_first(t):  # [b, l, h, p] -> [b, h * p, l]
+        return t.permute(0, 2, 3, 1).reshape(b, heads * headdim, length)
+
+    def states(t):  # [b, l, g, n] -> [b, n, l] shared by all channels, or [b, g, n, l] per group of heads
+        return t[:, :, 0].permute(0, 2, 1) if t.shape[2] == 1 else t.permute(0, 2, 3, 1)
+
+    delta = dt.permute(0, 2, 1)[:, :, None, :].expand(b, heads, headdim, length).reshape(b, heads * headdim, length)
+    A_full = A.float()[:, None, None].expand(heads, headdim, B.shape[-1]).reshape(heads * headdim, B.shape[-1])
+    D_full = None if D is None else (D[:, None].expand(heads, headdim) if D.dim() == 1 else D).reshape(-1)
+    y = torch.ops.sparsify.selective_scan(channels_first(x), delta, A_full, states(B), states(C), D_full,
+                                          None if z is None else channels_first(z), None, False)
+    return y.reshape(b, heads, headdim, length).permute(0, 3, 1, 2).to(x.dtype)
+
+
 @torch.library.custom_op("sparsify::ssd_scan", mutates_args=())
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
              z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool, dt_min: float,
@@ -59,7 +85,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     # no defaults: a schema cannot spell an infinite default, and the caller always knows dt_limit
     if x.is_cuda and cuda_chunk_scan is not None:
         return _cuda_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max)
-    return ssd_scan_ref(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max)
+    return ssd_scan_cpu(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max)
 
 
 def _cuda_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max):
@@ -80,7 +106,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     def forward(*tensors):
-        scan = _cuda_scan if tensors[0].is_cuda and cuda_chunk_scan is not None else ssd_scan_ref
+        scan = _cuda_scan if tensors[0].is_cuda and cuda_chunk_scan is not None else ssd_scan_cpu
         return scan(*tensors, *ctx.options)
 
     return vjp_by_recompute(forward, ctx.saved_tensors, grad) + (None,) * 3

@@ -228,6 +228,9 @@ class _Rewriter:
 
     def replace(self, node: torch.fx.Node, new: torch.fx.Node) -> None:
         new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+        # The routed node computes the dense node's value (same shape and dtype): later rewrites that read
+        # this operand's shape (a scan's delta, routed before its bias) find it there.
+        new.meta.setdefault("val", node.meta.get("val"))
         new.meta["sparsify_dense_node"] = node.name
         node.replace_all_uses_with(new)
         self.graph.erase_node(node)
