@@ -114,6 +114,7 @@ def convert(
     init: str = "copy",
     verify: bool = True,
     inplace: bool = False,
+    hoist: bool = True,
 ) -> RoutedModel:
     """Turn a dense model into a modality-routed one. See README for the arguments."""
     if not isinstance(model, nn.Module):
@@ -142,6 +143,7 @@ def convert(
         warnings.warn(f"sparsify: {note}", stacklevel=2)
     _stack_parameters(dense, plan, init)
     routed = RoutedModel(dense, plan, hf.call_defaults(dense) if hf.is_hf_model(dense) else {})
+    routed.hoist = hoist
     routed.example_inputs = inputs
     routed.seed_graph(inputs, captured)
     if verify:

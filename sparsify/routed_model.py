@@ -25,8 +25,10 @@ from sparsify.capture import CapturedGraph, bind_call, capture, primary_tensor
 from sparsify.errors import SparsifyError
 from sparsify.frontends.huggingface import CACHE_ARGS
 from sparsify.ops import check_modality_ids
+from sparsify.ops.backend import use_triton
 from sparsify.passes import run_passes
 from sparsify.passes.direct_calls import direct_calls
+from sparsify.passes.hoist import HoistPass
 from sparsify.passes.lower import LowerPass
 from sparsify.passes.route import RoutePass
 from sparsify.plan import RoutingPlan
@@ -63,6 +65,9 @@ class RoutedModel(nn.Module):
         self.call_defaults = dict(call_defaults or {})
         # Implementation of the routed ops: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
         self.backend = "auto"
+        # Sort tokens by modality once per token-wise region of a block (passes/hoist.py) rather than in
+        # every routed op. Read when a graph is routed: set it before the first forward.
+        self.hoist = True
         # Check every forward that modality ids lie in [0, M): one host sync. A GPU training loop that
         # builds its ids itself may turn it off; an id out of range then fails inside a kernel instead.
         self.check_id_range = True
@@ -182,7 +187,7 @@ class RoutedModel(nn.Module):
         params = frozenset((p.dtype, p.device) for p in self.parameters() if not _is_sharded(p))
         # A decoding step's graphs (generation.py) are keyed by the shapes of the cache they hold.
         cache = step.cache_signature() if step is not None else None
-        return (self.training, self.backend, str(spec), leaves, params, cache)
+        return (self.training, self.backend, self.hoist, str(spec), leaves, params, cache)
 
     def graph_for(self, inputs: dict[str, Any], step: nn.Module | None = None) -> tuple[GraphEntry, list]:
         """The routed graph for these inputs, capturing and routing a new one if none accepts them. `step`: a
@@ -259,8 +264,13 @@ class RoutedModel(nn.Module):
 
         device = next(self.parameters()).device
         passes = [RoutePass(param_fqns=param_fqns, routed=set(self.plan.routed), modalities=self.plan.modalities,
-                            token_dims=captured.token_dims, user_inputs=user_inputs, uses=captured.param_uses),
-                  LowerPass(backend=self.backend, device=device)]
+                            token_dims=captured.token_dims, user_inputs=user_inputs, uses=captured.param_uses)]
+        # Hoisting pays off where the routed ops group rows by sorting (the torch references): not in a
+        # decoding step (a handful of rows, where the boundary copies cost more than they save), nor for the
+        # Triton kernels, which pick each row's weights themselves.
+        if self.hoist and not eager_only and not use_triton(self.backend, device):
+            passes.append(HoistPass())
+        passes.append(LowerPass(backend=self.backend, device=device))
         captured.graph_module = run_passes(captured.graph_module, passes)
         captured.param_uses = None  # it described the dense graph
         entry = GraphEntry(routed=captured, dense_graph_module=dense_graph_module)

@@ -37,9 +37,15 @@ class ModalityGroups:
 
     @functools.cached_property
     def order(self) -> torch.Tensor | None:
-        """Row indices in modality order (None when one modality holds every row); sorted on first use, so
-        an op that only needs the ids validated (a gather) pays no sort."""
-        return None if self.single is not None else torch.argsort(self._ids().reshape(-1), stable=True)
+        """Row indices in modality order (None when one modality holds every row, or when the rows are in
+        modality order already, as in a region the hoist pass sorted); sorted on first use, so an op that
+        only needs the ids validated (a gather) pays no sort."""
+        if self.single is not None:
+            return None
+        flat = self._ids().reshape(-1)
+        if bool((flat[1:] >= flat[:-1]).all()):  # one pass over the ids, once per forward (memoised)
+            return None
+        return torch.argsort(flat, stable=True)
 
     def slices(self):
         """(modality, start, stop) of each non-empty group in the sorted rows."""

@@ -1,0 +1,112 @@
+"""The hoist pass: tokens sorted by modality once per token-wise region of a block, not in every routed op.
+
+Hoisted and unhoisted graphs of the same routed model agree exactly up to float rounding (fp32, rel <= 1e-6,
+outputs and every gradient); the permutations in a hoisted Llama graph are counted per block.
+"""
+import collections
+
+import pytest
+import torch
+
+import sparsify
+from tests.conftest import tiny_llama
+from tests.test_module_tree import tiny_mamba
+
+aten = torch.ops.aten
+
+
+def perturbed_pair(factory, modalities=3):
+    """(hoisted, unhoisted) routed copies of one dense model with the same perturbed modality copies."""
+    dense = factory()
+    hoisted = sparsify.convert(dense, modalities, hoist=True).train()
+    unhoisted = sparsify.convert(dense, modalities, hoist=False, verify=False).train()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for (name, a), (_, b) in zip(hoisted.named_parameters(), unhoisted.named_parameters()):
+            a.add_(0.05 * torch.randn(a.shape, generator=generator))
+            b.copy_(a)
+    return hoisted, unhoisted
+
+
+def routed_graph(routed):
+    entries = [e for entries in routed._graphs.values() for e in entries]
+    return entries[-1].routed.graph_module.graph
+
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+# HF Mamba: no region pays (the block norm is not routed, so each region holds one or two routed ops
+# between the scan's transposes), so its hoisted graph must simply be the unhoisted one.
+@pytest.mark.parametrize("factory,sorts", [(tiny_llama, True), (tiny_mamba, False)], ids=["llama", "hf-mamba"])
+def test_hoisted_outputs_and_gradients_equal_unhoisted(factory, sorts):
+    hoisted, unhoisted = perturbed_pair(factory)
+    tokens = torch.randint(0, 101, (3, 13))
+    ids = torch.randint(0, 3, (3, 13))
+    outputs = []
+    for model in (hoisted, unhoisted):
+        logits = model(tokens, modality_ids=ids).logits
+        logits.square().mean().backward()
+        outputs.append(logits.detach())
+    assert rel(*outputs) <= 1e-6
+    for (name, a), (_, b) in zip(hoisted.named_parameters(), unhoisted.named_parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if b.grad is not None and b.grad.abs().max() > 0:
+            assert rel(a.grad, b.grad) <= 1e-6, name
+    assert any(n.target == aten.argsort.stable for n in routed_graph(hoisted).nodes) == sorts
+    assert not any(n.target == aten.argsort.stable for n in routed_graph(unhoisted).nodes)
+
+
+def test_permutations_in_a_hoisted_llama_graph_are_per_block_not_per_routed_op():
+    layers = 3
+    routed = sparsify.convert(tiny_llama(num_hidden_layers=layers), 3)
+    graph = routed_graph(routed)
+    ops = collections.Counter(n.target for n in graph.nodes if n.op == "call_function")
+    routed_ops = ops[torch.ops.sparsify.routed_linear.default] + ops[torch.ops.sparsify.routed_rms_norm.default]
+    assert routed_ops == 9 * layers  # q k v o gate up down + 2 norms per block: unhoisted, 9 sorts per block
+    assert ops[aten.argsort.stable] == 2  # the order, and its inverse: once per forward for every block
+    into_order = [n for n in graph.nodes if n.target == aten.index_select.default and
+                  n.args[0].target == aten.flatten.using_ints]
+    back = [n for n in graph.nodes if n.target == aten.index_select.default and n.args[0].target in
+            (torch.ops.sparsify.routed_linear.default, aten.add.Tensor)]
+    # per block: the block's input and the attention output sorted in; q, k, v (to attention) and the
+    # block output put back in token order
+    assert len(into_order) == 2 * layers
+    assert len(back) == 4 * layers
+    assert ops[aten.index_select.default] == 6 * layers + 1  # + the sorted ids themselves
+    sorted_ids = {n for n in graph.nodes if n.target == aten.index_select.default and n.args[0].target ==
+                  aten.reshape.default}
+    assert len(sorted_ids) == 1
+    for node in graph.nodes:
+        if node.target in (torch.ops.sparsify.routed_linear.default, torch.ops.sparsify.routed_rms_norm.default):
+            assert node.args[1] in sorted_ids  # every routed op reads rows in modality order
+
+
+def test_block_outputs_stay_in_token_order():
+    hoisted, unhoisted = perturbed_pair(tiny_llama)
+    tokens, ids = torch.randint(0, 101, (2, 9)), torch.randint(0, 3, (2, 9))
+    seen = []
+    for model in (hoisted, unhoisted):
+        model(tokens, modality_ids=ids)  # captures the graph for this shape first (hooks fire while tracing)
+        handle = model.get_submodule("model.layers.0").register_forward_hook(
+            lambda module, args, output: seen.append(output[0] if isinstance(output, tuple) else output))
+        model(tokens, modality_ids=ids)
+        handle.remove()
+    assert seen[0].shape == (2, 9, 32)
+    assert rel(seen[0].detach(), seen[1].detach()) <= 1e-6
+
+
+def test_a_region_that_would_not_save_copies_is_left_alone():
+    class OneProjection(torch.nn.Module):  # one routed op: sorting around it costs what the op costs
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(50, 8)
+            self.proj = torch.nn.Linear(8, 8)
+
+        def forward(self, tokens):
+            return self.proj(self.embed(tokens)).cumsum(1)
+
+    routed = sparsify.convert(OneProjection(), 2, example_inputs=(torch.randint(0, 50, (2, 5)),))
+    assert routed.hoist
+    assert not any(n.target == aten.argsort.stable for n in routed_graph(routed).nodes)
