@@ -29,8 +29,20 @@ def routed_linear_ref(x: Tensor, modality_ids: Tensor, weight: Tensor, bias: Opt
     x_sorted = groups.to_sorted(x_rows)
     out = x_rows.new_empty(x_rows.shape[0], weight.shape[1], dtype=torch.result_type(x, weight))
     for m, start, stop in groups.slices():
-        out[start:stop] = F.linear(x_sorted[start:stop], weight[m], None if bias is None else bias[m])
+        _matmul_into(out[start:stop], x_sorted[start:stop], weight[m].t(), None if bias is None else bias[m])
     return groups.from_sorted(out).reshape(out_shape)
+
+
+def _matmul_into(out: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> None:
+    """out = a @ b (+ bias), written straight into `out` (a slice of a grouped buffer) where the dtypes allow,
+    rather than into a temporary that is then copied in."""
+    if a.dtype == b.dtype == out.dtype and (bias is None or bias.dtype == out.dtype):
+        if bias is None:
+            torch.mm(a, b, out=out)
+        else:
+            torch.addmm(bias, a, b, out=out)
+    else:
+        out.copy_(a @ b if bias is None else torch.addmm(bias, a, b))
 
 
 def routed_linear_backward_ref(grad: Tensor, x: Tensor, modality_ids: Tensor, weight: Tensor, has_bias: bool):
@@ -43,8 +55,8 @@ def routed_linear_backward_ref(grad: Tensor, x: Tensor, modality_ids: Tensor, we
     dbias = grad.new_zeros((weight.shape[0], weight.shape[1]) if has_bias else (0,), dtype=weight.dtype)
     for m, start, stop in groups.slices():
         g = grad_rows[start:stop]
-        dx[start:stop] = (g @ weight[m]).to(dx.dtype)
-        dweight[m] = g.t() @ x_rows[start:stop]
+        _matmul_into(dx[start:stop], g, weight[m])
+        _matmul_into(dweight[m], g.t(), x_rows[start:stop])
         if has_bias:
             dbias[m] = g.sum(0, dtype=accumulation_dtype(g.dtype)).to(dbias.dtype)
     return groups.from_sorted(dx).reshape(x.shape), dweight, dbias

@@ -165,6 +165,7 @@ class HoistPass(PassBase):
                 for n in region:
                     n.replace_input_with(source, rows_sorted)
             for n in ordered:
+                n.meta["sparsify_rows_sorted"] = inverse.name  # verify puts its rows back in token order
                 if n.target in ROUTED:
                     n.replace_input_with(self.ids, sorted_ids)
                 elif n.target in REDUCTIONS:  # feature dims counted from the end: the same in [T, ...]

@@ -3,7 +3,8 @@
 Outputs are compared first (cheap). Only when they differ are both graphs
 re-run under an FX Interpreter that records every floating-point node, to name
 the first routed-graph node (in execution order) whose value leaves tolerance.
-A routed node is matched to the dense node it replaced via meta["sparsify_dense_node"].
+A routed node is matched to the dense node it replaced via meta["sparsify_dense_node"]; a node of a
+hoisted region (rows in modality order, passes/hoist.py) is put back in token order first.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ class _Recorder(torch.fx.Interpreter):
 
     def run_node(self, node):
         out = super().run_node(node)
-        if isinstance(out, torch.Tensor) and out.is_floating_point():
+        if isinstance(out, torch.Tensor):  # integer ones too: a hoisted region's row order
             self.values[node.name] = out.detach().clone()
         return out
 
@@ -64,7 +65,10 @@ def first_divergent_node(dense_gm, dense_args, routed_gm, routed_args, tolerance
     for node in routed_gm.graph.nodes:
         name = node.meta.get("sparsify_dense_node", node.name)
         a, b = routed.values.get(node.name), dense.values.get(name)
-        if a is None or b is None or a.shape != b.shape:
+        inverse = routed.values.get(node.meta.get("sparsify_rows_sorted"))
+        if a is not None and b is not None and inverse is not None and a.numel() == b.numel():
+            a = a.index_select(0, inverse).reshape(b.shape)  # a hoisted region's rows, back in token order
+        if a is None or b is None or a.shape != b.shape or not b.is_floating_point():
             continue
         if _errors(a, b)[1] > tolerance:
             return describe_node(node)
