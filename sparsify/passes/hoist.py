@@ -117,7 +117,8 @@ class HoistPass(PassBase):
         for region in nx.connected_components(links):
             inputs, outputs = self._boundary(region)
             routed = sum(n.target in ROUTED for n in region)
-            if len(inputs) + len(outputs) < 2 * routed and all(self._restorable(v) for v in outputs):  # fewer copies than each routed op sorting its own rows
+            # worth it where it copies less than each routed op sorting its own rows (in and out) would
+            if len(inputs) + len(outputs) < 2 * routed and all(self._restorable(v) for v in outputs):
                 self.regions.append(region)
         if not self.regions:
             return PassResult(graph_module, False)
@@ -133,8 +134,8 @@ class HoistPass(PassBase):
         return inputs, outputs
 
     def _rewrite(self, graph: torch.fx.Graph) -> None:
-        root_stack = dict(list((next(n for n in graph.nodes if n.meta.get("nn_module_stack"))
-                                .meta["nn_module_stack"]).items())[:1])
+        stacks = [n.meta["nn_module_stack"] for n in graph.nodes if n.meta.get("nn_module_stack")]
+        root_stack = dict(list(stacks[0].items())[:1]) if stacks else {}
 
         def call(target, args, stack):
             node = graph.call_function(target, args)
@@ -159,9 +160,10 @@ class HoistPass(PassBase):
             for source in inputs:  # into modality order, just before the region's first reader
                 source = restored_as.get(source, source)  # another region's output, restored to token order
                 first = next(n for n in ordered if source in n.all_input_nodes)
-                with graph.inserting_before(first):  # in the reader's module, next to it: no module split
-                    rows = call(aten.flatten.using_ints, (source, 0, 1), first.meta["nn_module_stack"])
-                    rows_sorted = call(aten.index_select.default, (rows, 0, order), first.meta["nn_module_stack"])
+                stack = first.meta.get("nn_module_stack", root_stack)  # the reader's module: no module split
+                with graph.inserting_before(first):
+                    rows = call(aten.flatten.using_ints, (source, 0, 1), stack)
+                    rows_sorted = call(aten.index_select.default, (rows, 0, order), stack)
                 for n in region:
                     n.replace_input_with(source, rows_sorted)
             for n in ordered:
@@ -174,7 +176,7 @@ class HoistPass(PassBase):
             for value in outputs:  # back to token order, just after the region computes it
                 readers = [u for u in value.users if u not in region]
                 features = [int(s) if isinstance(s, int) else -1 for s in _val(value).shape[2:]]
-                stack = value.meta["nn_module_stack"]  # in the producer's module: it returns token order
+                stack = value.meta.get("nn_module_stack", root_stack)  # the producer's: it returns token order
                 with graph.inserting_after(value):
                     rows = call(aten.index_select.default, (value, 0, inverse), stack)
                 with graph.inserting_after(rows):
