@@ -127,20 +127,10 @@ def plan_for(source: DenseSource, factory, modalities, policy, include, exclude,
     return plan, dense, example
 
 
-# A routed tensor up to this size is read once and written M times; a larger one is read again for each
-# modality's copy, so peak memory stays a few chunks (the bench's target: peak RSS <= 0.5x the checkpoint).
-READ_ONCE_BYTES = 128 * 2**20
-
-
 def _routed_chunks(source: OutputTensor, modalities: int) -> Callable[[], Iterator[torch.Tensor]]:
     def chunks():
-        if source.nbytes <= READ_ONCE_BYTES:
-            held = list(source.chunks())
-            for _ in range(modalities):
-                yield from held
-        else:
-            for _ in range(modalities):
-                yield from source.chunks()
+        for _ in range(modalities):
+            yield from source.chunks()
     return chunks
 
 
