@@ -66,7 +66,7 @@ class RoutedModel(nn.Module):
         # Implementation of the routed ops: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
         self.backend = "auto"
         # Sort tokens by modality once per token-wise region of a block (passes/hoist.py) rather than in
-        # every routed op. Read when a graph is routed: set it before the first forward.
+        # every routed op. Part of the graph cache key: changing it routes new graphs on the next call.
         self.hoist = True
         # Check every forward that modality ids lie in [0, M): one host sync. A GPU training loop that
         # builds its ids itself may turn it off; an id out of range then fails inside a kernel instead.
