@@ -126,8 +126,9 @@ class CapturedGraph:
 
 
 def _size_class(value: int) -> int:
-    """0, 1 or 2 (for >= 2): the classes in which tracing decides broadcasting and emptiness differently."""
-    return min(int(value), 2)
+    """0, 1 or 2 (for >= 2): the classes in which tracing decides broadcasting and emptiness differently; a
+    negative symbolic value (a slice from the end, x[..., -seq:]) likewise -1 or -2 (for <= -2)."""
+    return max(min(int(value), 2), -2)
 
 
 @dataclass

@@ -55,6 +55,29 @@ def test_selective_scan_matches_mamba_ssm_reference(grouped, with_extras, length
     torch.testing.assert_close(our_selective_scan(u, delta, A, B, C, **extras), ours.detach(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("length", [1, 11, 50])
+def test_selective_scan_with_state_matches_mamba_ssm_reference(length):
+    # the prefill of generation: the output and the final state, forward and backward through both
+    g = torch.Generator().manual_seed(3)
+    b, d, n = 2, 6, 4
+    tensors = [torch.randn(b, d, length, generator=g), 0.5 * torch.randn(b, d, length, generator=g),
+               -torch.rand(d, n, generator=g), torch.randn(b, n, length, generator=g),
+               torch.randn(b, n, length, generator=g), torch.randn(d, generator=g),
+               torch.randn(b, d, length, generator=g), torch.randn(d, generator=g)]
+    ours_in = [t.clone().requires_grad_() for t in tensors]
+    theirs_in = [t.clone().requires_grad_() for t in tensors]
+    y, last = torch.ops.sparsify.selective_scan_with_state(*ours_in, True)
+    y_ref, last_ref = selective_scan_ref(*theirs_in[:5], D=theirs_in[5], z=theirs_in[6], delta_bias=theirs_in[7],
+                                         delta_softplus=True, return_last_state=True)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last, last_ref.float(), rtol=1e-5, atol=1e-5)
+    upstream = (torch.randn(y.shape, generator=g), torch.randn(last.shape, generator=g))
+    ours = torch.autograd.grad((y, last), ours_in, upstream)
+    theirs = torch.autograd.grad((y_ref, last_ref), theirs_in, upstream)
+    for a, b_ in zip(ours, theirs):
+        torch.testing.assert_close(a, b_, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("length,groups", [(16, 3), (13, 1), (1, 1)])
 def test_ssd_scan_matches_ssd_minimal(length, groups):
     # forward and backward against mamba_ssm's minimal SSD (one block of the whole length); 13 leaves the CPU

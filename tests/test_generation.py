@@ -101,10 +101,11 @@ def step_graphs(routed):
     return counts
 
 
-@pytest.mark.parametrize("padded", [False, True])
-def test_one_prefill_and_one_decode_graph_per_cache_shape(padded):
+# Mamba: the prefill's scan returns its final state (sparsify::selective_scan_with_state), one op for any length.
+@pytest.mark.parametrize("family,padded", [("llama", False), ("llama", True), ("mamba", False)])
+def test_one_prefill_and_one_decode_graph_per_cache_shape(family, padded):
     torch.manual_seed(0)
-    routed = sparsify.convert(llama().eval(), modalities=2).eval()
+    routed = sparsify.convert(MODELS[family]().eval(), modalities=2).eval()
     for length in (5, 7, 9):  # prompt lengths differ; batch and cache length (max_length) stay
         ids = torch.randint(0, 96, (2, length))
         # With a padding mask, the 2-D mask the graphs take grows by one column per step.

@@ -78,12 +78,12 @@ SCAN_FUNCTION = "mamba_selective_scan"
 
 
 def _scan_graph_form(original):
-    @functools.wraps(original)
+    @functools.wraps(original)  # (options: transformers' own choices of PyTorch path, moot for the op)
     def scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
              return_last_state=False, **options):
         if return_last_state:  # the prefill of generation with a cache: the final state is wanted too
-            return original(hidden_states, dt, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                            **options)
+            return torch.ops.sparsify.selective_scan_with_state(hidden_states, dt, A, B, C, D, z, delta_bias,
+                                                                delta_softplus)
         return torch.ops.sparsify.selective_scan(hidden_states, dt, A, B, C, D, z, delta_bias, delta_softplus)
     return scan
 

@@ -49,11 +49,10 @@ def extension_present() -> bool:
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                       return_last_state=False):
     """mamba_ssm's selective_scan_fn signature: the sparsify op (mamba_ssm's kernel on CUDA when the extension
-    exists; sparsify's chunked scan and analytic backward on CPU), or the step-by-step reference where the
-    final state is wanted (generation with a cache)."""
+    exists; sparsify's chunked scan and analytic backward on CPU), with the final state where it is wanted
+    (the prefill of generation with a cache)."""
     if return_last_state:
-        return selective_scan_module.selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                                        return_last_state)
+        return torch.ops.sparsify.selective_scan_with_state(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return torch.ops.sparsify.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
@@ -370,7 +369,13 @@ def install() -> None:
 
             return SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, False)
 
+        def cuda_scan_with_state(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+            from mamba_ssm.ops.selective_scan_interface import SelectiveScanFn
+
+            return SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True)
+
         selective_scan_module.cuda_selective_scan = cuda_scan
+        selective_scan_module.cuda_selective_scan_with_state = cuda_scan_with_state
         return
     if any(isinstance(finder, _MambaSsmHook) for finder in sys.meta_path):
         return

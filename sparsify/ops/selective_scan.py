@@ -108,9 +108,10 @@ class _TimeMajor:
         return grouped.permute(1, 2, 3, 0)
 
 
-def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False):
     """The scan without a Python step per token (see _linear_scan.py); the same numbers as the reference up
-    to float rounding."""
+    to float rounding. With return_last_state, also the state after the last step ([b, d, n], fp32)."""
     ops = _TimeMajor(u, delta, A, B, C, delta_bias, delta_softplus)
     states = linear_scan(ops.decay, ops.times_state(ops.dtu, ops.B))
     y = ops.contract(states, ops.C).permute(1, 2, 0)  # [b, d, l]
@@ -118,14 +119,18 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         y = y + u.float() * D.float()[:, None]
     if z is not None:
         y = y * F.silu(z.float())
-    return y.to(u.dtype)
+    if not return_last_state:
+        return y.to(u.dtype)
+    last = states[-1] if states.shape[0] else u.new_zeros(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float32)
+    return y.to(u.dtype), last.contiguous()
 
 
-def selective_scan_cpu_backward(grad, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+def selective_scan_cpu_backward(grad, u, delta, A, B, C, D, z, delta_bias, delta_softplus, grad_last_state=None):
     """Gradients of selective_scan_cpu for (u, delta, A, B, C, D, z, delta_bias), None where absent.
 
-    With G_t = dL/dh_t, the adjoint runs backwards in time: G_t = C_t g_t + a_{t+1} G_{t+1}; then
-    dL/dx_t = G_t and dL/da_t = G_t h_{t-1}, which the chain rule takes to every operand."""
+    With G_t = dL/dh_t, the adjoint runs backwards in time: G_t = C_t g_t + a_{t+1} G_{t+1} (plus the last
+    state's gradient at the last step); then dL/dx_t = G_t and dL/da_t = G_t h_{t-1}, which the chain rule
+    takes to every operand."""
     ops = _TimeMajor(u, delta, A, B, C, delta_bias, delta_softplus)
     states = linear_scan(ops.decay, ops.times_state(ops.dtu, ops.B))
     g = grad.float()
@@ -143,7 +148,10 @@ def selective_scan_cpu_backward(grad, u, delta, A, B, C, D, z, delta_bias, delta
     g = g.permute(2, 0, 1)  # [l, b, d]
     grads["C"] = ops.per_state_grad(g, states, C).to(C.dtype)
     next_decay = torch.cat([ops.decay[1:], torch.zeros_like(ops.decay[:1])])
-    adjoint = linear_scan(next_decay.flip(0), ops.times_state(g, ops.C).flip(0)).flip(0)  # G_t
+    from_outputs = ops.times_state(g, ops.C)
+    if grad_last_state is not None and from_outputs.shape[0]:
+        from_outputs[-1] += grad_last_state.float()
+    adjoint = linear_scan(next_decay.flip(0), from_outputs.flip(0)).flip(0)  # G_t
     previous = torch.cat([torch.zeros_like(states[:1]), states[:-1]])
     grad_log_decay = adjoint * previous * ops.decay  # dL/d(dt * A), [l, b, d, n]
     del previous, states
@@ -189,3 +197,41 @@ def _backward(ctx, grad):
 
 
 selective_scan.register_autograd(_backward, setup_context=_setup_context)
+
+
+# The scan that also returns its final state ([b, d, n], fp32): the prefill of generation with a cache.
+# On CUDA mamba_ssm's kernel when its extension is installed (set by sparsify.frontends.mamba_ssm).
+cuda_selective_scan_with_state = None
+
+
+@torch.library.custom_op("sparsify::selective_scan_with_state", mutates_args=())
+def selective_scan_with_state(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                              z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                              delta_softplus: bool = False) -> tuple[Tensor, Tensor]:
+    if u.is_cuda and cuda_selective_scan_with_state is not None:
+        y, last = cuda_selective_scan_with_state(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return y, last.float()
+    if u.is_cuda:
+        y, last = selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True)
+        return y, last.float()
+    return selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True)
+
+
+@selective_scan_with_state.register_fake
+def _(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    return torch.empty_like(u), u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float32)
+
+
+def _backward_with_state(ctx, grad, grad_last_state):
+    saved = ctx.saved_tensors
+    if saved[0].is_cuda:  # rare (training through a final state on a GPU): the reference under autograd
+        inputs = [t.detach().requires_grad_(t.is_floating_point()) if t is not None else None for t in saved]
+        with torch.enable_grad():
+            y, last = selective_scan_ref(*inputs, delta_softplus=ctx.delta_softplus, return_last_state=True)
+            wanted = [t for t in inputs if t is not None and t.requires_grad]
+            grads = iter(torch.autograd.grad((y, last.float()), wanted, (grad, grad_last_state), allow_unused=True))
+        return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs) + (None,)
+    return selective_scan_cpu_backward(grad, *saved, ctx.delta_softplus, grad_last_state=grad_last_state) + (None,)
+
+
+selective_scan_with_state.register_autograd(_backward_with_state, setup_context=_setup_context)

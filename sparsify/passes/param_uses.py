@@ -217,7 +217,8 @@ def classify(node: torch.fx.Node, operand: int, param_val) -> tuple[str, str | N
         if operand in (2, 3) and len(args[1]) == 1:
             return ("layer_norm_weight" if operand == 2 else "layer_norm_bias"), None
         return "unsupported", "layer_norm over more than the last dim"
-    if target == torch.ops.sparsify.selective_scan.default and operand == 7:
+    if target in (torch.ops.sparsify.selective_scan.default,
+                  torch.ops.sparsify.selective_scan_with_state.default) and operand == 7:
         return "scan_delta_bias", None  # dt_proj's bias, which the scan adds to delta before softplus
     if target == aten.conv1d.default and operand in (1, 2):
         return _classify_conv1d(node, operand)
