@@ -18,15 +18,25 @@ from sparsify.errors import SparsifyError
 def routed_layer_norm_ref(
     x: Tensor, modality_ids: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
 ) -> Tensor:
-    """Plain-PyTorch reference: F.layer_norm per modality, so each row is computed exactly as dense."""
+    """Plain-PyTorch reference. One modality: F.layer_norm with its weights, exactly as dense. Several: the
+    normalisation once over all rows, then each row's scale and shift gathered per token (as the RMS norm
+    reference does: for an elementwise affine a [tokens, D] gather is cheaper than sorting rows into groups
+    and back), in at least fp32 and rounded once."""
     stacked = weight if weight is not None else bias
     groups = groups_of(modality_ids, stacked.shape[0])
-    x_rows = groups.to_sorted(x.reshape(-1, x.shape[-1]))
-    out = torch.empty_like(x_rows)
-    for m, start, stop in groups.slices():
-        out[start:stop] = F.layer_norm(x_rows[start:stop], (x.shape[-1],), None if weight is None else weight[m],
-                                       None if bias is None else bias[m], eps)
-    return groups.from_sorted(out).reshape(x.shape)
+    d = x.shape[-1]
+    if groups.single is not None:
+        m = groups.single
+        return F.layer_norm(x, (d,), None if weight is None else weight[m], None if bias is None else bias[m], eps)
+    acc = accumulation_dtype(x.dtype)
+    out = F.layer_norm(x.to(acc), (d,), None, None, eps).reshape(-1, d)
+    flat_ids = modality_ids.reshape(-1)
+    per_token = torch.empty_like(out)  # one buffer for the gathered scales, then the shifts: memory, not FLOPs
+    if weight is not None:
+        out.mul_(torch.index_select(weight.to(acc), 0, flat_ids, out=per_token))
+    if bias is not None:
+        out.add_(torch.index_select(bias.to(acc), 0, flat_ids, out=per_token))
+    return out.to(x.dtype).reshape(x.shape)
 
 
 def routed_layer_norm_backward_ref(
