@@ -109,6 +109,10 @@ class HoistPass(PassBase):
         if self.ids is None or _val(self.ids) is None or _val(self.ids).dim() != 2:
             return PassResult(graph_module, False)
         self.ids_shape = _val(self.ids).shape
+        if statically_known_true(self.ids_shape[0] == self.ids_shape[1]):
+            # batch and sequence sizes that cannot be told apart: a [seq, batch, ...] tensor would pass for
+            # [batch, seq, ...], and its rows would be put in the wrong order. Leave such a graph unhoisted.
+            return PassResult(graph_module, False)
         tokenwise = [n for n in graph.nodes if self._tokenwise(n)]
         links = nx.Graph()
         links.add_nodes_from(tokenwise)

@@ -110,3 +110,34 @@ def test_a_region_that_would_not_save_copies_is_left_alone():
     routed = sparsify.convert(OneProjection(), 2, example_inputs=(torch.randint(0, 50, (2, 5)),))
     assert routed.hoist
     assert not any(n.target == aten.argsort.stable for n in routed_graph(routed).nodes)
+
+
+@pytest.mark.parametrize("batch,seq,hoisted", [(2, 3, True), (4, 4, False)])
+def test_a_graph_whose_batch_and_sequence_sizes_coincide_is_left_unhoisted(batch, seq, hoisted):
+    # Static sizes with batch == seq: a [seq, batch, d] activation would pass for [batch, seq, d] and have its
+    # rows put in the wrong order, so such a graph is not hoisted. Three chained routed linears otherwise are.
+    from sparsify.passes.hoist import HoistPass
+    from sparsify.passes.route import MODALITY_IDS
+
+    graph = torch.fx.Graph()
+    value = graph.placeholder("x")
+    value.meta["val"] = torch.empty(batch, seq, 8)
+    weights = []
+    for i in range(3):
+        weights.append(graph.placeholder(f"w{i}"))
+        weights[-1].meta["val"] = torch.empty(3, 8, 8)
+    ids = graph.placeholder(MODALITY_IDS)
+    ids.meta["val"] = torch.empty(batch, seq, dtype=torch.long)
+    for weight in weights:
+        value = graph.call_function(torch.ops.sparsify.routed_linear.default, (value, ids, weight, None))
+        value.meta["val"] = torch.empty(batch, seq, 8)
+    graph.output(value)
+    module = torch.fx.GraphModule(torch.nn.Module(), graph)
+    result = HoistPass()(module)
+    assert result.modified == hoisted
+    x, ids_value = torch.randn(batch, seq, 8), torch.randint(0, 3, (batch, seq))
+    w = [torch.randn(3, 8, 8) for _ in range(3)]
+    want = x
+    for weight in w:
+        want = torch.ops.sparsify.routed_linear(want, ids_value, weight, None, "torch")
+    torch.testing.assert_close(result.graph_module(x, *w, ids_value), want, rtol=1e-6, atol=1e-6)
