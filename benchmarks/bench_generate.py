@@ -6,27 +6,12 @@ the dense model with transformers' default cache, the routed one with the Static
 are captured in a warm-up call, not timed. Prints new tokens per second and the ratio (target on CPU: >= 0.9x).
 """
 import argparse
-import statistics
-import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM
 
 import sparsify
-
-
-def tokens_per_s(runs: dict, new_tokens, batch, repeats) -> dict:
-    """{name: tokens/s}, each the median of `repeats`. The runs take turns within each repeat, so a slow
-    spell of this shared machine falls on all of them alike rather than on whichever ran then."""
-    for generate in runs.values():
-        generate()  # warm-up: captures the routed graphs
-    samples = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, generate in runs.items():
-            start = time.perf_counter()
-            generate()
-            samples[name].append(time.perf_counter() - start)
-    return {name: batch * new_tokens / statistics.median(times) for name, times in samples.items()}
+from _interleaved import interleaved_medians
 
 
 def main():
@@ -56,13 +41,13 @@ def main():
 
     # Sequence b's new tokens get modality b % M: every decode step groups its rows into M GEMMs.
     per_row = torch.arange(args.batch) % args.modalities
-    speeds = tokens_per_s({
+    seconds = interleaved_medians({
         "dense": lambda: dense.generate(prompt, **options),
         "one": lambda: routed.generate(prompt, modality_ids=modality_ids, next_modality=1, **options),
         "mixed": lambda: routed.generate(prompt, modality_ids=modality_ids,
                                          next_modality=lambda new, so_far: per_row, **options),
-    }, args.new, args.batch, args.repeats)
-    dense_tps, routed_tps, mixed_tps = speeds["dense"], speeds["one"], speeds["mixed"]
+    }, args.repeats)
+    dense_tps, routed_tps, mixed_tps = (args.batch * args.new / seconds[name] for name in ("dense", "one", "mixed"))
     name = "HF Mamba" if args.mamba else "Llama"
     print(f"{name} {args.layers} layers x {args.hidden}, batch {args.batch}, prompt {args.prompt}, {args.new} new tokens, "
           f"{args.modalities} modalities, float32, cpu, greedy with cache: median of {args.repeats}, interleaved")

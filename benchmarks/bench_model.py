@@ -8,12 +8,11 @@ repeat, so a slow spell of a shared machine falls on both. Default sizes suit a 
 --hidden 2048 --layers 8. Targets on CPU: transformer <= 1.05x, Mamba <= 1.10x.
 """
 import argparse
-import statistics
-import time
 
 import torch
 
 import sparsify  # before mamba_ssm: installs its CPU stand-ins
+from _interleaved import interleaved_medians
 
 MODELS = ("llama", "hf-mamba", "mamba-ssm")
 
@@ -38,21 +37,6 @@ def build(name: str, hidden: int, layers: int, seq: int):
 
 def logits(output):
     return output.logits if hasattr(output, "logits") else output[0]
-
-
-def timed(steps: dict, repeats: int, cuda: bool) -> dict:
-    """{name: median seconds}; the steps take turns within each repeat."""
-    for step in steps.values():
-        step()  # warm-up: captures the routed graph
-    samples = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            if cuda:
-                torch.cuda.synchronize()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def main():
@@ -84,10 +68,10 @@ def main():
         routed.backend = args.backend
         tokens = torch.randint(0, 8000, (args.batch, args.seq), device=device)
         ids = torch.randint(0, args.modalities, (args.batch, args.seq), device=device)
-        seconds = timed({
+        seconds = interleaved_medians({
             "dense": lambda: logits(dense(tokens)).float().pow(2).mean().backward(),
             "routed": lambda: logits(routed(tokens, modality_ids=ids)).float().pow(2).mean().backward(),
-        }, args.repeats, cuda)
+        }, args.repeats, torch.cuda.synchronize if cuda else None)
         print(f"{label}, {args.layers} layers x {args.hidden}")
         print(f"  dense   {seconds['dense'] * 1e3:9.1f} ms   1.00x")
         print(f"  routed  {seconds['routed'] * 1e3:9.1f} ms   {seconds['routed'] / seconds['dense']:.2f}x")

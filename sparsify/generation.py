@@ -155,12 +155,8 @@ class DecodingStep(nn.Module):
         for position, target in inputs_at:
             args[position] = flat[target]
         outputs = forward(*args, modality_ids)  # the GraphModule's code itself: no module-call machinery
-        with torch.no_grad():
-            for buffer, value in zip(updated, outputs):
-                if value is not buffer and value.data_ptr() != buffer.data_ptr():  # not updated in place
-                    buffer.copy_(value)
         self.phase = "decode"
-        return torch.utils._pytree.tree_unflatten(list(outputs[len(updated):]), graph.output_spec)
+        return routed.unpack_outputs(graph, outputs, updated)
 
 
 def modality_rule(next_modality, modalities: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -25,7 +25,6 @@ from sparsify.capture import CapturedGraph, bind_call, capture, primary_tensor
 from sparsify.errors import SparsifyError
 from sparsify.frontends.huggingface import CACHE_ARGS
 from sparsify.ops import check_modality_ids
-from sparsify.ops.backend import use_triton
 from sparsify.passes import run_passes
 from sparsify.passes.direct_calls import direct_calls
 from sparsify.passes.hoist import HoistPass
@@ -166,15 +165,17 @@ class RoutedModel(nn.Module):
                 values.append(flat_inputs[target])
         return values
 
-    def unpack_outputs(self, graph: CapturedGraph, outputs, owner: nn.Module | None = None):
+    def unpack_outputs(self, graph: CapturedGraph, outputs, buffers: list | None = None):
+        """The graph's outputs as the model returns them, after writing its buffer updates back. `buffers`: the
+        tensors of graph.mutated_buffers where the caller looked them up already (a decoding step, per token)."""
         outputs = list(outputs)
-        mutated = len(graph.mutated_buffers)
+        if buffers is None:
+            buffers = [self.get_buffer(name) for name in graph.mutated_buffers]
         with torch.no_grad():
-            for name, value in zip(graph.mutated_buffers, outputs[:mutated]):
-                buffer = (owner or self).get_buffer(name)
-                if value.data_ptr() != buffer.data_ptr():  # not updated in place already (direct_calls)
-                    buffer.copy_(value)
-        return pytree.tree_unflatten(outputs[mutated:], graph.output_spec)
+            for buffer, value in zip(buffers, outputs):
+                if value is not buffer and value.data_ptr() != buffer.data_ptr():  # not updated in place already
+                    buffer.copy_(value)                                           # (direct_calls)
+        return pytree.tree_unflatten(outputs[len(buffers):], graph.output_spec)
 
     # -- capture cache ---------------------------------------------------------------------
     def _cache_key(self, flat: list, spec, step: nn.Module | None = None) -> tuple:
@@ -262,15 +263,15 @@ class RoutedModel(nn.Module):
         param_fqns = {n.name: t for n, (k, t) in zip(placeholders, captured.placeholders) if k == "parameter"}
         user_inputs = [n.name for n in captured.user_input_nodes()]
 
-        device = next(self.parameters()).device
+        lower = LowerPass(backend=self.backend, device=next(self.parameters()).device)
         passes = [RoutePass(param_fqns=param_fqns, routed=set(self.plan.routed), modalities=self.plan.modalities,
                             token_dims=captured.token_dims, user_inputs=user_inputs, uses=captured.param_uses)]
         # Hoisting pays off where the routed ops group rows by sorting (the torch references): not in a
         # decoding step (a handful of rows, where the boundary copies cost more than they save), nor for the
         # Triton kernels, which pick each row's weights themselves.
-        if self.hoist and not eager_only and not use_triton(self.backend, device):
+        if self.hoist and not eager_only and lower.chosen == "torch":
             passes.append(HoistPass())
-        passes.append(LowerPass(backend=self.backend, device=device))
+        passes.append(lower)
         captured.graph_module = run_passes(captured.graph_module, passes)
         captured.param_uses = None  # it described the dense graph
         entry = GraphEntry(routed=captured, dense_graph_module=dense_graph_module)

@@ -2,7 +2,6 @@
 Mamba-family scan as one op while capturing."""
 from __future__ import annotations
 
-import functools
 import importlib
 import inspect
 import sys
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 
 from sparsify.errors import SparsifyError
+from sparsify.ops.selective_scan import selective_scan_fn
 from sparsify.frontends.token_ids import EXAMPLE_SEQ, random_token_ids
 
 # What Hugging Face forwards call their cache argument (attention models; Mamba models).
@@ -77,15 +77,10 @@ def rebuild(description: dict[str, Any]) -> torch.nn.Module:
 SCAN_FUNCTION = "mamba_selective_scan"
 
 
-def _scan_graph_form(original):
-    @functools.wraps(original)  # (options: transformers' own choices of PyTorch path, moot for the op)
-    def scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-             return_last_state=False, **options):
-        if return_last_state:  # the prefill of generation with a cache: the final state is wanted too
-            return torch.ops.sparsify.selective_scan_with_state(hidden_states, dt, A, B, C, D, z, delta_bias,
-                                                                delta_softplus)
-        return torch.ops.sparsify.selective_scan(hidden_states, dt, A, B, C, D, z, delta_bias, delta_softplus)
-    return scan
+def _scan_graph_form(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                     return_last_state=False, **pytorch_path_options):
+    """transformers' scan signature (its extra options choose among its PyTorch paths: moot for the op)."""
+    return selective_scan_fn(hidden_states, dt, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
 @contextmanager
@@ -96,7 +91,7 @@ def graph_forms():
     for name, module in list(sys.modules.items()):
         original = getattr(module, SCAN_FUNCTION, None) if name.startswith("transformers.models.") else None
         if callable(original):
-            setattr(module, SCAN_FUNCTION, _scan_graph_form(original))
+            setattr(module, SCAN_FUNCTION, _scan_graph_form)
             replaced.append((module, original))
     try:
         yield

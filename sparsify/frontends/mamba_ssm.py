@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsify.ops import selective_scan as selective_scan_module
+from sparsify.ops.selective_scan import selective_scan_fn  # mamba_ssm's signature over the sparsify ops
 from sparsify.ops import ssd_scan as ssd_scan_module
 
 EXTENSION = "selective_scan_cuda"
@@ -44,16 +45,6 @@ EXTENSION = "selective_scan_cuda"
 @functools.cache
 def extension_present() -> bool:
     return importlib.machinery.PathFinder.find_spec(EXTENSION) is not None
-
-
-def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                      return_last_state=False):
-    """mamba_ssm's selective_scan_fn signature: the sparsify op (mamba_ssm's kernel on CUDA when the extension
-    exists; sparsify's chunked scan and analytic backward on CPU), with the final state where it is wanted
-    (the prefill of generation with a cache)."""
-    if return_last_state:
-        return torch.ops.sparsify.selective_scan_with_state(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    return torch.ops.sparsify.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
 def _add_norm(x, weight, bias, residual=None, x1=None, weight1=None, bias1=None, eps=1e-6, dropout_p=0.0,

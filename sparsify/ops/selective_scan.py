@@ -111,7 +111,8 @@ class _TimeMajor:
 def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False):
     """The scan without a Python step per token (see _linear_scan.py); the same numbers as the reference up
-    to float rounding. With return_last_state, also the state after the last step ([b, d, n], fp32)."""
+    to float rounding. With return_last_state, also the state after the last step ([b, d, n], fp32). Plain
+    PyTorch: the CPU path, and the path on any device mamba_ssm's kernels do not serve."""
     ops = _TimeMajor(u, delta, A, B, C, delta_bias, delta_softplus)
     states = linear_scan(ops.decay, ops.times_state(ops.dtu, ops.B))
     y = ops.contract(states, ops.C).permute(1, 2, 0)  # [b, d, l]
@@ -211,9 +212,6 @@ def selective_scan_with_state(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C:
     if u.is_cuda and cuda_selective_scan_with_state is not None:
         y, last = cuda_selective_scan_with_state(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
         return y, last.float()
-    if u.is_cuda:
-        y, last = selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True)
-        return y, last.float()
     return selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True)
 
 
@@ -223,15 +221,22 @@ def _(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
 
 
 def _backward_with_state(ctx, grad, grad_last_state):
-    saved = ctx.saved_tensors
-    if saved[0].is_cuda:  # rare (training through a final state on a GPU): the reference under autograd
-        inputs = [t.detach().requires_grad_(t.is_floating_point()) if t is not None else None for t in saved]
-        with torch.enable_grad():
-            y, last = selective_scan_ref(*inputs, delta_softplus=ctx.delta_softplus, return_last_state=True)
-            wanted = [t for t in inputs if t is not None and t.requires_grad]
-            grads = iter(torch.autograd.grad((y, last.float()), wanted, (grad, grad_last_state), allow_unused=True))
-        return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs) + (None,)
-    return selective_scan_cpu_backward(grad, *saved, ctx.delta_softplus, grad_last_state=grad_last_state) + (None,)
+    # Autograd hands a zero gradient for a final state no loss used (it fed a cache): then on CUDA this is the
+    # scan's own backward through mamba_ssm's kernel. Elsewhere the analytic backward takes both gradients.
+    if grad.is_cuda and cuda_selective_scan is not None and not bool(grad_last_state.any()):
+        return _backward(ctx, grad)
+    return selective_scan_cpu_backward(grad, *ctx.saved_tensors, ctx.delta_softplus,
+                                       grad_last_state=grad_last_state) + (None,)
 
 
 selective_scan_with_state.register_autograd(_backward_with_state, setup_context=_setup_context)
+
+
+def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                      return_last_state=False):
+    """mamba_ssm's selective_scan_fn signature over the sparsify ops, with the final state where it is wanted
+    (the prefill of generation with a cache): what mamba_ssm's and transformers' Mamba code call, through
+    sparsify.frontends."""
+    if return_last_state:
+        return torch.ops.sparsify.selective_scan_with_state(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return torch.ops.sparsify.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)

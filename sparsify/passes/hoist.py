@@ -30,9 +30,9 @@ from sparsify.passes.route import MODALITY_IDS
 aten = torch.ops.aten
 sparsify_ops = torch.ops.sparsify
 
-# (op, positions of its operands that carry tokens). Routed ops take ids at position 1.
-ROUTED = {sparsify_ops.routed_linear.default: (0,), sparsify_ops.routed_rms_norm.default: (0,),
-          sparsify_ops.routed_layer_norm.default: (0,)}
+# Token-wise routed ops: tokens in x (position 0), ids at position 1.
+ROUTED = {sparsify_ops.routed_linear.default, sparsify_ops.routed_rms_norm.default,
+          sparsify_ops.routed_layer_norm.default}
 ELEMENTWISE = {
     aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.add.Scalar, aten.mul.Scalar,
     aten.neg.default, aten.silu.default, aten.gelu.default, aten.relu.default, aten.sigmoid.default,
@@ -61,7 +61,9 @@ class HoistPass(PassBase):
 
     def __init__(self):
         self._before: dict = {}
-        self.regions: list[set[torch.fx.Node]] = []  # what was hoisted (for tests and inspection)
+        # What was hoisted (for tests and inspection): each region with the values entering and leaving it.
+        self.regions: list[set[torch.fx.Node]] = []
+        self._boundaries: list[tuple[set, set]] = []
 
     def requires(self, graph_module: torch.fx.GraphModule) -> None:
         self._before = snapshot_values(graph_module)
@@ -113,17 +115,17 @@ class HoistPass(PassBase):
             # batch and sequence sizes that cannot be told apart: a [seq, batch, ...] tensor would pass for
             # [batch, seq, ...], and its rows would be put in the wrong order. Leave such a graph unhoisted.
             return PassResult(graph_module, False)
-        tokenwise = [n for n in graph.nodes if self._tokenwise(n)]
+        blocks = {n: block_of(n) for n in graph.nodes if self._tokenwise(n)}
         links = nx.Graph()
-        links.add_nodes_from(tokenwise)
-        links.add_edges_from((a, n) for n in tokenwise for a in n.all_input_nodes
-                             if a in links and block_of(a) == block_of(n))
+        links.add_nodes_from(blocks)
+        links.add_edges_from((a, n) for n in blocks for a in n.all_input_nodes if blocks.get(a) == blocks[n])
         for region in nx.connected_components(links):
             inputs, outputs = self._boundary(region)
             routed = sum(n.target in ROUTED for n in region)
             # worth it where it copies less than each routed op sorting its own rows (in and out) would
             if len(inputs) + len(outputs) < 2 * routed and all(self._restorable(v) for v in outputs):
                 self.regions.append(region)
+                self._boundaries.append((inputs, outputs))
         if not self.regions:
             return PassResult(graph_module, False)
         self._rewrite(graph)
@@ -157,9 +159,8 @@ class HoistPass(PassBase):
             inverse = call(aten.argsort.stable, (order,), root_stack)
             inverse.kwargs = {"stable": True}
 
-        boundaries = [self._boundary(region) for region in self.regions]  # before any rewrite moves them
         restored_as: dict[torch.fx.Node, torch.fx.Node] = {}  # a region output -> its token-order view
-        for region, (inputs, outputs) in zip(self.regions, boundaries):
+        for region, (inputs, outputs) in zip(self.regions, self._boundaries):  # found before any rewrite
             ordered = [n for n in graph.nodes if n in region]
             for source in inputs:  # into modality order, just before the region's first reader
                 source = restored_as.get(source, source)  # another region's output, restored to token order
