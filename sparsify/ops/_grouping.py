@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import functools
+import math
+import threading
 import weakref
 
 import torch
@@ -9,15 +11,22 @@ import torch
 from sparsify.ops.modality_ids import check_id_range
 
 
-class ModalityGroups:
-    """The rows of each modality as contiguous slices of one stable sort of the ids.
+# A modality's rows are computed in place, without sorting, when the ids form runs this long on average: spans
+# of text and image tokens as multi-modal sequences hold them, or rows the hoist pass already sorted. Each run is
+# then one GEMM on views of the rows as they are. Below this a GEMM per run costs more than one sort and unsort.
+MIN_ROWS_PER_RUN = 64
 
-    One bincount (one host sync; it also range-checks the ids) and, unless a single modality holds every
-    row, one argsort. A reference then puts its rows in modality order once (`to_sorted`), computes each
-    modality on a contiguous slice (one GEMM per modality for a linear), and puts them back once
-    (`from_sorted`), instead of a nonzero / index_select / index_copy per modality. With one modality the
-    sort and both copies are skipped. Every row belongs to exactly one slice, so outputs written slice by
-    slice never keep uninitialised memory.
+
+class ModalityGroups:
+    """The rows of each modality as contiguous slices: runs of equal ids in place, or one stable sort.
+
+    One bincount (one host sync; it also range-checks the ids). If one modality holds every row, nothing
+    more. If the ids form a few long runs (MIN_ROWS_PER_RUN), each run is a slice of the rows as they are:
+    no copy at all. Otherwise one argsort: a reference puts its rows in modality order once (`to_sorted`),
+    computes each modality on a contiguous slice (one GEMM per modality for a linear) and puts them back
+    once (`from_sorted`), instead of a nonzero / index_select / index_copy per modality. Every row belongs to
+    exactly one slice, so outputs written slice by slice never keep uninitialised memory; a modality may own
+    several slices, so per-modality reductions (weight gradients) accumulate over them.
     """
 
     def __init__(self, modality_ids: torch.Tensor, modalities: int):
@@ -36,31 +45,81 @@ class ModalityGroups:
         self._ids = weakref.ref(modality_ids)
 
     @functools.cached_property
-    def order(self) -> torch.Tensor | None:
-        """Row indices in modality order (None when one modality holds every row, or when the rows are in
-        modality order already, as in a region the hoist pass sorted); sorted on first use, so an op that
-        only needs the ids validated (a gather) pays no sort."""
+    def runs(self) -> list[tuple[int, int, int]] | None:
+        """(modality, start, stop) of each maximal run of equal ids in row order, when they average at least
+        MIN_ROWS_PER_RUN rows or each modality is one run (rows in modality order already); else None."""
+        rows = sum(self.counts)
         if self.single is not None:
-            return None
+            return [(self.single, 0, rows)]
         flat = self._ids().reshape(-1)
-        if bool((flat[1:] >= flat[:-1]).all()):  # one pass over the ids, once per forward (memoised)
+        changes = flat[1:] != flat[:-1]
+        count = int(changes.sum()) + 1  # one host sync, once per forward (memoised)
+        grouped = count == sum(1 for c in self.counts if c)  # each modality one run: rows already in order
+        if not grouped and count * MIN_ROWS_PER_RUN > rows:
             return None
-        return torch.argsort(flat, stable=True)
+        starts = [0] + (changes.nonzero().reshape(-1) + 1).tolist()
+        modality = flat[starts].tolist()
+        return [(m, start, stop) for m, start, stop in zip(modality, starts, starts[1:] + [rows])]
+
+    @functools.cached_property
+    def order(self) -> torch.Tensor | None:
+        """Row indices in modality order; None when the rows are computed in place (`runs`). Sorted on
+        first use, so an op that only needs the ids validated (a gather) pays no sort."""
+        if self.runs is not None:
+            return None
+        return torch.argsort(self._ids().reshape(-1), stable=True)
+
+    @functools.cached_property
+    def inverse(self) -> torch.Tensor:
+        """Where each row went in `order`: putting rows back is then a gather (parallel in ATen), not a
+        scatter."""
+        order = self.order
+        return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
 
     def slices(self):
-        """(modality, start, stop) of each non-empty group in the sorted rows."""
+        """(modality, start, stop) of each slice of the rows `to_sorted` gives: the runs, or the modality
+        groups of the sort."""
+        if self.runs is not None:
+            yield from self.runs
+            return
         start = 0
         for m, count in enumerate(self.counts):
             if count:
                 yield m, start, start + count
             start += count
 
-    def to_sorted(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows if self.order is None else rows.index_select(0, self.order)
+    def to_sorted(self, rows: torch.Tensor, scratch: str | None = None) -> torch.Tensor:
+        """The rows in slice order; into the named scratch buffer (see `scratch`) when given, so the caller
+        must be done with the result before it asks for that buffer again."""
+        if self.order is None:
+            return rows
+        out = None if scratch is None else scratch_buffer(scratch, rows.shape, rows.dtype, rows.device)
+        return torch.index_select(rows, 0, self.order, out=out) if out is not None else \
+            rows.index_select(0, self.order)
 
     def from_sorted(self, sorted_rows: torch.Tensor) -> torch.Tensor:
-        return sorted_rows if self.order is None else torch.empty_like(sorted_rows).index_copy_(0, self.order,
-                                                                                               sorted_rows)
+        """A new tensor holding sorted_rows back in row order."""
+        return sorted_rows if self.order is None else sorted_rows.index_select(0, self.inverse)
+
+
+# Why scratch buffers: glibc hands out every allocation above 32 MiB as fresh mmap pages, which the kernel zeroes
+# on first touch. For the sorted copies of a large linear's rows (8192 x 2816 fp32 is 92 MiB) that page
+# faulting costs more than the copy itself, so the CPU references keep one buffer per role per thread and
+# reuse it across calls. Only intermediates live there, never an op's output. Other devices have caching
+# allocators: there a scratch buffer is a plain allocation.
+_SCRATCH = threading.local()
+
+
+def scratch_buffer(name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor of this shape that stays allocated for the next caller of `name` (CPU)."""
+    if torch.device(device).type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    numel = math.prod(shape)
+    held = buffers.get((name, dtype))
+    if held is None or held.numel() < numel:
+        buffers[(name, dtype)] = held = torch.empty(numel, dtype=dtype)
+    return held[:numel].view(shape)
 
 
 # Every routed op of a graph takes the same ids tensor (route builds each id layout once), so the groups are

@@ -54,14 +54,14 @@ def routed_layer_norm_backward_ref(
     dx = torch.empty_like(x32)
     dweight = x.new_zeros((modalities, d) if weight is not None else (0,), dtype=acc)
     dbias = x.new_zeros((modalities, d) if has_bias else (0,), dtype=acc)
-    for m, start, stop in groups.slices():
+    for m, start, stop in groups.slices():  # a modality may own several runs: accumulate
         g, xh = g32[start:stop], xhat[start:stop]
         gw = g * weight[m].to(acc) if weight is not None else g
         dx[start:stop] = rstd[start:stop] * (gw - gw.mean(-1, keepdim=True) - xh * (gw * xh).mean(-1, keepdim=True))
         if weight is not None:
-            dweight[m] = (g * xh).sum(0)
+            dweight[m] += (g * xh).sum(0)
         if has_bias:
-            dbias[m] = g.sum(0)
+            dbias[m] += g.sum(0)
     dx = groups.from_sorted(dx)
     param_dtype = weight.dtype if weight is not None else x.dtype
     return dx.to(x.dtype).reshape(x.shape), dweight.to(param_dtype), dbias.to(param_dtype)

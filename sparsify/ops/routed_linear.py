@@ -13,53 +13,61 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparsify.ops._grouping import accumulation_dtype, groups_of
+from sparsify.ops._grouping import accumulation_dtype, groups_of, scratch_buffer
 from sparsify.ops.backend import use_triton
 
 
 def routed_linear_ref(x: Tensor, modality_ids: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """Plain-PyTorch reference: one F.linear per modality over that modality's rows (contiguous after one
-    sort; no sort when one modality holds every row, as in a decoding step of one modality)."""
+    """Plain-PyTorch reference: one GEMM per slice of rows (ModalityGroups): per run of one modality in place,
+    or per modality after one sort; one F.linear on x as it is when a single modality holds every row, as in
+    a decoding step of one modality."""
     groups = groups_of(modality_ids, weight.shape[0])
-    if groups.single is not None:  # no sort, no output buffer: one F.linear on x as it is
+    if groups.single is not None:
         m = groups.single
         return F.linear(x, weight[m], None if bias is None else bias[m])
     x_rows = x.reshape(-1, x.shape[-1])
     out_shape = (*x.shape[:-1], weight.shape[1])
-    x_sorted = groups.to_sorted(x_rows)
-    out = x_rows.new_empty(x_rows.shape[0], weight.shape[1], dtype=torch.result_type(x, weight))
+    out_dtype = torch.result_type(x, weight)
+    x_sorted = groups.to_sorted(x_rows, scratch="rows_in")
+    out = x_rows.new_empty(x_rows.shape[0], weight.shape[1], dtype=out_dtype) if groups.order is None else \
+        scratch_buffer("rows_out", (x_rows.shape[0], weight.shape[1]), out_dtype, x.device)
     for m, start, stop in groups.slices():
         _matmul_into(out[start:stop], x_sorted[start:stop], weight[m].t(), None if bias is None else bias[m])
     return groups.from_sorted(out).reshape(out_shape)
 
 
-def _matmul_into(out: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> None:
-    """out = a @ b (+ bias), written straight into `out` (a slice of a grouped buffer) where the dtypes allow,
-    rather than into a temporary that is then copied in."""
+def _matmul_into(out: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor] = None, accumulate: bool = False) -> None:
+    """out = a @ b (+ bias), or out += a @ b, written straight into `out` (a slice of a grouped buffer) where
+    the dtypes allow, rather than into a temporary that is then copied in."""
     if a.dtype == b.dtype == out.dtype and (bias is None or bias.dtype == out.dtype):
-        if bias is None:
+        if accumulate:
+            out.addmm_(a, b)
+        elif bias is None:
             torch.mm(a, b, out=out)
         else:
             torch.addmm(bias, a, b, out=out)
     else:
-        out.copy_(a @ b if bias is None else torch.addmm(bias, a, b))
+        product = a @ b if bias is None else torch.addmm(bias, a, b)
+        out.add_(product) if accumulate else out.copy_(product)
 
 
 def routed_linear_backward_ref(grad: Tensor, x: Tensor, modality_ids: Tensor, weight: Tensor, has_bias: bool):
     """Gradients (dx, dweight, dbias) of routed_linear_ref; dbias is empty when has_bias is False."""
     groups = groups_of(modality_ids, weight.shape[0])
-    x_rows = groups.to_sorted(x.reshape(-1, x.shape[-1]))
-    grad_rows = groups.to_sorted(grad.reshape(-1, weight.shape[1]))
-    dx = torch.empty_like(x_rows)
+    x_rows = groups.to_sorted(x.reshape(-1, x.shape[-1]), scratch="rows_in")
+    grad_rows = groups.to_sorted(grad.reshape(-1, weight.shape[1]), scratch="rows_grad")
+    dx = torch.empty_like(x_rows) if groups.order is None else \
+        scratch_buffer("rows_out", x_rows.shape, x_rows.dtype, x.device)
     dweight = torch.zeros_like(weight)
-    dbias = grad.new_zeros((weight.shape[0], weight.shape[1]) if has_bias else (0,), dtype=weight.dtype)
-    for m, start, stop in groups.slices():
+    acc = accumulation_dtype(grad.dtype)
+    dbias = grad.new_zeros((weight.shape[0], weight.shape[1]) if has_bias else (0,), dtype=acc)
+    for m, start, stop in groups.slices():  # a modality may own several runs: its gradients accumulate
         g = grad_rows[start:stop]
         _matmul_into(dx[start:stop], g, weight[m])
-        _matmul_into(dweight[m], g.t(), x_rows[start:stop])
+        _matmul_into(dweight[m], g.t(), x_rows[start:stop], accumulate=True)
         if has_bias:
-            dbias[m] = g.sum(0, dtype=accumulation_dtype(g.dtype)).to(dbias.dtype)
-    return groups.from_sorted(dx).reshape(x.shape), dweight, dbias
+            dbias[m] += g.sum(0, dtype=acc)
+    return groups.from_sorted(dx).reshape(x.shape), dweight, dbias.to(weight.dtype)
 
 
 @torch.library.custom_op("sparsify::routed_linear", mutates_args=())

@@ -37,11 +37,11 @@ def routed_rms_norm_backward_ref(grad: Tensor, x: Tensor, modality_ids: Tensor, 
     xhat = x_rows * rstd
     dx = torch.empty_like(x_rows)
     dweight = torch.zeros(weight.shape, device=x.device, dtype=acc)
-    for m, start, stop in groups.slices():
+    for m, start, stop in groups.slices():  # a modality may own several runs: accumulate
         g, xh = g_rows[start:stop], xhat[start:stop]
         gw = g * weight[m].to(acc)
         dx[start:stop] = rstd[start:stop] * (gw - xh * (gw * xh).mean(-1, keepdim=True))
-        dweight[m] = (g * xh).sum(0)
+        dweight[m] += (g * xh).sum(0)
     dx = groups.from_sorted(dx)
     return dx.to(x.dtype).reshape(x.shape), dweight.to(weight.dtype)
 

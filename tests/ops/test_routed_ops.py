@@ -116,3 +116,61 @@ def test_torch_compile_keeps_routed_linear_as_one_op():
     compiled = torch.compile(lambda x, ids, w, b: op(x, ids, w, b).relu(), backend=backend, fullgraph=True)
     torch.testing.assert_close(compiled(x, ids, w, b), op(x, ids, w, b).relu())
     assert counts == {"graphs": 1, "routed": 1}
+
+
+def span_ids(layout, rows, modalities, seed=0):
+    """Modality ids in one of the layouts the CPU references treat differently (ops/_grouping.py)."""
+    g = torch.Generator().manual_seed(seed)
+    if layout == "iid":  # short runs: one sort, compute per modality, unsort
+        return torch.randint(0, modalities, (rows,), generator=g)
+    if layout == "sorted":  # each modality one run (a hoisted region): in place
+        return torch.randint(0, modalities, (rows,), generator=g).sort().values
+    # spans of 64..200 rows cycling through the modalities, each modality owning several runs: in place
+    ids, m = [], 0
+    while len(ids) < rows:
+        ids += [m] * int(torch.randint(64, 200, (), generator=g))
+        m = (m + 1) % modalities
+    return torch.tensor(ids[:rows])
+
+
+@pytest.mark.parametrize("layout,in_place", [("iid", False), ("sorted", True), ("spans", True)])
+def test_routed_ops_on_runs_of_rows_match_per_token_reference(layout, in_place):
+    """Spans of one modality are computed on views of the rows (several runs per modality, so weight
+    gradients accumulate over runs); short runs go through the sort. Both equal the per-token reference."""
+    from sparsify.ops._grouping import groups_of
+
+    rows, d, modalities = 900, 12, 3
+    ids = span_ids(layout, rows, modalities).reshape(3, rows // 3)
+    assert (groups_of(ids, modalities).runs is not None) == in_place
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, rows // 3, d, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(modalities, 7, d, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(modalities, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    ln_w = (1 + torch.randn(modalities, d, generator=g, dtype=torch.float64)).requires_grad_()
+    ln_b = torch.randn(modalities, d, generator=g, dtype=torch.float64, requires_grad=True)
+    cases = [
+        (ops.routed_linear(x, ids, w, b), torch.einsum("...i,...oi->...o", x, w[ids]) + b[ids], [x, w, b]),
+        (ops.routed_layer_norm(x, ids, ln_w, ln_b, 1e-5),
+         F.layer_norm(x, (d,), eps=1e-5) * ln_w[ids] + ln_b[ids], [x, ln_w, ln_b]),
+        (ops.routed_rms_norm(x, ids, ln_w, 1e-6),
+         x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * ln_w[ids], [x, ln_w]),
+    ]
+    for out, expected, inputs in cases:
+        torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
+        for got, want in zip(grads(out, inputs), grads(expected, inputs)):
+            torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+def test_routed_linear_outputs_never_share_its_scratch_buffers():
+    """The CPU reference reuses buffers for its sorted rows across calls: an output or gradient kept from
+    one call must be unchanged by the next."""
+    g = torch.Generator().manual_seed(0)
+    ids = span_ids("iid", 256, 3)
+    w = torch.randn(3, 5, 4, generator=g, requires_grad=True)
+    x1, x2 = (torch.randn(256, 4, generator=g, requires_grad=True) for _ in range(2))
+    first = ops.routed_linear(x1, ids, w)
+    first_grad = torch.autograd.grad(first, x1, torch.ones_like(first))[0]
+    kept, kept_grad = first.detach().clone(), first_grad.clone()
+    second = ops.routed_linear(x2, ids, w)
+    torch.autograd.grad(second, x2, torch.full_like(second, 3.0))
+    assert torch.equal(first, kept) and torch.equal(first_grad, kept_grad)
