@@ -143,6 +143,39 @@ def groups_of(modality_ids: torch.Tensor, modalities: int) -> ModalityGroups:
     return groups
 
 
+def per_token(stacked: torch.Tensor, modality_ids: torch.Tensor, groups: ModalityGroups, dtype: torch.dtype,
+              scratch: str | None = None) -> torch.Tensor:
+    """Each token's row of a stacked [M, D] parameter, as [tokens, D] (a broadcast [D] row when one modality
+    holds every token): for an elementwise op one gather is cheaper than sorting rows into groups and back.
+    Gathered into the named scratch buffer when given (see scratch_buffer)."""
+    if groups.single is not None:
+        return stacked[groups.single].to(dtype)
+    flat_ids = modality_ids.reshape(-1)
+    out = None if scratch is None else \
+        scratch_buffer(scratch, (flat_ids.numel(), stacked.shape[-1]), dtype, stacked.device)
+    return torch.index_select(stacked.to(dtype), 0, flat_ids, out=out) if out is not None else \
+        stacked.to(dtype).index_select(0, flat_ids)
+
+
+def times_per_token(rows: torch.Tensor, stacked: torch.Tensor, modality_ids: torch.Tensor, groups: ModalityGroups,
+                    scratch: str) -> torch.Tensor:
+    """rows [tokens, D] times each token's row of stacked [M, D], in the named scratch buffer."""
+    if groups.single is not None:
+        return torch.mul(rows, stacked[groups.single].to(rows.dtype),
+                         out=scratch_buffer(scratch, rows.shape, rows.dtype, rows.device))
+    return per_token(stacked, modality_ids, groups, rows.dtype, scratch).mul_(rows)
+
+
+def per_modality_sum(rows: torch.Tensor, modality_ids: torch.Tensor, groups: ModalityGroups) -> torch.Tensor:
+    """[M, D]: the sum of each modality's rows of `rows` [tokens, D] (the weight gradient of an elementwise
+    per-token parameter); one index_add, no sort."""
+    out = rows.new_zeros(groups.modalities, rows.shape[-1])
+    if groups.single is not None:
+        out[groups.single] = rows.sum(0)
+        return out
+    return out.index_add_(0, modality_ids.reshape(-1), rows)
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for half types, the dtype itself for fp32/fp64: reductions never lose precision."""
     return torch.promote_types(dtype, torch.float32)

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparsify.ops._grouping import accumulation_dtype, groups_of
+from sparsify.ops._grouping import (accumulation_dtype, groups_of, per_modality_sum, scratch_buffer,
+                                     times_per_token)
 from sparsify.ops.backend import use_triton
 from sparsify.errors import SparsifyError
 
@@ -31,11 +32,11 @@ def routed_layer_norm_ref(
     acc = accumulation_dtype(x.dtype)
     out = F.layer_norm(x.to(acc), (d,), None, None, eps).reshape(-1, d)
     flat_ids = modality_ids.reshape(-1)
-    per_token = torch.empty_like(out)  # one buffer for the gathered scales, then the shifts: memory, not FLOPs
+    gathered = scratch_buffer("norm_gathered", out.shape, acc, x.device)  # the scales, then the shifts
     if weight is not None:
-        out.mul_(torch.index_select(weight.to(acc), 0, flat_ids, out=per_token))
+        out.mul_(torch.index_select(weight.to(acc), 0, flat_ids, out=gathered))
     if bias is not None:
-        out.add_(torch.index_select(bias.to(acc), 0, flat_ids, out=per_token))
+        out.add_(torch.index_select(bias.to(acc), 0, flat_ids, out=gathered))
     return out.to(x.dtype).reshape(x.shape)
 
 
@@ -43,26 +44,19 @@ def routed_layer_norm_backward_ref(
     grad: Tensor, x: Tensor, modality_ids: Tensor, weight: Optional[Tensor], modalities: int, eps: float,
     has_bias: bool,
 ):
-    """(dx, dweight, dbias), accumulated in at least fp32; dweight/dbias are empty when absent."""
+    """(dx, dweight, dbias), accumulated in at least fp32; dweight/dbias are empty when absent. Rows stay in
+    token order: ATen's own layer norm (no affine) gives the normalised rows and, from the gradient scaled by
+    each token's weight (times_per_token), dx; the parameter gradients are per-modality sums."""
     d = x.shape[-1]
     acc = accumulation_dtype(x.dtype)
     groups = groups_of(modality_ids, modalities)
-    x32, g32 = (groups.to_sorted(t.reshape(-1, d)).to(acc) for t in (x, grad))
-    mean = x32.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(x32.var(-1, unbiased=False, keepdim=True) + eps)
-    xhat = (x32 - mean) * rstd
-    dx = torch.empty_like(x32)
-    dweight = x.new_zeros((modalities, d) if weight is not None else (0,), dtype=acc)
-    dbias = x.new_zeros((modalities, d) if has_bias else (0,), dtype=acc)
-    for m, start, stop in groups.slices():  # a modality may own several runs: accumulate
-        g, xh = g32[start:stop], xhat[start:stop]
-        gw = g * weight[m].to(acc) if weight is not None else g
-        dx[start:stop] = rstd[start:stop] * (gw - gw.mean(-1, keepdim=True) - xh * (gw * xh).mean(-1, keepdim=True))
-        if weight is not None:
-            dweight[m] += (g * xh).sum(0)
-        if has_bias:
-            dbias[m] += g.sum(0)
-    dx = groups.from_sorted(dx)
+    x_rows, g_rows = (t.reshape(-1, d).to(acc) for t in (x, grad))
+    xhat, mean, rstd = torch.ops.aten.native_layer_norm(x_rows, (d,), None, None, eps)
+    g_xhat = g_rows if weight is None else times_per_token(g_rows, weight, modality_ids, groups, "norm_gathered")
+    dx = torch.ops.aten.native_layer_norm_backward(g_xhat, x_rows, (d,), mean, rstd, None, None,
+                                                   [True, False, False])[0]
+    dweight = per_modality_sum(xhat.mul_(g_rows), modality_ids, groups) if weight is not None else x.new_zeros(0)
+    dbias = per_modality_sum(g_rows, modality_ids, groups) if has_bias else x.new_zeros(0)
     param_dtype = weight.dtype if weight is not None else x.dtype
     return dx.to(x.dtype).reshape(x.shape), dweight.to(param_dtype), dbias.to(param_dtype)
 

@@ -9,40 +9,37 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sparsify.ops._grouping import accumulation_dtype, groups_of
+from sparsify.ops._grouping import (accumulation_dtype, groups_of, per_modality_sum, per_token, scratch_buffer,
+                                     times_per_token)
 from sparsify.ops.backend import use_triton
 
 
 def routed_rms_norm_ref(x: Tensor, modality_ids: Tensor, weight: Tensor, eps: float) -> Tensor:
     acc = accumulation_dtype(x.dtype)
-    x_acc = x.to(acc)
+    x_acc = x.reshape(-1, x.shape[-1]).to(acc)
     normed = x_acc * torch.rsqrt(x_acc.pow(2).mean(-1, keepdim=True) + eps)
-    out_dtype = torch.result_type(x, weight)
-    # The per-token scale as one broadcast multiply: weight rows gathered per token (a [tokens, D] gather is
-    # cheaper than grouping rows for an elementwise op), or the one modality's row when all tokens share it.
-    groups = groups_of(modality_ids, weight.shape[0])
-    if groups.single is not None:
-        scale = weight[groups.single]
-    else:
-        scale = weight.index_select(0, modality_ids.reshape(-1)).reshape(x.shape)
-    return (normed * scale.to(acc)).to(out_dtype)
+    # the per-token scale gathered into a reused buffer and applied in place (_grouping.scratch_buffer)
+    normed.mul_(per_token(weight, modality_ids, groups_of(modality_ids, weight.shape[0]), acc, "norm_gathered"))
+    return normed.to(torch.result_type(x, weight)).reshape(x.shape)
 
 
 def routed_rms_norm_backward_ref(grad: Tensor, x: Tensor, modality_ids: Tensor, weight: Tensor, eps: float):
+    """(dx, dweight) in at least fp32, rows in token order (per_token scales, per_modality_sum gradient), the
+    [tokens, D] intermediates in scratch buffers written in place (as routed_layer_norm_backward_ref)."""
     acc = accumulation_dtype(x.dtype)
     d = x.shape[-1]
     groups = groups_of(modality_ids, weight.shape[0])
-    x_rows, g_rows = (groups.to_sorted(t.reshape(-1, d)).to(acc) for t in (x, grad))
-    rstd = torch.rsqrt(x_rows.pow(2).mean(-1, keepdim=True) + eps)
-    xhat = x_rows * rstd
-    dx = torch.empty_like(x_rows)
-    dweight = torch.zeros(weight.shape, device=x.device, dtype=acc)
-    for m, start, stop in groups.slices():  # a modality may own several runs: accumulate
-        g, xh = g_rows[start:stop], xhat[start:stop]
-        gw = g * weight[m].to(acc)
-        dx[start:stop] = rstd[start:stop] * (gw - xh * (gw * xh).mean(-1, keepdim=True))
-        dweight[m] += (g * xh).sum(0)
-    dx = groups.from_sorted(dx)
+    x_rows, g_rows = (t.reshape(-1, d).to(acc) for t in (x, grad))
+    rows = (x_rows.shape[0], d)
+    product = scratch_buffer("norm_product", rows, acc, x.device)
+    rstd = torch.rsqrt(torch.mul(x_rows, x_rows, out=product).mean(-1, keepdim=True) + eps)
+    xhat = torch.mul(x_rows, rstd, out=scratch_buffer("norm_xhat", rows, acc, x.device))
+    dweight = per_modality_sum(torch.mul(g_rows, xhat, out=product), modality_ids, groups)
+    gw = times_per_token(g_rows, weight, modality_ids, groups, "norm_gathered")
+    # dx = rstd * (gw - xhat * mean(gw * xhat))
+    dx = torch.mul(xhat, torch.mul(gw, xhat, out=product).mean(-1, keepdim=True),
+                   out=torch.empty(rows, dtype=acc, device=x.device))
+    dx.neg_().add_(gw).mul_(rstd)
     return dx.to(x.dtype).reshape(x.shape), dweight.to(weight.dtype)
 
 
