@@ -53,6 +53,22 @@ def test_greedy_generation_equals_dense_at_init(converted, use_cache):
     assert torch.equal(out, expected)
 
 
+def test_repeated_generation_allocates_its_cache_without_a_dense_forward_where_that_matches(converted):
+    """The first generate call allocates the static cache by a dense forward and checks transformers' eager
+    allocation against it; later calls use the eager one only where it gave the same tensors (an attention-only
+    cache: yes; a Mamba's state cache or a hybrid's attention + state cache: no). Either way generation equals dense."""
+    dense, routed = converted
+    ids, mask = prompt(seed=3)
+    expected = dense.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
+    for _ in range(2):
+        out = routed.generate(ids, modality_ids=torch.ones_like(ids), next_modality=1, attention_mask=mask,
+                              max_new_tokens=NEW, do_sample=False)
+        assert torch.equal(out, expected)
+    verdicts = set(routed._early_cache_allocation.values())
+    family = type(dense).__name__
+    assert verdicts == ({True} if family.startswith("Llama") else {False})
+
+
 def test_generation_without_attention_mask(converted):
     # No mask: nothing in the graph multiplies by a [batch, seq] tensor; HF Mamba's prefill keeps its tokens
     # through `x[..., -seq_len:]` (a whole-dim slice written from the end).
