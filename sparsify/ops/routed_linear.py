@@ -58,15 +58,19 @@ def routed_linear_backward_ref(grad: Tensor, x: Tensor, modality_ids: Tensor, we
     grad_rows = groups.to_sorted(grad.reshape(-1, weight.shape[1]), scratch="rows_grad")
     dx = torch.empty_like(x_rows) if groups.order is None else \
         scratch_buffer("rows_out", x_rows.shape, x_rows.dtype, x.device)
-    dweight = torch.zeros_like(weight)
+    dweight = torch.empty_like(weight)
     acc = accumulation_dtype(grad.dtype)
     dbias = grad.new_zeros((weight.shape[0], weight.shape[1]) if has_bias else (0,), dtype=acc)
+    seen = set()
     for m, start, stop in groups.slices():  # a modality may own several runs: its gradients accumulate
         g = grad_rows[start:stop]
         _matmul_into(dx[start:stop], g, weight[m])
-        _matmul_into(dweight[m], g.t(), x_rows[start:stop], accumulate=True)
+        _matmul_into(dweight[m], g.t(), x_rows[start:stop], accumulate=m in seen)
+        seen.add(m)
         if has_bias:
             dbias[m] += g.sum(0, dtype=acc)
+    for m in set(range(weight.shape[0])) - seen:  # a modality without rows gets exactly zero
+        dweight[m].zero_()
     return groups.from_sorted(dx).reshape(x.shape), dweight, dbias.to(weight.dtype)
 
 
