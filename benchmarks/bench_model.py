@@ -68,10 +68,13 @@ def main():
         routed.backend = args.backend
         tokens = torch.randint(0, 8000, (args.batch, args.seq), device=device)
         ids = torch.randint(0, args.modalities, (args.batch, args.seq), device=device)
-        seconds = interleaved_medians({
-            "dense": lambda: logits(dense(tokens)).float().pow(2).mean().backward(),
-            "routed": lambda: logits(routed(tokens, modality_ids=ids)).float().pow(2).mean().backward(),
-        }, args.repeats, torch.cuda.synchronize if cuda else None)
+
+        def step(model, **modality):  # as a training loop's step: gradients reset (to None, as optimizers do)
+            model.zero_grad(set_to_none=True)
+            logits(model(tokens, **modality)).float().pow(2).mean().backward()
+
+        seconds = interleaved_medians({"dense": lambda: step(dense), "routed": lambda: step(routed, modality_ids=ids)},
+                                      args.repeats, torch.cuda.synchronize if cuda else None)
         print(f"{label}, {args.layers} layers x {args.hidden}")
         print(f"  dense   {seconds['dense'] * 1e3:9.1f} ms   1.00x")
         print(f"  routed  {seconds['routed'] * 1e3:9.1f} ms   {seconds['routed'] / seconds['dense']:.2f}x")

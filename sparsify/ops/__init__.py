@@ -19,11 +19,12 @@ from sparsify.ops import routed_linear as _linear_op  # noqa: F401
 from sparsify.ops import routed_rms_norm as _rms_norm_op  # noqa: F401
 from sparsify.ops import selective_scan as _selective_scan_op  # noqa: F401
 from sparsify.ops import ssd_scan as _ssd_scan_op  # noqa: F401
+from sparsify.ops._grouping import release_scratch_buffers
 from sparsify.ops.backend import BACKENDS
 from sparsify.ops.modality_ids import check_modality_ids
 
-__all__ = ["BACKENDS", "check_modality_ids", "routed_conv1d", "routed_gather", "routed_layer_norm", "routed_linear",
-           "routed_rms_norm"]
+__all__ = ["BACKENDS", "check_modality_ids", "release_scratch_buffers", "routed_conv1d", "routed_gather",
+           "routed_layer_norm", "routed_linear", "routed_rms_norm"]
 
 
 def _ids(modality_ids, x, modalities):

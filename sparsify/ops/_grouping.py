@@ -105,21 +105,28 @@ class ModalityGroups:
 # Why scratch buffers: glibc hands out every allocation above 32 MiB as fresh mmap pages, which the kernel zeroes
 # on first touch. For the sorted copies of a large linear's rows (8192 x 2816 fp32 is 92 MiB) that page
 # faulting costs more than the copy itself, so the CPU references keep one buffer per role per thread and
-# reuse it across calls. Only intermediates live there, never an op's output. Other devices have caching
-# allocators: there a scratch buffer is a plain allocation.
+# reuse it across calls. Only intermediates live there, never an op's output. The memory stays held: at most
+# SCRATCH_MAX_BYTES per role (six roles), larger ones are allocated per call; release_scratch_buffers() frees
+# them. Other devices have caching allocators: there a scratch buffer is a plain allocation.
+SCRATCH_MAX_BYTES = 128 * 2**20
 _SCRATCH = threading.local()
 
 
 def scratch_buffer(name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised tensor of this shape that stays allocated for the next caller of `name` (CPU)."""
-    if torch.device(device).type != "cpu":
+    numel = math.prod(shape)
+    if torch.device(device).type != "cpu" or numel * dtype.itemsize > SCRATCH_MAX_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
-    numel = math.prod(shape)
     held = buffers.get((name, dtype))
     if held is None or held.numel() < numel:
         buffers[(name, dtype)] = held = torch.empty(numel, dtype=dtype)
     return held[:numel].view(shape)
+
+
+def release_scratch_buffers() -> None:
+    """Free this thread's scratch buffers (they are allocated again on the next routed op that needs them)."""
+    _SCRATCH.__dict__.pop("buffers", None)
 
 
 # Every routed op of a graph takes the same ids tensor (route builds each id layout once), so the groups are

@@ -174,3 +174,20 @@ def test_routed_linear_outputs_never_share_its_scratch_buffers():
     second = ops.routed_linear(x2, ids, w)
     torch.autograd.grad(second, x2, torch.full_like(second, 3.0))
     assert torch.equal(first, kept) and torch.equal(first_grad, kept_grad)
+
+
+def test_scratch_buffers_are_reused_bounded_and_releasable():
+    from sparsify.ops import _grouping
+
+    _grouping.release_scratch_buffers()
+    first = _grouping.scratch_buffer("t", (4, 8), torch.float32, "cpu")
+    again = _grouping.scratch_buffer("t", (2, 8), torch.float32, "cpu")
+    assert again.data_ptr() == first.data_ptr()  # reused, not reallocated
+    too_big = (_grouping.SCRATCH_MAX_BYTES // 4 + 1,)
+    assert _grouping.scratch_buffer("big", too_big, torch.float32, "meta").device.type == "meta"
+    big = _grouping.scratch_buffer("big", too_big, torch.uint8, "cpu")  # under the cap in bytes: held
+    huge = _grouping.scratch_buffer("huge", (too_big[0] * 4,), torch.uint8, "cpu")  # over it: per call
+    assert ("big", torch.uint8) in _grouping._SCRATCH.buffers and ("huge", torch.uint8) not in _grouping._SCRATCH.buffers
+    del big, huge
+    _grouping.release_scratch_buffers()
+    assert not getattr(_grouping._SCRATCH, "buffers", {})
