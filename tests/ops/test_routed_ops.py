@@ -187,7 +187,8 @@ def test_scratch_buffers_are_reused_bounded_and_releasable():
     assert _grouping.scratch_buffer("big", too_big, torch.float32, "meta").device.type == "meta"
     big = _grouping.scratch_buffer("big", too_big, torch.uint8, "cpu")  # under the cap in bytes: held
     huge = _grouping.scratch_buffer("huge", (too_big[0] * 4,), torch.uint8, "cpu")  # over it: per call
-    assert ("big", torch.uint8) in _grouping._SCRATCH.buffers and ("huge", torch.uint8) not in _grouping._SCRATCH.buffers
+    held = _grouping._SCRATCH.buffers
+    assert ("big", torch.uint8) in held and ("huge", torch.uint8) not in held
     del big, huge
     _grouping.release_scratch_buffers()
     assert not getattr(_grouping._SCRATCH, "buffers", {})
