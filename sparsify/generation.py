@@ -265,7 +265,9 @@ class ModalityTracker:
             self.modalities = torch.cat([self.modalities, self.rule(new, self.tokens)[:, None]], 1)
         if cached:
             self.fed = end
-        return self.modalities[:, start:end]
+        # A tensor of its own, not a view of the growing history: the graph's per-op layouts of these ids are
+        # then views of it, whose groups the routed ops derive from its memoised ones (ops/_grouping.groups_of).
+        return self.modalities[:, start:end].clone()
 
 
 def generate(routed, input_ids: torch.Tensor, modality_ids: torch.Tensor | None = None, next_modality=0,

@@ -29,8 +29,15 @@ class ModalityGroups:
     several slices, so per-modality reductions (weight gradients) accumulate over them.
     """
 
-    def __init__(self, modality_ids: torch.Tensor, modalities: int):
+    def __init__(self, modality_ids: torch.Tensor, modalities: int, single: int | None = None):
         self.modalities = modalities
+        # A weak reference: the groups are memoised (groups_of) and must not keep the ids alive.
+        self._ids = weakref.ref(modality_ids)
+        if single is not None:  # known already (groups_of: a view of ids one modality fills): no bincount
+            self.counts = [0] * modalities
+            self.counts[single] = modality_ids.numel()
+            self.single = single
+            return
         flat_ids = modality_ids.reshape(-1)
         try:
             self.counts = torch.bincount(flat_ids, minlength=modalities).tolist()
@@ -41,8 +48,6 @@ class ModalityGroups:
             check_id_range(flat_ids, modalities)  # raises, naming the values
         present = [m for m, count in enumerate(self.counts) if count]
         self.single = present[0] if len(present) == 1 else None  # every row has this modality
-        # A weak reference: the groups are memoised (groups_of) and must not keep the ids alive.
-        self._ids = weakref.ref(modality_ids)
 
     @functools.cached_property
     def runs(self) -> list[tuple[int, int, int]] | None:
@@ -135,14 +140,25 @@ def release_scratch_buffers() -> None:
 _GROUPS: dict[int, tuple] = {}
 
 
-def groups_of(modality_ids: torch.Tensor, modalities: int) -> ModalityGroups:
-    """The groups of these ids (validated: a SparsifyError for an id outside [0, modalities)), worked out
-    once per ids tensor."""
+def _memoised(modality_ids: torch.Tensor, modalities: int) -> ModalityGroups | None:
     hit = _GROUPS.get(id(modality_ids))
     if hit is not None and hit[0]() is modality_ids and hit[1] == modality_ids._version \
             and hit[2].modalities == modalities:
         return hit[2]
-    groups = ModalityGroups(modality_ids, modalities)
+    return None
+
+
+def groups_of(modality_ids: torch.Tensor, modalities: int) -> ModalityGroups:
+    """The groups of these ids (validated: a SparsifyError for an id outside [0, modalities)), worked out
+    once per ids tensor. A view of ids whose groups are known and hold one modality (a decoding step's
+    per-op id layouts: select / unsqueeze / expand of the step's ids) holds that modality too: no bincount
+    and no host sync per op."""
+    hit = _memoised(modality_ids, modalities)
+    if hit is not None:
+        return hit
+    base = _memoised(modality_ids._base, modalities) if modality_ids._base is not None else None
+    single = base.single if base is not None and modality_ids.numel() else None
+    groups = ModalityGroups(modality_ids, modalities, single)
     if len(_GROUPS) > 64:
         for key in [k for k, v in _GROUPS.items() if v[0]() is None]:
             del _GROUPS[key]

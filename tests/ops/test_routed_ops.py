@@ -192,3 +192,26 @@ def test_scratch_buffers_are_reused_bounded_and_releasable():
     del big, huge
     _grouping.release_scratch_buffers()
     assert not getattr(_grouping._SCRATCH, "buffers", {})
+
+
+def test_views_of_one_modality_ids_reuse_their_groups_without_counting(monkeypatch):
+    """A decoding step hands each routed op a view of the step's ids (select / unsqueeze / expand); when the
+    ids' groups are known to hold one modality, a view's groups are derived without a bincount (a host sync
+    per op). Ids of several modalities are still counted per view."""
+    from sparsify.ops._grouping import groups_of
+
+    single = torch.full((4, 1), 2)
+    assert groups_of(single, 3).single == 2
+    mixed = torch.tensor([[0], [1], [1], [0]])
+    groups_of(mixed, 3)
+
+    def no_bincount(*args, **kwargs):
+        raise AssertionError("counted a view of single-modality ids")
+
+    view = single.select(1, 0).unsqueeze(1).expand(-1, 5)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "bincount", no_bincount)
+        groups = groups_of(view, 3)
+    assert groups.single == 2 and groups.counts == [0, 0, 20] and groups.runs == [(2, 0, 20)]
+    mixed_view = mixed.select(1, 0).unsqueeze(1).expand(-1, 5)
+    assert groups_of(mixed_view, 3).counts == [10, 10, 0]
