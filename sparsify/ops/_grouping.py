@@ -94,7 +94,7 @@ class ModalityGroups:
             start += count
 
     def to_sorted(self, rows: torch.Tensor, scratch: str | None = None) -> torch.Tensor:
-        """The rows in slice order; into the named scratch buffer (see `scratch`) when given, so the caller
+        """The rows in slice order; into the named scratch buffer (scratch_buffer) when given, so the caller
         must be done with the result before it asks for that buffer again."""
         if self.order is None:
             return rows
