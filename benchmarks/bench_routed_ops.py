@@ -4,8 +4,8 @@ Backends: Triton (when a GPU is present), the torch reference (on ids drawn per 
 rows already in modality order, as inside a region the hoist pass sorted; and on spans of one
 modality, as multi-modal documents hold them), and the papers' boolean-mask loop
 (out = empty; out[mask_m] = op(x[mask_m], w[m])). Dense and routed take turns within each
-repeat (benchmarks/_interleaved.py). Baselines are dense F.linear / F.layer_norm of the same tokens with one weight: routing adds no
-FLOPs, so 1.0x is the floor. Forward only by default; --backward times fwd+bwd.
+repeat (benchmarks/_interleaved.py). Baselines are dense F.linear / F.layer_norm of the same
+tokens with one weight: routing adds no FLOPs, so 1.0x is the floor. Forward only by default; --backward times fwd+bwd.
 Defaults: on GPU 16384 tokens x 4096 -> 11008 bf16 (the issue's target shape); on CPU
 8192 x 1024 -> 2816 fp32.
 """

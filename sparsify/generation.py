@@ -28,6 +28,7 @@ from sparsify.capture import forward_replaced
 from sparsify.errors import SparsifyError
 from sparsify.frontends.huggingface import CACHE_ARGS
 from sparsify.ops import check_modality_ids
+from sparsify.ops._grouping import owned
 
 CACHE = "sparsify_cache"  # the step module's child holding the cache tensors as buffers
 
@@ -59,10 +60,6 @@ def _cache_slots(cache) -> list[tuple[str, dict, Any]]:
     return slots
 
 
-def _slot_signature(cache) -> list:
-    return [(name, tuple(where[key].shape), where[key].dtype) for name, where, key in _cache_slots(cache)]
-
-
 class DecodingStep(nn.Module):
     """The dense model's forward with a cache held as buffers: `step(**model_inputs) -> logits`.
 
@@ -87,39 +84,29 @@ class DecodingStep(nn.Module):
 
     def allocate(self, batch: int) -> None:
         """Allocate the cache's tensors (transformers allocates them lazily, in the first forward): a graph's
-        buffers must exist before it is captured. By one dense forward on dummy tokens, emptied again; or, once
-        that has shown transformers' own eager allocation (its export recipes' early_initialization) gives the
-        same tensors for this kind of cache, by that: a dense forward is ~2% of a short generate call."""
+        buffers must exist before it is captured. By transformers' own eager allocation where every layer of
+        the cache supports it (its export recipes' early_initialization: attention layers), else by one dense
+        forward on dummy tokens, emptied again (a Mamba's states: ~2% of a short generate call)."""
         self.batch = batch
-        key = (type(self.cache), len(getattr(self.cache, "layers", ())))
-        # per routed model: whether early allocation matches a forward's for caches like this one
-        verdicts = self._routed.__dict__.setdefault("_early_cache_allocation", {})
-        if verdicts.get(key):
-            self._early_initialize(self.cache)
-        else:
-            early = copy.deepcopy(self.cache)
+        if not self._early_initialize():
             self._feed_dummy(self.cache)
             self.cache.reset()
-            verdicts[key] = self._early_initialize(early) and _slot_signature(early) == _slot_signature(self.cache)
         self._use(self.cache)
 
-    def _early_initialize(self, cache) -> bool:
-        """transformers' eager allocation of a static cache where the model and cache offer it; False if not."""
+    def _early_initialize(self) -> bool:
+        layers = getattr(self.cache, "layers", None)
         dense = self._routed._dense
-        initialize = getattr(cache, "early_initialization", None)
         shape_of = getattr(dense, "_get_static_cache_init_shape", None)
-        if initialize is None or shape_of is None:
+        supported = all(getattr(layer, "supports_early_init", False) for layer in layers or ())
+        if not layers or shape_of is None or not supported:
+            return False
+        shape = shape_of()  # (heads, head_dim) from the config, None where transformers cannot tell
+        if shape is None:
             return False
         parameter = next(dense.parameters())
-        try:  # a config without attention heads (a Mamba's) or layers it cannot size: allocate by a forward
-            shape = shape_of()
-            if shape is None:
-                return False
-            initialize(batch_size=self.batch, num_heads=shape[0], head_dim=shape[1], dtype=parameter.dtype,
-                       device=parameter.device)
-        except (AttributeError, TypeError, ValueError):
-            return False
-        return True
+        self.cache.early_initialization(batch_size=self.batch, num_heads=shape[0], head_dim=shape[1],
+                                        dtype=parameter.dtype, device=parameter.device)
+        return all(layer.is_initialized for layer in layers)
 
     def _feed_dummy(self, cache) -> None:
         dense = self._routed._dense
@@ -186,7 +173,7 @@ class DecodingStep(nn.Module):
         flat = torch.utils._pytree.tree_leaves(((), inputs))  # as graph_for flattens them
         for position, target in inputs_at:
             args[position] = flat[target]
-        outputs = forward(*args, modality_ids)  # the GraphModule's code itself: no module-call machinery
+        outputs = forward(*args, owned(modality_ids))  # the GraphModule's code itself: no module-call machinery
         self.phase = "decode"
         return routed.unpack_outputs(graph, outputs, updated)
 
@@ -265,9 +252,7 @@ class ModalityTracker:
             self.modalities = torch.cat([self.modalities, self.rule(new, self.tokens)[:, None]], 1)
         if cached:
             self.fed = end
-        # A tensor of its own, not a view of the growing history: the graph's per-op layouts of these ids are
-        # then views of it, whose groups the routed ops derive from its memoised ones (ops/_grouping.groups_of).
-        return self.modalities[:, start:end].clone()
+        return self.modalities[:, start:end]
 
 
 def generate(routed, input_ids: torch.Tensor, modality_ids: torch.Tensor | None = None, next_modality=0,

@@ -25,6 +25,7 @@ from sparsify.capture import CapturedGraph, bind_call, capture, primary_tensor
 from sparsify.errors import SparsifyError
 from sparsify.frontends.huggingface import CACHE_ARGS
 from sparsify.ops import check_modality_ids
+from sparsify.ops._grouping import owned
 from sparsify.passes import run_passes
 from sparsify.passes.direct_calls import direct_calls
 from sparsify.passes.hoist import HoistPass
@@ -109,8 +110,8 @@ class RoutedModel(nn.Module):
         # The range check syncs with the host: off the compiled path (torch.compile would break the graph
         # there); a compiled training loop checks its ids where it makes them.
         check_range = self.check_id_range and not torch.compiler.is_compiling()
-        ids = check_modality_ids(modality_ids, token.shape[:2], self.plan.modalities,
-                                 check_range=check_range).to(token.device)
+        ids = owned(check_modality_ids(modality_ids, token.shape[:2], self.plan.modalities,
+                                       check_range=check_range).to(token.device))
         entry, flat = self.graph_for(inputs)
         graph = entry.routed
         if entry.module_forwards is None:

@@ -355,18 +355,13 @@ class _MambaSsmHook(importlib.abc.MetaPathFinder):
 def install() -> None:
     """Only where mamba_ssm's CUDA extension is missing: the stand-in and the wrappers (see the module)."""
     if extension_present():
-        def cuda_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        def cuda_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=False):
             from mamba_ssm.ops.selective_scan_interface import SelectiveScanFn
 
-            return SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, False)
-
-        def cuda_scan_with_state(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-            from mamba_ssm.ops.selective_scan_interface import SelectiveScanFn
-
-            return SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True)
+            return SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
         selective_scan_module.cuda_selective_scan = cuda_scan
-        selective_scan_module.cuda_selective_scan_with_state = cuda_scan_with_state
+        selective_scan_module.cuda_selective_scan_with_state = functools.partial(cuda_scan, return_last_state=True)
         return
     if any(isinstance(finder, _MambaSsmHook) for finder in sys.meta_path):
         return

@@ -99,8 +99,7 @@ class ModalityGroups:
         if self.order is None:
             return rows
         out = None if scratch is None else scratch_buffer(scratch, rows.shape, rows.dtype, rows.device)
-        return torch.index_select(rows, 0, self.order, out=out) if out is not None else \
-            rows.index_select(0, self.order)
+        return torch.index_select(rows, 0, self.order, out=out)
 
     def from_sorted(self, sorted_rows: torch.Tensor) -> torch.Tensor:
         """A new tensor holding sorted_rows back in row order."""
@@ -166,6 +165,16 @@ def groups_of(modality_ids: torch.Tensor, modalities: int) -> ModalityGroups:
     return groups
 
 
+def owned(modality_ids: torch.Tensor) -> torch.Tensor:
+    """Ids as a routed graph takes them: a tensor of their own (a copy of a view). The graph's per-op layouts
+    of them (select / unsqueeze / expand) are then views whose root is these ids, so groups_of derives their
+    groups from these ids' memoised ones instead of counting each layout: a decoding step of a Mamba gave
+    every routed op its own layout of a slice of the generation history."""
+    if torch.compiler.is_compiling() or modality_ids._base is None:
+        return modality_ids
+    return modality_ids.clone()
+
+
 def per_token(stacked: torch.Tensor, modality_ids: torch.Tensor, groups: ModalityGroups, dtype: torch.dtype,
               scratch: str | None = None) -> torch.Tensor:
     """Each token's row of a stacked [M, D] parameter, as [tokens, D] (a broadcast [D] row when one modality
@@ -176,8 +185,7 @@ def per_token(stacked: torch.Tensor, modality_ids: torch.Tensor, groups: Modalit
     flat_ids = modality_ids.reshape(-1)
     out = None if scratch is None else \
         scratch_buffer(scratch, (flat_ids.numel(), stacked.shape[-1]), dtype, stacked.device)
-    return torch.index_select(stacked.to(dtype), 0, flat_ids, out=out) if out is not None else \
-        stacked.to(dtype).index_select(0, flat_ids)
+    return torch.index_select(stacked.to(dtype), 0, flat_ids, out=out)
 
 
 def times_per_token(rows: torch.Tensor, stacked: torch.Tensor, modality_ids: torch.Tensor, groups: ModalityGroups,

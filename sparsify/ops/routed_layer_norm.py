@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparsify.ops._grouping import (accumulation_dtype, groups_of, per_modality_sum, scratch_buffer,
-                                     times_per_token)
+from sparsify.ops._grouping import accumulation_dtype, groups_of, per_modality_sum, per_token, times_per_token
 from sparsify.ops.backend import use_triton
 from sparsify.errors import SparsifyError
 
@@ -31,12 +30,11 @@ def routed_layer_norm_ref(
         return F.layer_norm(x, (d,), None if weight is None else weight[m], None if bias is None else bias[m], eps)
     acc = accumulation_dtype(x.dtype)
     out = F.layer_norm(x.to(acc), (d,), None, None, eps).reshape(-1, d)
-    flat_ids = modality_ids.reshape(-1)
-    gathered = scratch_buffer("norm_gathered", out.shape, acc, x.device)  # the scales, then the shifts
+    # the scales, then the shifts, gathered per token into one reused buffer (per_token)
     if weight is not None:
-        out.mul_(torch.index_select(weight.to(acc), 0, flat_ids, out=gathered))
+        out.mul_(per_token(weight, modality_ids, groups, acc, "norm_gathered"))
     if bias is not None:
-        out.add_(torch.index_select(bias.to(acc), 0, flat_ids, out=gathered))
+        out.add_(per_token(bias, modality_ids, groups, acc, "norm_gathered"))
     return out.to(x.dtype).reshape(x.shape)
 
 

@@ -48,7 +48,10 @@ def _matmul_into(out: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor] = Non
             torch.addmm(bias, a, b, out=out)
     else:
         product = a @ b if bias is None else torch.addmm(bias, a, b)
-        out.add_(product) if accumulate else out.copy_(product)
+        if accumulate:
+            out.add_(product)
+        else:
+            out.copy_(product)
 
 
 def routed_linear_backward_ref(grad: Tensor, x: Tensor, modality_ids: Tensor, weight: Tensor, has_bias: bool):

@@ -12,8 +12,8 @@ _linear_scan.py, ~2 sqrt(L) Python steps) and its analytic backward (the adjoint
 recurrence, run by the same scan backwards in time; states recomputed, not saved).
 CUDA runs mamba_ssm's kernel when its extension is installed, and its backward
 recomputes that kernel's forward under autograd. `selective_scan_ref` is the
-step-by-step reference both are tested against (and what generation with a final
-state calls).
+step-by-step reference both are tested against. `sparsify::selective_scan_with_state`
+also returns the final state (the prefill of generation with a cache).
 """
 from __future__ import annotations
 
@@ -75,9 +75,8 @@ class _TimeMajor:
         if A.is_complex():
             raise SparsifyError("selective_scan: complex A is not supported by sparsify's CPU scan")
         self.channels, self.groups = u.shape[1], (B.shape[1] if B.dim() == 4 else None)
-        pre = delta.float() + (delta_bias.float()[:, None] if delta_bias is not None else 0.0)
-        self.pre = pre
-        dt = F.softplus(pre) if delta_softplus else pre
+        self.pre = delta.float() + (delta_bias.float()[:, None] if delta_bias is not None else 0.0)
+        dt = F.softplus(self.pre) if delta_softplus else self.pre
         self.u, self.dt, self.A = u.float().permute(2, 0, 1), dt.permute(2, 0, 1), A.float()  # [l, b, d]
         self.B, self.C = self._time_major(B), self._time_major(C)
         self.decay = torch.exp(self.dt[..., None] * self.A)  # [l, b, d, n]
@@ -99,6 +98,11 @@ class _TimeMajor:
             return torch.matmul(states, per_state[..., None]).squeeze(-1)
         return (states * per_state).sum(-1)
 
+    def ungated_output(self, states, C, u, D):
+        """y before the z gate, [b, d, l] fp32: the states read out through C, plus D * u."""
+        y = self.contract(states, C).permute(1, 2, 0)
+        return y + u.float() * D.float()[:, None] if D is not None else y
+
     def per_state_grad(self, values, states, like):
         """Gradient of a B or C operand: sum over channels of values [l, b, d] times states, in its layout."""
         if like.dim() == 3:
@@ -115,9 +119,7 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     PyTorch: the CPU path, and the path on any device mamba_ssm's kernels do not serve."""
     ops = _TimeMajor(u, delta, A, B, C, delta_bias, delta_softplus)
     states = linear_scan(ops.decay, ops.times_state(ops.dtu, ops.B))
-    y = ops.contract(states, ops.C).permute(1, 2, 0)  # [b, d, l]
-    if D is not None:
-        y = y + u.float() * D.float()[:, None]
+    y = ops.ungated_output(states, ops.C, u, D)
     if z is not None:
         y = y * F.silu(z.float())
     if not return_last_state:
@@ -137,9 +139,7 @@ def selective_scan_cpu_backward(grad, u, delta, A, B, C, D, z, delta_bias, delta
     g = grad.float()
     grads = dict.fromkeys(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"))
     if z is not None:
-        scan_y = ops.contract(states, ops.C).permute(1, 2, 0)
-        if D is not None:
-            scan_y = scan_y + u.float() * D.float()[:, None]
+        scan_y = ops.ungated_output(states, ops.C, u, D)
         sig = torch.sigmoid(z.float())
         grads["z"] = (g * scan_y * sig * (1 + z.float() * (1 - sig))).to(z.dtype)
         g = g * z.float() * sig  # through the gate: silu(z) = z * sigmoid(z)

@@ -215,3 +215,15 @@ def test_views_of_one_modality_ids_reuse_their_groups_without_counting(monkeypat
     assert groups.single == 2 and groups.counts == [0, 0, 20] and groups.runs == [(2, 0, 20)]
     mixed_view = mixed.select(1, 0).unsqueeze(1).expand(-1, 5)
     assert groups_of(mixed_view, 3).counts == [10, 10, 0]
+    # A step's ids sliced from the generation history are made a tensor of their own (owned) as they enter a
+    # graph, so the layouts of them are views of a root whose groups are memoised.
+    from sparsify.ops._grouping import owned
+
+    history = torch.tensor([[0, 1, 1], [2, 1, 1]])
+    step_ids = owned(history[:, 1:])
+    assert step_ids._base is None and torch.equal(step_ids, history[:, 1:])
+    assert owned(step_ids) is step_ids
+    assert groups_of(step_ids, 3).single == 1
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "bincount", no_bincount)
+        assert groups_of(step_ids.select(1, 0).unsqueeze(1).expand(-1, 4), 3).single == 1
