@@ -20,6 +20,7 @@ from sparsify.ops.routed_gather import routed_gather_ref
 from sparsify.ops.routed_layer_norm import routed_layer_norm_ref
 from sparsify.ops.routed_linear import routed_linear_ref
 from sparsify.ops.routed_rms_norm import routed_rms_norm_ref
+from sparsify.passes.simplify import simplify
 
 
 def routed_linear_direct(x, modality_ids, weight, bias=None, backend="torch"):
@@ -53,33 +54,18 @@ IN_PLACE = {torch.ops.aten.index_copy.default: torch.ops.aten.index_copy_.defaul
 
 
 def direct_calls(graph_module: torch.fx.GraphModule, mutated_buffers: int = 0) -> torch.fx.GraphModule:
-    """A copy of `graph_module` (left as it is) with each torch-backend routed op called directly, and the
-    buffer updates (the first `mutated_buffers` outputs) written in place where that is safe."""
-    graph_module = copy.deepcopy(graph_module)
+    """A copy of `graph_module` (left as it is), simplified (passes/simplify.py), with each torch-backend routed
+    op called directly, and the buffer updates (the first `mutated_buffers` outputs) written in place where
+    that is safe."""
+    graph_module = simplify(copy.deepcopy(graph_module)).graph_module
     for node in graph_module.graph.nodes:
         if node.op == "call_function" and node.target in DIRECT and node.kwargs.get("backend") == "torch":
             node.target = DIRECT[node.target]
         elif node.op == "call_function" and node.target == torch.ops.sparsify.routed_gather.default:
             node.target = routed_gather_ref
     _update_buffers_in_place(graph_module.graph, mutated_buffers)
-    _drop_no_op_casts(graph_module.graph)
     graph_module.recompile()
     return graph_module
-
-
-def _drop_no_op_casts(graph: torch.fx.Graph) -> None:
-    """`x.to(dtype)` where x has that dtype returns x itself; a graph keeps the call (HF Mamba's decoding step
-    has 80 of them), and each costs a few microseconds of dispatch per step. The graph was captured for
-    these dtypes (a new dtype is a new capture), so such a cast is its input."""
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target != torch.ops.aten.to.dtype:
-            continue
-        source, dtype = node.args[0], node.args[1]
-        value = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
-        plain = not node.kwargs.get("copy", False) and node.kwargs.get("memory_format") is None and len(node.args) <= 3
-        if isinstance(value, torch.Tensor) and value.dtype == dtype and plain:
-            node.replace_all_uses_with(source)
-            graph.erase_node(node)
 
 
 def _update_buffers_in_place(graph: torch.fx.Graph, mutated_buffers: int) -> None:
