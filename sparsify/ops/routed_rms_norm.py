@@ -7,6 +7,7 @@ shared norm kernel in sparsify/kernels/routed_layer_norm.py (IS_RMS=True).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from sparsify.ops._grouping import (accumulation_dtype, groups_of, per_modality_sum, per_token, scratch_buffer,
@@ -15,11 +16,20 @@ from sparsify.ops.backend import use_triton
 
 
 def routed_rms_norm_ref(x: Tensor, modality_ids: Tensor, weight: Tensor, eps: float) -> Tensor:
+    d = x.shape[-1]
     acc = accumulation_dtype(x.dtype)
-    x_acc = x.reshape(-1, x.shape[-1]).to(acc)
-    normed = x_acc * torch.rsqrt(x_acc.pow(2).mean(-1, keepdim=True) + eps)
+    groups = groups_of(modality_ids, weight.shape[0])
+    if x.dtype == weight.dtype == acc:
+        # ATen's rms_norm is one call for the steps below (on CPU the same result, bitwise, in fp32 / fp64):
+        # a decoding step's norm is a few rows, where each call's dispatch is the cost.
+        if groups.single is not None:
+            return F.rms_norm(x, (d,), weight[groups.single], eps)
+        normed = F.rms_norm(x.reshape(-1, d), (d,), None, eps)
+    else:
+        x_acc = x.reshape(-1, d).to(acc)
+        normed = x_acc * torch.rsqrt(x_acc.pow(2).mean(-1, keepdim=True) + eps)
     # the per-token scale gathered into a reused buffer and applied in place (_grouping.scratch_buffer)
-    normed.mul_(per_token(weight, modality_ids, groups_of(modality_ids, weight.shape[0]), acc, "norm_gathered"))
+    normed.mul_(per_token(weight, modality_ids, groups, acc, "norm_gathered"))
     return normed.to(torch.result_type(x, weight)).reshape(x.shape)
 
 

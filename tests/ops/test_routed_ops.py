@@ -227,3 +227,16 @@ def test_views_of_one_modality_ids_reuse_their_groups_without_counting(monkeypat
     with monkeypatch.context() as patch:
         patch.setattr(torch, "bincount", no_bincount)
         assert groups_of(step_ids.select(1, 0).unsqueeze(1).expand(-1, 4), 3).single == 1
+
+
+@pytest.mark.parametrize("ids_kind", ["one modality", "mixed"])
+def test_routed_rms_norm_fp32_equals_the_step_by_step_norm_bitwise(ids_kind):
+    """fp32 takes ATen's one-call rms_norm (a decoding step's norms are dispatch-bound); it must give what the
+    model's own RMSNorm steps give, bit for bit, so routed decoding matches dense decoding token for token."""
+    from sparsify.ops.routed_rms_norm import routed_rms_norm_ref
+
+    torch.manual_seed(0)
+    x, weight = torch.randn(3, 7, 257), torch.randn(3, 257)
+    ids = torch.ones(3, 7, dtype=torch.long) if ids_kind == "one modality" else torch.randint(0, 3, (3, 7))
+    steps = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight[ids]
+    assert torch.equal(routed_rms_norm_ref(x, ids, weight, 1e-6), steps)
