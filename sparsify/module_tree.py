@@ -29,6 +29,7 @@ from torch.export.graph_signature import ExportGraphSignature, InputKind, InputS
 from torch.export.unflatten import InterpreterModule
 
 from sparsify.errors import SparsifyError
+from sparsify.ops.eager import eager_form_of
 from sparsify.passes.route import MODALITY_IDS
 
 def routed_program(captured, parameters: Callable[[str], torch.Tensor]) -> ExportedProgram:
@@ -75,7 +76,7 @@ def module_forwards(program: ExportedProgram, owner: nn.Module, tag: str) -> dic
 
     Each function is the code of that module's unflattened graph, written against `self`, so bound to
     the dense module of the same FQN in `owner` it reads that module's parameters and calls its
-    children. Graphs export made for regions (autocast, no_grad) are not modules of the dense tree:
+    children; its routed ops are their eager forms (ops/eager.py). Graphs export made for regions (autocast, no_grad) are not modules of the dense tree:
     they are attached to the module under a name unique to this graph (`tag`), outside `_modules`.
     """
     unflattened = torch.export.unflatten(program)
@@ -89,6 +90,9 @@ def module_forwards(program: ExportedProgram, owner: nn.Module, tag: str) -> dic
         target = dense_module(owner, fqn)
         graph = copy.deepcopy(module.graph)
         for node in graph.nodes:
+            eager = eager_form_of(node.target, node.kwargs) if node.op == "call_function" else None
+            if eager is not None:  # run eagerly without the custom op's dispatch; tracers still see the op
+                node.target = eager
             if node.op in ("get_attr", "call_module") and not _has(target, node.target):
                 region = module.get_submodule(node.target) if node.op == "call_module" else \
                     _get(module, node.target)

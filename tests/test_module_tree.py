@@ -214,6 +214,27 @@ def test_a_module_outside_a_routed_call_says_why(llama):
         fresh.model.layers[0](torch.randn(2, 9, 32))
 
 
+def test_blocks_run_the_routed_ops_in_eager_form_without_custom_op_dispatch(llama):
+    """Eagerly, training runs each routed op's reference and backward without torch.library's dispatch
+    (ops/eager.py); under torch.compile (the test below) the blocks still hold the custom ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RecordOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            names.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    _, routed = llama
+    tokens, ids = batch()
+    model = copy.deepcopy(routed).train()
+    lm_loss(model, tokens, ids)  # captures the training graph (export traces the custom ops), outside the record
+    names = []
+    with RecordOps():
+        lm_loss(model, tokens, ids).backward()
+    assert "aten::mm" in names and not [n for n in names if n.startswith("sparsify::")]
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def test_torch_compile_of_the_model_and_of_a_block_without_graph_breaks(llama):
     _, routed = llama
     tokens, ids = batch()

@@ -7,6 +7,8 @@ with the weights of each output token's modality, the conv of every Mamba mixer.
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Optional
 
 import torch
@@ -100,10 +102,12 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias, ctx.backend = bias is not None, backend
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad, direct: bool = False):
+    """`direct`: call the reference backward itself rather than the backward op (ops/eager.py)."""
     x, modality_ids, weight = ctx.saved_tensors
-    dx, dweight, dbias = torch.ops.sparsify.routed_conv1d_backward(grad.contiguous(), x, modality_ids, weight,
-                                                                   ctx.has_bias, ctx.backend)
+    backward = routed_conv1d_backward_ref if direct else \
+        functools.partial(torch.ops.sparsify.routed_conv1d_backward, backend=ctx.backend)
+    dx, dweight, dbias = backward(grad.contiguous(), x, modality_ids, weight, ctx.has_bias)
     return dx, None, dweight, (dbias if ctx.has_bias else None), None
 
 

@@ -52,9 +52,11 @@ def _setup_context(ctx, inputs, output):
     ctx.modalities = weight.shape[0]
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad, direct: bool = False):
+    """`direct`: call the reference backward itself rather than the backward op (ops/eager.py)."""
     (modality_ids,) = ctx.saved_tensors
-    return torch.ops.sparsify.routed_gather_backward(grad, modality_ids, ctx.modalities), None
+    backward = routed_gather_backward_ref if direct else torch.ops.sparsify.routed_gather_backward
+    return backward(grad, modality_ids, ctx.modalities), None
 
 
 routed_gather.register_autograd(_backward, setup_context=_setup_context)

@@ -4,6 +4,8 @@ x is [..., D], modality_ids x.shape[:-1], weight [M, D] or None, bias [M, D] or 
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Optional
 
 import torch
@@ -111,11 +113,12 @@ def _setup_context(ctx, inputs, output):
     ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad, direct: bool = False):
+    """`direct`: call the reference backward itself rather than the backward op (ops/eager.py)."""
     x, modality_ids, weight = ctx.saved_tensors
-    dx, dweight, dbias = torch.ops.sparsify.routed_layer_norm_backward(
-        grad.contiguous(), x, modality_ids, weight, ctx.modalities, ctx.eps, ctx.has_bias, ctx.backend
-    )
+    backward = routed_layer_norm_backward_ref if direct else \
+        functools.partial(torch.ops.sparsify.routed_layer_norm_backward, backend=ctx.backend)
+    dx, dweight, dbias = backward(grad.contiguous(), x, modality_ids, weight, ctx.modalities, ctx.eps, ctx.has_bias)
     return dx, None, (dweight if ctx.has_weight else None), (dbias if ctx.has_bias else None), None, None
 
 

@@ -117,10 +117,14 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad, direct: bool = False):
+    """`direct`: call the reference backward itself rather than the backward op (ops/eager.py)."""
     x, modality_ids, weight = ctx.saved_tensors
-    dx, dweight, dbias = torch.ops.sparsify.routed_linear_backward(
-        grad.contiguous(), x, modality_ids, weight, ctx.has_bias, ctx.backend)
+    if direct:
+        dx, dweight, dbias = routed_linear_backward_ref(grad.contiguous(), x, modality_ids, weight, ctx.has_bias)
+    else:
+        dx, dweight, dbias = torch.ops.sparsify.routed_linear_backward(
+            grad.contiguous(), x, modality_ids, weight, ctx.has_bias, ctx.backend)
     return dx, None, dweight, (dbias if ctx.has_bias else None), None
 
 

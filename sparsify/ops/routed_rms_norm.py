@@ -6,6 +6,8 @@ shared norm kernel in sparsify/kernels/routed_layer_norm.py (IS_RMS=True).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -90,10 +92,12 @@ def _setup_context(ctx, inputs, output):
     ctx.eps, ctx.backend = eps, backend
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad, direct: bool = False):
+    """`direct`: call the reference backward itself rather than the backward op (ops/eager.py)."""
     x, modality_ids, weight = ctx.saved_tensors
-    dx, dweight = torch.ops.sparsify.routed_rms_norm_backward(grad.contiguous(), x, modality_ids, weight, ctx.eps,
-                                                              ctx.backend)
+    backward = routed_rms_norm_backward_ref if direct else \
+        functools.partial(torch.ops.sparsify.routed_rms_norm_backward, backend=ctx.backend)
+    dx, dweight = backward(grad.contiguous(), x, modality_ids, weight, ctx.eps)
     return dx, None, dweight, None, None
 
 

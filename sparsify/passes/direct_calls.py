@@ -3,10 +3,10 @@
     sparsify.routed_linear(x, ids, w, b, backend="torch")  =>  routed_linear_ref(x, ids, w, b)
     sparsify.routed_gather(w, ids)                          =>  routed_gather_ref(w, ids)
 
-A custom op call costs 30-50 us of dispatch on CPU (autograd wrapper, dynamo guard) before any work: a third
-of a small model's decoding step. A graph that is only ever run eagerly (a decoding step: never exported,
-traced or unflattened) calls the references directly; they are plain PyTorch, so autograd still follows them.
-Triton-lowered ops keep the custom op (their backward is the op's own).
+A custom op call costs 30-50 us of dispatch on CPU before any work: a third of a small model's decoding step.
+A graph that is only ever run eagerly (a decoding step: never exported, traced or unflattened) calls the
+references directly (ops/eager.py); they are plain PyTorch, so autograd still follows them. Triton-lowered
+ops keep the custom op (their backward is the op's own).
 """
 from __future__ import annotations
 
@@ -15,37 +15,8 @@ import copy
 import torch
 import torch.fx
 
-from sparsify.ops.routed_conv1d import routed_conv1d_ref
-from sparsify.ops.routed_gather import routed_gather_ref
-from sparsify.ops.routed_layer_norm import routed_layer_norm_ref
-from sparsify.ops.routed_linear import routed_linear_ref
-from sparsify.ops.routed_rms_norm import routed_rms_norm_ref
+from sparsify.ops.eager import direct_form
 from sparsify.passes.simplify import simplify
-
-
-def routed_linear_direct(x, modality_ids, weight, bias=None, backend="torch"):
-    return routed_linear_ref(x, modality_ids, weight, bias)
-
-
-def routed_rms_norm_direct(x, modality_ids, weight, eps=1e-6, backend="torch"):
-    return routed_rms_norm_ref(x, modality_ids, weight, eps)
-
-
-def routed_layer_norm_direct(x, modality_ids, weight, bias, eps=1e-5, backend="torch"):
-    return routed_layer_norm_ref(x, modality_ids, weight, bias, eps)
-
-
-def routed_conv1d_direct(x, modality_ids, weight, bias=None, backend="torch"):
-    return routed_conv1d_ref(x, modality_ids, weight, bias)
-
-
-# Ops with a backend argument: direct only where lowered to "torch". routed_gather has one implementation.
-DIRECT = {
-    torch.ops.sparsify.routed_linear.default: routed_linear_direct,
-    torch.ops.sparsify.routed_rms_norm.default: routed_rms_norm_direct,
-    torch.ops.sparsify.routed_layer_norm.default: routed_layer_norm_direct,
-    torch.ops.sparsify.routed_conv1d.default: routed_conv1d_direct,
-}
 
 
 # Functional updates export writes for a buffer's in-place update, and their in-place forms.
@@ -59,10 +30,9 @@ def direct_calls(graph_module: torch.fx.GraphModule, mutated_buffers: int = 0) -
     that is safe."""
     graph_module = simplify(copy.deepcopy(graph_module)).graph_module
     for node in graph_module.graph.nodes:
-        if node.op == "call_function" and node.target in DIRECT and node.kwargs.get("backend") == "torch":
-            node.target = DIRECT[node.target]
-        elif node.op == "call_function" and node.target == torch.ops.sparsify.routed_gather.default:
-            node.target = routed_gather_ref
+        direct = direct_form(node.target, node.kwargs) if node.op == "call_function" else None
+        if direct is not None:
+            node.target = direct
     _update_buffers_in_place(graph_module.graph, mutated_buffers)
     graph_module.recompile()
     return graph_module
