@@ -76,8 +76,9 @@ def module_forwards(program: ExportedProgram, owner: nn.Module, tag: str) -> dic
 
     Each function is the code of that module's unflattened graph, written against `self`, so bound to
     the dense module of the same FQN in `owner` it reads that module's parameters and calls its
-    children; its routed ops are their eager forms (ops/eager.py). Graphs export made for regions (autocast, no_grad) are not modules of the dense tree:
-    they are attached to the module under a name unique to this graph (`tag`), outside `_modules`.
+    children; its routed ops are their eager forms (ops/eager.py). Graphs export made for regions
+    (autocast, no_grad) are not modules of the dense tree: they are attached to the module under a name
+    unique to this graph (`tag`), outside `_modules`.
     """
     unflattened = torch.export.unflatten(program)
     forwards: dict[str, Callable] = {}

@@ -87,7 +87,7 @@ def _traced(tensors) -> bool:
 def eager_form(op):
     """A function with the op's signature that runs it eagerly (see the module) or, under a tracer, calls it."""
     def call(*args, **kwargs):
-        if _traced(args):
+        if _traced((*args, *kwargs.values())):
             return op(*args, **kwargs)
         inputs = _bind(op, args, kwargs)
         return _Eager.apply(op, *inputs)

@@ -8,7 +8,6 @@ with the weights of each output token's modality, the conv of every Mamba mixer.
 from __future__ import annotations
 
 import functools
-
 from typing import Optional
 
 import torch

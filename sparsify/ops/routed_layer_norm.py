@@ -5,7 +5,6 @@ x is [..., D], modality_ids x.shape[:-1], weight [M, D] or None, bias [M, D] or 
 from __future__ import annotations
 
 import functools
-
 from typing import Optional
 
 import torch

@@ -82,10 +82,10 @@ def _no_op_cast(node: torch.fx.Node, src: torch.Tensor) -> bool:
     else:
         wanted = {key: kwargs.pop(key, None) for key in ("dtype", "layout", "device", "pin_memory")}
         extra = node.args[1:]
-    if any(extra) or kwargs.get("copy", False) or kwargs.get("memory_format") is not None:
+    if any(extra) or kwargs.pop("copy", False) or kwargs.pop("memory_format", None) is not None:
         return False
-    kwargs.pop("non_blocking", None), kwargs.pop("copy", None), kwargs.pop("memory_format", None)
-    if kwargs:
+    kwargs.pop("non_blocking", None)
+    if kwargs:  # an argument this rule does not know
         return False
     dtype, layout, device = wanted.get("dtype"), wanted.get("layout"), wanted.get("device")
     return ((dtype is None or dtype == src.dtype) and (layout is None or layout == src.layout)

@@ -40,7 +40,7 @@ def cases():
 
 
 @pytest.mark.parametrize("case", range(len(cases())))
-def test_eager_form_equals_the_custom_op_forward_and_every_gradient_without_calling_it(case, monkeypatch):
+def test_eager_form_equals_the_custom_op_forward_and_every_gradient_without_calling_it(case):
     op, args, kwargs = cases()[case]
     expected = op(*args, **kwargs)
     leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
