@@ -24,8 +24,10 @@ demo: $(STAMP)
 train-demo: $(STAMP)
 	$(PY) demos/train_multimodal.py
 
+# One worker per core (pytest-xdist), a test file per worker so module fixtures are built once: most of the
+# suite is single-threaded tracing and subprocess start, so two workers on two cores halve its time.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_routed_ops.py

@@ -1,14 +1,19 @@
-"""The `sparsify` CLI as a subprocess on checkpoints the tests write."""
+"""The `sparsify` CLI on checkpoints the tests write: `sparsify.cli.main` in this process (a subprocess per
+command paid ~4 s of Python and library start each), and once as the installed command in a subprocess."""
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import sparsify
+from sparsify.cli import main
 from tests.cli_factories import toy
 from tests.conftest import tiny_gpt2, tiny_llama
 from tests.test_convert_mamba_hf import tiny_mamba
@@ -17,6 +22,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cli(*args):
+    """`sparsify ARGS` in this process: its exit code and what it printed. An exception escaping main (what
+    a user would see as a traceback) fails the test."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        returncode = main(list(map(str, args)))
+    return SimpleNamespace(returncode=returncode, stdout=stdout.getvalue(), stderr=stderr.getvalue())
+
+
+def cli_subprocess(*args):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "sparsify.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=REPO, env=env, timeout=300)
@@ -160,3 +174,18 @@ def test_bad_inputs_exit_2_with_one_clear_line(tmp_path):
     result = cli("convert", dst, "-o", tmp_path / "again", "--modalities", 3)
     assert result.returncode == 2 and "already routed" in result.stderr
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging leftovers
+
+
+def test_the_installed_command_converts_and_exits_2_on_bad_input(tmp_path):
+    """`python -m sparsify.cli` as a user runs it: exit codes, quiet output, one clear line and no traceback."""
+    dense, _ = toy()
+    src = tmp_path / "toy.pt"
+    torch.save(dense.state_dict(), src)
+    dst = tmp_path / "out"
+    result = cli_subprocess("convert", src, "-o", dst, "--modalities", 3, "--model", "tests.cli_factories:toy",
+                            "--quiet")
+    assert result.returncode == 0 and result.stdout == "", result.stderr
+    check_equal_to_dense(dst, dense, model=toy)
+    result = cli_subprocess("convert", src, "-o", dst, "--modalities", 3, "--model", "tests.cli_factories:toy")
+    assert result.returncode == 2 and "already exists" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
