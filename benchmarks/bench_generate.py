@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM
 
 import sparsify
-from _interleaved import interleaved_medians
+from _interleaved import interleaved
 
 
 def main():
@@ -22,7 +22,7 @@ def main():
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--modalities", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--mamba", action="store_true", help="HF MambaForCausalLM instead of Llama")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -41,20 +41,23 @@ def main():
 
     # Sequence b's new tokens get modality b % M: every decode step groups its rows into M GEMMs.
     per_row = torch.arange(args.batch) % args.modalities
-    seconds = interleaved_medians({
+    timings = interleaved({
         "dense": lambda: dense.generate(prompt, **options),
         "one": lambda: routed.generate(prompt, modality_ids=modality_ids, next_modality=1, **options),
         "mixed": lambda: routed.generate(prompt, modality_ids=modality_ids,
                                          next_modality=lambda new, so_far: per_row, **options),
     }, args.repeats)
-    dense_tps, routed_tps, mixed_tps = (args.batch * args.new / seconds[name] for name in ("dense", "one", "mixed"))
+    tokens_per_second = {name: args.batch * args.new / timings.median(name) for name in ("dense", "one", "mixed")}
+    # tokens/s is the inverse of time: the speed ratio is dense's time over routed's, pair by pair
     name = "HF Mamba" if args.mamba else "Llama"
     print(f"{name} {args.layers} layers x {args.hidden}, batch {args.batch}, prompt {args.prompt}, {args.new} new tokens, "
-          f"{args.modalities} modalities, float32, cpu, greedy with cache: median of {args.repeats}, interleaved")
-    print(f"  dense   {dense_tps:9.1f} tokens/s   1.00x")
-    print(f"  routed  {routed_tps:9.1f} tokens/s   {routed_tps / dense_tps:.2f}x   (new tokens of one modality)")
-    print(f"  routed  {mixed_tps:9.1f} tokens/s   {mixed_tps / dense_tps:.2f}x   (sequence b's new tokens of modality b % M)")
-
+          f"{args.modalities} modalities, float32, cpu, greedy with cache: {args.repeats} repeats, interleaved; "
+          "speed ratios are medians of the paired ratios (quartiles)")
+    print(f"  dense   {tokens_per_second['dense']:9.1f} tokens/s   1.00x")
+    print(f"  routed  {tokens_per_second['one']:9.1f} tokens/s   {timings.ratio('dense', 'one')}   "
+          "(new tokens of one modality)")
+    print(f"  routed  {tokens_per_second['mixed']:9.1f} tokens/s   {timings.ratio('dense', 'mixed')}   "
+          "(sequence b's new tokens of modality b % M)")
 
 if __name__ == "__main__":
     main()

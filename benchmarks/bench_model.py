@@ -12,7 +12,7 @@ import argparse
 import torch
 
 import sparsify  # before mamba_ssm: installs its CPU stand-ins
-from _interleaved import interleaved_medians
+from _interleaved import interleaved
 
 MODELS = ("llama", "hf-mamba", "mamba-ssm")
 
@@ -47,18 +47,20 @@ def main():
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--modalities", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     parser.add_argument("--hoist", action=argparse.BooleanOptionalAction, default=True,
                         help="sort tokens by modality once per token-wise region (sparsify.convert(hoist=...))")
+    parser.add_argument("--ids", default="random", choices=["random", "one"],
+                        help="modality ids: random per token, or every token modality 0 (a text-only batch)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="model dtype (default: bfloat16 on a GPU, float32 on CPU)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     device = "cuda" if cuda else "cpu"
-    print(f"{args.batch} x {args.seq} tokens, {args.modalities} modalities, {str(dtype).removeprefix('torch.')}, "
-          f"{device}, backend {args.backend}, hoist {args.hoist}: forward+backward, median of {args.repeats}, "
+    print(f"{args.batch} x {args.seq} tokens, {args.modalities} modalities (ids {args.ids}), {str(dtype).removeprefix('torch.')}, "
+          f"{device}, backend {args.backend}, hoist {args.hoist}: forward+backward, {args.repeats} repeats, "
           "dense and routed interleaved")
     for name in args.models:
         torch.manual_seed(0)
@@ -67,17 +69,19 @@ def main():
         routed = sparsify.convert(dense, args.modalities, verify=False, hoist=args.hoist).train()
         routed.backend = args.backend
         tokens = torch.randint(0, 8000, (args.batch, args.seq), device=device)
-        ids = torch.randint(0, args.modalities, (args.batch, args.seq), device=device)
+        ids = torch.randint(0, args.modalities, (args.batch, args.seq), device=device) if args.ids == "random" \
+            else torch.zeros(args.batch, args.seq, dtype=torch.long, device=device)
 
         def step(model, **modality):  # as a training loop's step: gradients reset (to None, as optimizers do)
             model.zero_grad(set_to_none=True)
             logits(model(tokens, **modality)).float().pow(2).mean().backward()
 
-        seconds = interleaved_medians({"dense": lambda: step(dense), "routed": lambda: step(routed, modality_ids=ids)},
-                                      args.repeats, torch.cuda.synchronize if cuda else None)
+        timings = interleaved({"dense": lambda: step(dense), "routed": lambda: step(routed, modality_ids=ids)},
+                              args.repeats, torch.cuda.synchronize if cuda else None)
         print(f"{label}, {args.layers} layers x {args.hidden}")
-        print(f"  dense   {seconds['dense'] * 1e3:9.1f} ms   1.00x")
-        print(f"  routed  {seconds['routed'] * 1e3:9.1f} ms   {seconds['routed'] / seconds['dense']:.2f}x")
+        print(f"  dense   {timings.median('dense') * 1e3:9.1f} ms   1.00x")
+        print(f"  routed  {timings.median('routed') * 1e3:9.1f} ms   {timings.ratio('routed', 'dense')} "
+              "(median of the paired ratios, their quartiles)")
 
 
 if __name__ == "__main__":
