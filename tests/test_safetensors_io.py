@@ -62,7 +62,7 @@ def test_sharded_save_and_load_round_trip(tmp_path):
     assert torch.equal(loaded(tokens, modality_ids=ids), routed(tokens, modality_ids=ids))
 
 
-def test_copies_of_source_bytes_write_the_same_file_as_chunks(tmp_path):
+def test_copies_of_source_bytes_write_the_same_file_as_chunks(tmp_path, monkeypatch):
     """A tensor made of copies of a source tensor's bytes is copied file to file (sendfile): the file is
     byte for byte the one written chunk by chunk, and progress counts every byte."""
     save_file(TENSORS, tmp_path / "source.safetensors")
@@ -87,6 +87,14 @@ def test_copies_of_source_bytes_write_the_same_file_as_chunks(tmp_path):
     assert sum(counted) == sum(t.nbytes for t in outputs(True))
     loaded = load_file(tmp_path / "copied" / "model.safetensors")
     assert torch.equal(loaded["a.weight"], TENSORS["a.weight"].expand(3, 5, 3))
+    # where the kernel refuses sendfile, the same bytes go through reads and writes
+    def refused(*args):
+        raise OSError("sendfile refused")
+
+    monkeypatch.setattr("os.sendfile", refused)
+    (tmp_path / "refused").mkdir()
+    write_checkpoint(tmp_path / "refused", outputs(True), max_shard_bytes=2**30)
+    assert (tmp_path / "refused" / "model.safetensors").read_bytes() == copied
     # a cast cannot be a byte copy: the chunks are written, converted
     cast = OutputTensor("a.weight", torch.bfloat16, (5, 3), lambda: iter_chunks(entries["a.weight"]),
                         entries["a.weight"])
