@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from sparsify.ops.backend import triton_available
 
-from _interleaved import interleaved_medians
+from _interleaved import interleaved
 
 CUDA = torch.cuda.is_available()
 
@@ -46,11 +46,11 @@ def stepper(fn, backward):
     return step
 
 
-def report(title, seconds):
-    """seconds: {name: median}, "dense" first (the baseline)."""
+def report(title, timings):
+    """Median time of each run and its time over dense's, the median of the paired ratios (quartiles)."""
     print(title)
-    for name, value in seconds.items():
-        print(f"  {name:<34} {value * 1e3:9.3f} ms   {value / seconds['dense']:.2f}x")
+    for name in timings.samples:
+        print(f"  {name:<34} {timings.median(name) * 1e3:9.3f} ms   {timings.ratio(name, 'dense')}")
 
 
 def main():
@@ -61,7 +61,7 @@ def main():
     parser.add_argument("--modalities", type=int, default=3)
     parser.add_argument("--dtype", default="bfloat16" if CUDA else "float32",
                         choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--repeats", type=int, default=20 if CUDA else 3)
+    parser.add_argument("--repeats", type=int, default=20 if CUDA else 9)
     parser.add_argument("--backward", action="store_true")
     args = parser.parse_args()
     device, dtype = ("cuda" if CUDA else "cpu"), getattr(torch, args.dtype)
@@ -83,11 +83,12 @@ def main():
     backends = ["torch"] + (["triton"] if CUDA and triton_available() else [])
     print(f"{args.tokens} tokens, {args.modalities} modalities, {args.dtype}, {device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if CUDA else f', {torch.get_num_threads()} threads'}, "
-          f"{'fwd+bwd' if args.backward else 'fwd'}, median of {args.repeats}")
+          f"{'fwd+bwd' if args.backward else 'fwd'}, {args.repeats} repeats, ratios: median of the paired "
+          "ratios to dense (quartiles)")
 
     def timed(runs):  # dense and every routed variant take turns within each repeat (benchmarks/_interleaved.py)
         steps = {name: stepper(fn, args.backward) for name, fn in runs.items()}
-        return interleaved_medians(steps, args.repeats, torch.cuda.synchronize if CUDA else None)
+        return interleaved(steps, args.repeats, torch.cuda.synchronize if CUDA else None)
 
     context = torch.enable_grad() if args.backward else torch.no_grad()
     with context:
