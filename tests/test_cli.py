@@ -89,10 +89,16 @@ def test_convert_state_dict_with_factory(tmp_path, suffix):
     check_equal_to_dense(dst, dense, model=toy)
 
 
-def test_dtype_and_independent_init(tmp_path):
+def toy_state_dict_file(tmp_path):
+    """(the toy model, its state dict saved as toy.pt)"""
     dense, _ = toy()
     src = tmp_path / "toy.pt"
     torch.save(dense.state_dict(), src)
+    return dense, src
+
+
+def test_dtype_and_independent_init(tmp_path):
+    dense, src = toy_state_dict_file(tmp_path)
     dst = tmp_path / "bf16"
     result = cli("convert", src, "-o", dst, "--modalities", 3, "--model", "tests.cli_factories:toy",
                  "--dtype", "bfloat16")
@@ -178,9 +184,7 @@ def test_bad_inputs_exit_2_with_one_clear_line(tmp_path):
 
 def test_the_installed_command_converts_and_exits_2_on_bad_input(tmp_path):
     """`python -m sparsify.cli` as a user runs it: exit codes, quiet output, one clear line and no traceback."""
-    dense, _ = toy()
-    src = tmp_path / "toy.pt"
-    torch.save(dense.state_dict(), src)
+    dense, src = toy_state_dict_file(tmp_path)
     dst = tmp_path / "out"
     result = cli_subprocess("convert", src, "-o", dst, "--modalities", 3, "--model", "tests.cli_factories:toy",
                             "--quiet")
