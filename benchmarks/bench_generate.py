@@ -59,5 +59,6 @@ def main():
     print(f"  routed  {tokens_per_second['mixed']:9.1f} tokens/s   {timings.ratio('dense', 'mixed')}   "
           "(sequence b's new tokens of modality b % M)")
 
+
 if __name__ == "__main__":
     main()

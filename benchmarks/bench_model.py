@@ -59,9 +59,9 @@ def main():
     cuda = torch.cuda.is_available()
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     device = "cuda" if cuda else "cpu"
-    print(f"{args.batch} x {args.seq} tokens, {args.modalities} modalities (ids {args.ids}), {str(dtype).removeprefix('torch.')}, "
-          f"{device}, backend {args.backend}, hoist {args.hoist}: forward+backward, {args.repeats} repeats, "
-          "dense and routed interleaved")
+    print(f"{args.batch} x {args.seq} tokens, {args.modalities} modalities (ids {args.ids}), "
+          f"{str(dtype).removeprefix('torch.')}, {device}, backend {args.backend}, hoist {args.hoist}: "
+          f"forward+backward, {args.repeats} repeats, dense and routed interleaved")
     for name in args.models:
         torch.manual_seed(0)
         dense, label = build(name, args.hidden, args.layers, args.seq)

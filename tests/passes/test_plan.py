@@ -186,7 +186,7 @@ def test_the_cli_plans_again_from_the_dynamic_capture_where_sizes_decided_a_use(
     assert _without_node_names(plan) == _without_node_names(dynamic_plan) and "layers.0.weight" in plan.routed
     assert any(u.axes_from_sizes for uses in static.param_uses.values() for u in uses)
     captures.clear()
-    toy, _ = ToyLM(), None
+    toy = ToyLM()
     save_file(toy.state_dict(), tmp_path / "toy.safetensors")
     convert_checkpoint.plan_for(convert_checkpoint.open_source(tmp_path / "toy.safetensors"),
                                 lambda: (ToyLM(), (torch.randint(0, 50, (2, 7)),)), 3, "auto", None, None, "copy")
