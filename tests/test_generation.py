@@ -114,6 +114,31 @@ def test_perturbed_modality_changes_generation_and_cache_equals_no_cache(convert
     assert torch.equal(modality0, baseline)  # modality 0's copies were left alone
 
 
+def test_the_step_graphs_take_the_2d_mask_at_the_cache_length_and_build_the_4d_one(monkeypatch):
+    """With a static cache transformers would build the 4-D attention mask in Python before every step; the
+    step graphs get the 2-D padding mask instead, zero-padded to the cache's length (one shape for every
+    step), and build the 4-D mask themselves. Greedy generation with left padding still equals dense."""
+    from sparsify.generation import DecodingStep
+
+    torch.manual_seed(0)
+    dense = llama().eval()
+    routed = sparsify.convert(dense, modalities=3).eval()
+    ids, mask = prompt(seed=4)
+    masks = []
+    run = DecodingStep.run
+    monkeypatch.setattr(DecodingStep, "run", lambda step, inputs, modality_ids: (
+        masks.append(inputs["attention_mask"].clone()), run(step, inputs, modality_ids))[1])
+    out = routed.generate(ids, modality_ids=torch.zeros_like(ids), attention_mask=mask, max_new_tokens=NEW,
+                          do_sample=False)
+    assert torch.equal(out, dense.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False))
+    # the cache holds every position fed back: the prompt and all new tokens but the last
+    assert len(masks) == NEW and all(m.shape == (2, ids.shape[1] + NEW - 1) for m in masks)
+    for step, m in enumerate(masks):  # the mask so far, then zeros for the positions not generated yet
+        seen = ids.shape[1] + step
+        assert torch.equal(m[:, :ids.shape[1]], mask) and m[:, ids.shape[1]:seen].eq(1).all()
+        assert m[:, seen:].eq(0).all()
+
+
 def step_graphs(routed):
     """{phase: number of graphs} of the decoding-step graphs the routed model holds."""
     counts = {}
