@@ -329,7 +329,8 @@ def _masks_left_to_the_graph(dense):
 def _padded_to_the_cache(mask, cache):
     """A 2-D padding mask widened with zeros to the static cache's length, so every decode step has one shape
     (one graph; growing by a column per step, the graphs' size guards re-captured it near the cache's end).
-    The model pads it so itself; the columns past the current position are masked as future tokens anyway."""
+    transformers pads a shorter mask the same way; the columns past the current position are masked as future
+    tokens anyway."""
     length = max((getattr(layer, "max_cache_len", 0) for layer in getattr(cache, "layers", ())), default=0)
     if not getattr(cache, "is_compileable", False) or not isinstance(mask, torch.Tensor) or mask.dim() != 2 \
             or mask.shape[-1] >= length:
