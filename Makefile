@@ -25,9 +25,10 @@ train-demo: $(STAMP)
 	$(PY) demos/train_multimodal.py
 
 # One worker per core (pytest-xdist), a test file per worker so module fixtures are built once: most of the
-# suite is single-threaded tracing and subprocess start, so two workers on two cores halve its time.
+# suite is single-threaded tracing and subprocess start, so two workers on two cores halve its time. At most
+# four: each worker holds torch and transformers (~1.5 GB with its models), and the gloo tests spawn two more.
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto --dist loadfile
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_routed_ops.py
