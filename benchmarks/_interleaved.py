@@ -46,8 +46,3 @@ def interleaved(runs: dict, repeats: int, sync=None) -> Timings:
             samples[name].append(time.perf_counter() - start)
     return Timings(samples)
 
-
-def interleaved_medians(runs: dict, repeats: int, sync=None) -> dict:
-    """{name: median seconds of run()}, timed as `interleaved` does."""
-    timings = interleaved(runs, repeats, sync)
-    return {name: timings.median(name) for name in runs}

@@ -244,17 +244,23 @@ def _inputs_as_named_parameters(module: torch.nn.Module, names: list[str]):
 
 
 @contextmanager
-def forward_replaced(module: torch.nn.Module, forward):
-    """`module.forward` is `forward` (an instance attribute) inside the block, then what it was."""
-    saved = module.__dict__.get("forward")
-    module.forward = forward
+def attribute_replaced(module: torch.nn.Module, name: str, value):
+    """`module.<name>` is `value` (an instance attribute, over the class's method) inside the block, then
+    what it was."""
+    saved = module.__dict__.get(name)
+    setattr(module, name, value)
     try:
         yield
     finally:
         if saved is None:
-            del module.forward
+            delattr(module, name)
         else:
-            module.forward = saved
+            setattr(module, name, saved)
+
+
+def forward_replaced(module: torch.nn.Module, forward):
+    """`module.forward` is `forward` inside the block, then what it was."""
+    return attribute_replaced(module, "forward", forward)
 
 
 def _from_exported(exported: torch.export.ExportedProgram, token: torch.Tensor) -> CapturedGraph:

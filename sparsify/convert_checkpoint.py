@@ -203,7 +203,7 @@ def convert_checkpoint(src, dst, *, modalities: int, policy: str = "auto", inclu
                                             _independent_chunks(dense_meta, name, modalities)))
             else:
                 outputs.append(OutputTensor(name, cast, (modalities, *tensor.shape),
-                                            _routed_chunks(tensor, modalities), tensor.copies_of, modalities))
+                                            _routed_chunks(tensor, modalities), tensor.copies_of))
         else:
             outputs.append(OutputTensor(name, cast, tensor.shape, tensor.chunks, tensor.copies_of))
     float_dtypes = {t.dtype for t in outputs if t.dtype.is_floating_point}

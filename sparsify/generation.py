@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from sparsify.capture import forward_replaced
+from sparsify.capture import attribute_replaced, forward_replaced
 from sparsify.errors import SparsifyError
 from sparsify.frontends.huggingface import CACHE_ARGS
 from sparsify.ops import check_modality_ids
@@ -295,44 +295,31 @@ def generate(routed, input_ids: torch.Tensor, modality_ids: torch.Tensor | None 
         if "step" not in state:
             state["step"] = DecodingStep(routed, cache, cache_arg)
             state["step"].allocate(tokens.shape[0])
+            state["mask_length"] = _mask_length(cache)
         step = state["step"]
         if cache is not step.cache:
             raise SparsifyError("internal: generate passed a different cache object mid-generation")
         inputs = {"input_ids": tokens, **{k: v for k, v in model_inputs.items()
                                           if k not in ("input_ids", "use_cache", "return_dict")}}
-        inputs["attention_mask"] = _padded_to_the_cache(inputs.get("attention_mask"), cache)
-        if inputs["attention_mask"] is None:
-            del inputs["attention_mask"]
+        mask = inputs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[-1] < state["mask_length"]:
+            inputs["attention_mask"] = torch.nn.functional.pad(mask, (0, state["mask_length"] - mask.shape[-1]))
         return step_output(logits=step.run(inputs, ids), **{cache_arg: cache})
 
     forward.__signature__ = signature
-    with forward_replaced(dense, forward), _masks_left_to_the_graph(dense):
+    # With a compileable (static) cache transformers turns the 2-D padding mask into the 4-D attention mask in
+    # Python before every step (create_masks_for_generate): ~0.25 ms of a ~5 ms step of a small Llama. Left
+    # 2-D, the model's own forward builds the 4-D mask inside the captured prefill and decode graphs.
+    with forward_replaced(dense, forward), attribute_replaced(
+            dense, "create_masks_for_generate", lambda attention_mask=None, **ignored: attention_mask):
         return dense.generate(input_ids, **kwargs)
 
 
-@contextmanager
-def _masks_left_to_the_graph(dense):
-    """With a compileable (static) cache transformers turns the 2-D padding mask into the 4-D attention mask
-    in Python before every step (create_masks_for_generate): ~0.25 ms of a ~5 ms step of a small Llama. Left
-    2-D, the model's own forward builds the 4-D mask inside the captured prefill and decode graphs."""
-    saved = dense.__dict__.get("create_masks_for_generate")
-    dense.create_masks_for_generate = lambda attention_mask=None, **ignored: attention_mask
-    try:
-        yield
-    finally:
-        if saved is None:
-            del dense.create_masks_for_generate
-        else:
-            dense.create_masks_for_generate = saved
-
-
-def _padded_to_the_cache(mask, cache):
-    """A 2-D padding mask widened with zeros to the static cache's length, so every decode step has one shape
-    (one graph; growing by a column per step, the graphs' size guards re-captured it near the cache's end).
-    transformers pads a shorter mask the same way; the columns past the current position are masked as future
-    tokens anyway."""
-    length = max((getattr(layer, "max_cache_len", 0) for layer in getattr(cache, "layers", ())), default=0)
-    if not getattr(cache, "is_compileable", False) or not isinstance(mask, torch.Tensor) or mask.dim() != 2 \
-            or mask.shape[-1] >= length:
-        return mask
-    return torch.nn.functional.pad(mask, (0, length - mask.shape[-1]))
+def _mask_length(cache) -> int:
+    """The width a 2-D padding mask is zero-padded to, so that every decode step has one shape (one graph;
+    growing by a column per step, the graphs' size guards re-captured it near the cache's end): the static
+    cache's length, or 0 (left as it is) for a cache that is not compileable. transformers pads a shorter mask
+    the same way; the columns past the current position are masked as future tokens anyway."""
+    if not getattr(cache, "is_compileable", False):
+        return 0
+    return max((getattr(layer, "max_cache_len", 0) for layer in getattr(cache, "layers", ())), default=0)

@@ -134,21 +134,22 @@ class OutputTensor:
     dtype: torch.dtype
     shape: tuple[int, ...]
     chunks: Callable[[], Iterator[torch.Tensor]]  # flat chunks, in order, of exactly `shape`'s elements
-    # Where the bytes are already on disk: `copies` back-to-back copies of this source tensor's bytes (a
+    # Where the bytes are already on disk: this source tensor's bytes, once or back to back several times (a
     # routed tensor stacks M copies of the dense one). The writer then copies them file to file inside the
-    # kernel instead of reading each chunk into memory and writing it out again (see _copy_range).
+    # kernel instead of reading each chunk into memory and writing it out again (see _send_copies).
     copies_of: TensorEntry | None = None
-    copies: int = 1
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 
     @property
-    def byte_copy(self) -> bool:
-        """Whether the bytes can be copied from `copies_of` as they are (same dtype, the sizes agree)."""
-        return self.copies_of is not None and self.copies_of.dtype == self.dtype \
-            and self.copies_of.nbytes * self.copies == self.nbytes
+    def copies(self) -> int:
+        """How many back-to-back copies of `copies_of`'s bytes this tensor is; 0 if it is not made so."""
+        source = self.copies_of
+        if source is None or source.dtype != self.dtype or not source.nbytes or self.nbytes % source.nbytes:
+            return 0
+        return self.nbytes // source.nbytes
 
 
 def write_checkpoint(directory: Path, tensors: list[OutputTensor], max_shard_bytes: int,
@@ -186,9 +187,7 @@ def _write_file(path: Path, tensors: list[OutputTensor], progress) -> None:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
         for t in tensors:
-            if t.byte_copy:
-                for _ in range(t.copies):
-                    _copy_range(t.copies_of, f, progress)
+            if t.copies and _send_copies(t, f, progress):
                 continue
             written = 0
             for chunk in t.chunks():
@@ -203,41 +202,36 @@ def _write_file(path: Path, tensors: list[OutputTensor], progress) -> None:
         os.fsync(f.fileno())
 
 
-# Per copy call: progress is reported this often.
+# Per sendfile call: progress is reported this often.
 COPY_CALL_BYTES = 8 * CHUNK_BYTES
 
 
-def _copy_range(entry: TensorEntry, out, progress) -> None:
-    """Append entry's bytes to the open file `out` with os.sendfile (page cache to page cache, no copy
-    through this process's memory, as shutil.copyfile does): a conversion writing 3.1 GiB spent 11.4 s in
-    read + write against 5-8 s for sendfile. Chunked reads where there is no sendfile or the kernel refuses
-    it for these files."""
-    out.flush()
-    with open(entry.path, "rb") as f:
-        if not _sendfile(entry, f, out, progress):
-            for chunk in iter_chunks(entry):
-                out.write(chunk.view(torch.uint8).numpy())
-                if progress:
-                    progress(chunk.numel() * entry.dtype.itemsize)
-    out.seek(0, os.SEEK_END)  # the buffered file learns where sendfile left the descriptor
-
-
-def _sendfile(entry: TensorEntry, source, out, progress) -> bool:
-    """Whether entry's bytes went from `source` to `out` by os.sendfile; False if it was refused at once."""
-    if not hasattr(os, "sendfile"):  # Windows
+def _send_copies(tensor: OutputTensor, out, progress) -> bool:
+    """Append the tensor's bytes, `copies` copies of its source's, to the open file `out` with os.sendfile
+    (page cache to page cache, no copy through this process's memory, as shutil.copyfile does): a conversion
+    writing 3.1 GiB spent 11.4 s in read + write against 5-8 s for sendfile. False, with nothing written,
+    where there is no sendfile (Windows) or the kernel refuses it for these files: the caller writes chunks."""
+    if not hasattr(os, "sendfile"):
         return False
-    done = 0
-    while done < entry.nbytes:
-        try:
-            sent = os.sendfile(out.fileno(), source.fileno(), entry.offset + done,
-                               min(COPY_CALL_BYTES, entry.nbytes - done))
-        except OSError:
-            if done:  # part of it went out: the file position moved with it
-                raise
-            return False
-        if sent == 0:
-            raise SparsifyError(f"{entry.path} is truncated: could not read {entry.name!r}")
-        done += sent
-        if progress:
-            progress(sent)
+    entry = tensor.copies_of
+    out.flush()
+    sent_any = False
+    with open(entry.path, "rb") as source:
+        for _ in range(tensor.copies):
+            done = 0
+            while done < entry.nbytes:
+                try:
+                    sent = os.sendfile(out.fileno(), source.fileno(), entry.offset + done,
+                                       min(COPY_CALL_BYTES, entry.nbytes - done))
+                except OSError:
+                    if sent_any:  # part of it went out: the file position moved with it
+                        raise
+                    return False
+                if sent == 0:
+                    raise SparsifyError(f"{entry.path} is truncated: could not read {entry.name!r}")
+                sent_any = True
+                done += sent
+                if progress:
+                    progress(sent)
+    out.seek(0, os.SEEK_END)  # the buffered file learns where sendfile left the descriptor
     return True

@@ -1,4 +1,6 @@
 """Our streaming safetensors reader/writer agree with the safetensors library, both ways."""
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -74,13 +76,16 @@ def test_copies_of_source_bytes_write_the_same_file_as_chunks(tmp_path, monkeypa
             copies = 3 if name == "a.weight" else 1
             made.append(OutputTensor(name, entry.dtype, (copies, *entry.shape) if copies > 1 else entry.shape,
                                      lambda e=entry, c=copies: (chunk for _ in range(c) for chunk in iter_chunks(e)),
-                                     entry if byte_copy else None, copies))
+                                     entry if byte_copy else None))
         return made
 
-    counted = []
+    counted, sendfile_calls = [], []
+    real_sendfile = os.sendfile
+    monkeypatch.setattr("os.sendfile", lambda *a: sendfile_calls.append(a) or real_sendfile(*a))
     (tmp_path / "copied").mkdir()
     (tmp_path / "chunked").mkdir()
     write_checkpoint(tmp_path / "copied", outputs(True), max_shard_bytes=2**30, progress=counted.append)
+    assert len(sendfile_calls) == 3 + len(entries) - 1  # one call per copy of each (small) tensor
     write_checkpoint(tmp_path / "chunked", outputs(False), max_shard_bytes=2**30)
     copied = (tmp_path / "copied" / "model.safetensors").read_bytes()
     assert copied == (tmp_path / "chunked" / "model.safetensors").read_bytes()
@@ -98,4 +103,4 @@ def test_copies_of_source_bytes_write_the_same_file_as_chunks(tmp_path, monkeypa
     # a cast cannot be a byte copy: the chunks are written, converted
     cast = OutputTensor("a.weight", torch.bfloat16, (5, 3), lambda: iter_chunks(entries["a.weight"]),
                         entries["a.weight"])
-    assert not cast.byte_copy
+    assert not cast.copies

@@ -116,10 +116,8 @@ def test_summary_reports_parameters_per_modality_and_unchanged_compute(captured_
     assert f"parameters: dense {dense_total:,} -> routed {dense_total + 2 * own:,}" in summary
 
 
-def _plans_static_and_dynamic(model, inputs, **plan_options):
-    static, dynamic = capture(model, inputs, static=True), capture(model, inputs)
-    return (build_plan(static, model, 3, **plan_options), static), (build_plan(dynamic, model, 3, **plan_options),
-                                                                    dynamic)
+def _static_and_dynamic_captures(model, inputs):
+    return capture(model, inputs, static=True), capture(model, inputs)
 
 
 def _without_node_names(plan) -> str:
@@ -147,7 +145,7 @@ def test_a_static_capture_plans_what_the_dynamic_capture_plans(family):
 
     model = _families()[family]().eval()
     inputs = _example_inputs(model, None, None)
-    static_capture, dynamic_capture = capture(model, inputs, static=True), capture(model, inputs)
+    static_capture, dynamic_capture = _static_and_dynamic_captures(model, inputs)
     for policy in ("auto", "all"):
         static_plan = build_plan(static_capture, model, 3, policy=policy)
         assert _without_node_names(static_plan) == _without_node_names(build_plan(dynamic_capture, model, 3,
@@ -182,7 +180,9 @@ def test_the_cli_plans_again_from_the_dynamic_capture_where_sizes_decided_a_use(
     source = convert_checkpoint.open_source(tmp_path / "dense.safetensors")
     plan, _, _ = convert_checkpoint.plan_for(source, factory, 3, "all", None, None, "copy")
     assert captures == [True, False]
-    (_, static), (dynamic_plan, _) = _plans_static_and_dynamic(model, {"x": torch.randn(2, 4, 2)}, policy="all")
+    static, dynamic = _static_and_dynamic_captures(model, {"x": torch.randn(2, 4, 2)})
+    dynamic_plan = build_plan(dynamic, model, 3, policy="all")
+    build_plan(static, model, 3, policy="all")  # analyses the static graph's uses (static.param_uses)
     assert _without_node_names(plan) == _without_node_names(dynamic_plan) and "layers.0.weight" in plan.routed
     assert any(u.axes_from_sizes for uses in static.param_uses.values() for u in uses)
     captures.clear()
