@@ -17,7 +17,7 @@ import copy
 import functools
 import inspect
 from collections.abc import Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -123,6 +123,27 @@ class DecodingStep(nn.Module):
                                 "generates with a transformers StaticCache (fixed-size tensors)")
         self._modules[CACHE] = holder
         self.cache = cache
+
+    def take_cache_tensors(self) -> None:
+        """Copy into the graphs' buffers the tensors the cache object holds now, where Python code between two
+        steps bound new ones (beam search's `reorder_cache`: each layer's tensors become reordered copies), and
+        bind the cache to the buffers again: the graphs read and update their buffers, not the cache object."""
+        buffers = self._modules[CACHE]._buffers
+        slots = _cache_slots(self.cache)
+        if {name for name, _, _ in slots} != set(buffers):
+            raise SparsifyError(f"the {type(self.cache).__name__} changed which tensors it holds between two decoding "
+                                "steps; sparsify's step graphs keep a fixed set of cache buffers: generate with "
+                                "use_cache=False")
+        for name, where, key in slots:
+            value, buffer = where[key], buffers[name]
+            if value is buffer:
+                continue
+            if value.shape != buffer.shape or value.dtype != buffer.dtype:
+                raise SparsifyError(f"the cache's tensor {name} changed from {tuple(buffer.shape)} {buffer.dtype} to "
+                                    f"{tuple(value.shape)} {value.dtype} between two decoding steps; sparsify's step "
+                                    "graphs hold fixed-shape cache buffers: generate with use_cache=False")
+            buffer.copy_(value)
+            where[key] = buffer
 
     def cache_signature(self) -> tuple:
         buffers = self._modules[CACHE]._buffers.items()
@@ -235,6 +256,7 @@ class ModalityTracker:
 
     def __init__(self, input_ids: torch.Tensor, modality_ids: torch.Tensor, rule):
         self.tokens, self.modalities, self.rule = input_ids, modality_ids, rule
+        self.prompts = input_ids.shape[0]  # rows of the user's batch (generate may repeat each)
         self.fed = 0  # tokens already in the cache
 
     def ids_for(self, input_ids: torch.Tensor, cached: bool) -> torch.Tensor:
@@ -244,6 +266,8 @@ class ModalityTracker:
             repeat = input_ids.shape[0] // self.tokens.shape[0]
             self.tokens = self.tokens.repeat_interleave(repeat, 0)
             self.modalities = self.modalities.repeat_interleave(repeat, 0)
+        if not cached:
+            self.follow(input_ids)
         start = self.fed if cached else 0
         end = start + input_ids.shape[1]
         for position in range(self.tokens.shape[1], end):
@@ -253,6 +277,33 @@ class ModalityTracker:
         if cached:
             self.fed = end
         return self.modalities[:, start:end]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row i now continues row rows[i]'s sequence (beam search kept some beams and dropped others)."""
+        rows = rows.to(self.tokens.device)
+        self.tokens = self.tokens.index_select(0, rows)
+        self.modalities = self.modalities.index_select(0, rows)
+
+    def follow(self, input_ids: torch.Tensor) -> None:
+        """Without a cache generate passes the whole sequences at every step, and beam search may have reordered
+        them since the last one, without telling the model: give each row the history of the row whose tokens
+        it now starts with. Searched among the rows of the same prompt only: those share the prompt's modality
+        ids, so equal tokens mean equal modality ids (next_modality is a function of the tokens)."""
+        known = self.tokens.shape[1]
+        if input_ids.shape[0] != self.tokens.shape[0] or input_ids.shape[1] < known \
+                or torch.equal(input_ids[:, :known], self.tokens):
+            return
+        prompts = self.prompts
+        group = input_ids.shape[0] // prompts
+        now = input_ids[:, :known].reshape(prompts, group, 1, known)
+        before = self.tokens.reshape(prompts, 1, group, known)
+        same = (now == before).all(-1)  # [prompt, row now, row before]
+        if not bool(same.any(-1).all()):
+            raise SparsifyError("generate passed sequences that continue none of the sequences generated so far, so "
+                                "their tokens' modality ids are unknown; sparsify follows sequences that generate "
+                                "extends, repeats or reorders (sampling, beam search)")
+        first = same.int().argmax(-1)  # the first row of the prompt holding that history
+        self.reorder((first + torch.arange(prompts, device=first.device)[:, None] * group).reshape(-1))
 
 
 def generate(routed, input_ids: torch.Tensor, modality_ids: torch.Tensor | None = None, next_modality=0,
@@ -271,18 +322,20 @@ def generate(routed, input_ids: torch.Tensor, modality_ids: torch.Tensor | None 
         raise SparsifyError(f"generate() got {given[0]}=: sparsify keeps the cache inside the routed graphs and "
                             "builds it for each call; a cache made elsewhere (another model, the dense model) "
                             "cannot be used. Drop the argument.")
-    if kwargs.get("num_beams", dense.generation_config.num_beams or 1) > 1 and kwargs.get("use_cache", True):
-        raise SparsifyError("beam search reorders the cache in Python, outside the routed graphs: pass "
-                            "use_cache=False with num_beams > 1 (or sample / search greedily with the cache)")
     signature = inspect.signature(dense.forward)
     cache_arg = next((name for name in CACHE_ARGS if name in signature.parameters), None)
     use_cache = kwargs.get("use_cache", dense.generation_config.use_cache) and cache_arg is not None
     if use_cache:
         # transformers builds a StaticCache sized for this call (batch after expansion, max length).
         kwargs["cache_implementation"] = "static"
+        if hasattr(dense, "_reorder_cache") and kwargs.get("num_beams", dense.generation_config.num_beams or 1) > 1:
+            raise SparsifyError(f"{type(dense).__name__} reorders its cache for beam search with its own "
+                                "_reorder_cache, which sparsify cannot follow into the routed graphs' cache buffers: "
+                                "pass use_cache=False with num_beams > 1")
     tracker = ModalityTracker(input_ids, modality_ids, modality_rule(next_modality, modalities))
     step_output = _model_output()
     state: dict[str, DecodingStep] = {}
+    hooks = ExitStack()  # on the cache object, for this call only (transformers may reuse the object in the next)
 
     def forward(**model_inputs):
         tokens = model_inputs["input_ids"]
@@ -293,9 +346,16 @@ def generate(routed, input_ids: torch.Tensor, modality_ids: torch.Tensor | None 
                 return routed(**model_inputs, modality_ids=ids)
         cache = model_inputs.pop(cache_arg)
         if "step" not in state:
-            state["step"] = DecodingStep(routed, cache, cache_arg)
-            state["step"].allocate(tokens.shape[0])
+            state["step"] = step = DecodingStep(routed, cache, cache_arg)
+            step.allocate(tokens.shape[0])
             state["mask_length"] = _mask_length(cache)
+            own_reorder = cache.reorder_cache
+
+            def reorder_cache(beam_idx):  # beam search, between two steps: the cache's own reorder, then ours
+                own_reorder(beam_idx)
+                step.take_cache_tensors()
+                tracker.reorder(beam_idx)
+            hooks.enter_context(attribute_replaced(cache, "reorder_cache", reorder_cache))
         step = state["step"]
         if cache is not step.cache:
             raise SparsifyError("internal: generate passed a different cache object mid-generation")
@@ -310,7 +370,7 @@ def generate(routed, input_ids: torch.Tensor, modality_ids: torch.Tensor | None 
     # With a compileable (static) cache transformers turns the 2-D padding mask into the 4-D attention mask in
     # Python before every step (create_masks_for_generate): ~0.25 ms of a ~5 ms step of a small Llama. Left
     # 2-D, the model's own forward builds the 4-D mask inside the captured prefill and decode graphs.
-    with forward_replaced(dense, forward), attribute_replaced(
+    with hooks, forward_replaced(dense, forward), attribute_replaced(
             dense, "create_masks_for_generate", lambda attention_mask=None, **ignored: attention_mask):
         return dense.generate(input_ids, **kwargs)
 

@@ -195,6 +195,82 @@ def test_sampling_with_several_sequences_per_prompt():
     assert torch.equal(out[:, :ids.shape[1]], ids.repeat_interleave(3, 0))
 
 
+def _perturbed(routed, modality, seed=2):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for fqn in routed.plan.routed:
+            copy = routed.get_parameter(fqn)[modality]
+            copy.add_(torch.randn(copy.shape, generator=generator) * copy.std().clamp_min(0.02) * 2)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_beam_search_equals_dense_at_init(converted, use_cache):
+    dense, routed = converted
+    ids, mask = prompt(seed=6)
+    options = dict(attention_mask=mask, max_new_tokens=NEW, num_beams=3, num_return_sequences=2, use_cache=use_cache)
+    expected = dense.generate(ids, **options)
+    out = routed.generate(ids, modality_ids=torch.zeros_like(ids), next_modality={range(48, 96): 1}, **options)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("family", ["llama", "mamba"])
+def test_beam_search_scores_each_beam_with_its_own_tokens_modalities(family):
+    """Beam search reorders the sequences between steps (a row goes on with another row's beam): the cache
+    buffers and the modality history must follow. Modality 1 perturbed; a new token's modality depends on its
+    row's whole history (the parity of the count of ids >= 48 so far), so beams differ in modality and a row
+    given another row's history gets wrong ids. Every returned beam's score must equal what one plain forward
+    of the routed model on the whole sequence gives it, with the modality ids the rule assigns to its tokens
+    (length_penalty 0: the score is the sum of the new tokens' log-probabilities). fp32; observed <= 2e-6."""
+    torch.manual_seed(0)
+    routed = sparsify.convert(MODELS[family]().eval(), modalities=2).eval()
+    _perturbed(routed, 1)
+    ids, mask = prompt(seed=7)
+    modality_ids = torch.tensor([[0, 0, 1, 1, 0, 1], [1, 0, 1, 0, 1, 0]])
+    def rule(new, so_far):
+        return (so_far >= 48).sum(1) % 2
+
+    scores = {}
+    for use_cache in (True, False):
+        out = routed.generate(ids, modality_ids=modality_ids, next_modality=rule, attention_mask=mask,
+                              max_new_tokens=NEW, num_beams=4, num_return_sequences=4, length_penalty=0.0,
+                              return_dict_in_generate=True, output_scores=True, use_cache=use_cache)
+        scores[use_cache] = out.sequences_scores
+        sequences = out.sequences
+        if use_cache:
+            assert "reorder_cache" not in vars(out.past_key_values)  # the hook was for that call only
+    prompt_len = ids.shape[1]
+    new_ids = (sequences >= 48).cumsum(1)[:, prompt_len:] % 2
+    full_ids = torch.cat([modality_ids.repeat_interleave(4, 0), new_ids], 1)
+    full_mask = torch.cat([mask.repeat_interleave(4, 0), torch.ones_like(new_ids)], 1)
+    with torch.no_grad():
+        logits = routed(sequences, modality_ids=full_ids, attention_mask=full_mask).logits
+    log_probs = logits[:, prompt_len - 1:-1].float().log_softmax(-1)
+    expected = log_probs.gather(-1, sequences[:, prompt_len:, None]).squeeze(-1).sum(-1)
+    assert len(set(map(tuple, new_ids.tolist()))) > 1  # the beams do differ in modality
+    for use_cache, got in scores.items():
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=f"use_cache={use_cache}")
+
+
+def test_beam_search_refuses_a_cache_reorder_it_cannot_follow(monkeypatch):
+    torch.manual_seed(0)
+    routed = sparsify.convert(llama().eval(), modalities=2).eval()
+    ids, mask = prompt()
+    options = dict(modality_ids=torch.zeros_like(ids), attention_mask=mask, max_new_tokens=3, num_beams=2)
+    own_reorder = T.StaticCache.reorder_cache
+
+    def shrinking(cache, beam_idx):  # a reorder that rebinds a tensor of another shape
+        own_reorder(cache, beam_idx)
+        cache.layers[0].keys = cache.layers[0].keys[:, :, :-1]
+    monkeypatch.setattr(T.StaticCache, "reorder_cache", shrinking)
+    with pytest.raises(SparsifyError, match="layer0_keys changed from"):
+        routed.generate(ids, **options)
+    monkeypatch.undo()
+    monkeypatch.setattr(routed._dense, "_reorder_cache", lambda past, beam_idx: past, raising=False)
+    with pytest.raises(SparsifyError, match="its own _reorder_cache"):
+        routed.generate(ids, **options)
+    assert routed.generate(ids, **options, use_cache=False).shape == (2, ids.shape[1] + 3)
+
+
 @pytest.mark.parametrize("next_modality, message", [
     (lambda new, so_far: torch.full_like(new, 7), r"next_modality gave modality ids in \[7, 7\]"),
     (lambda new, so_far: torch.zeros(3, 3, dtype=torch.long), "shape"),
