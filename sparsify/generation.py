@@ -31,6 +31,7 @@ from sparsify.ops import check_modality_ids
 from sparsify.ops._grouping import owned
 
 CACHE = "sparsify_cache"  # the step module's child holding the cache tensors as buffers
+STEP_OUTPUTS = ("logits", "hidden_states", "attentions")  # what a step graph returns of the model's output
 
 
 @functools.cache
@@ -39,8 +40,11 @@ def _model_output():
 
     @dataclass
     class StepOutput(ModelOutput):
-        """What generate reads back from a step: logits, and the cache under the model's own name."""
+        """What generate reads back from a step: logits (hidden states, attentions where asked for), and the
+        cache under the model's own name."""
         logits: torch.Tensor | None = None
+        hidden_states: tuple | None = None
+        attentions: tuple | None = None
         past_key_values: Any = None
         cache_params: Any = None
 
@@ -173,9 +177,11 @@ class DecodingStep(nn.Module):
             where[key] = buffers[name]
         dense = self._routed._dense
         out = type(dense).forward(dense, **inputs, **{self.cache_arg: self.cache}, use_cache=True, return_dict=True)
-        return out.logits
+        # The logits, and what else generate reads back where it was asked for (output_hidden_states=True,
+        # output_attentions=True): the graph returns those too.
+        return {name: out[name] for name in STEP_OUTPUTS if out.get(name) is not None}
 
-    def run(self, inputs: dict, modality_ids: torch.Tensor) -> torch.Tensor:
+    def run(self, inputs: dict, modality_ids: torch.Tensor) -> dict:
         routed = self._routed
         # Within one generate call parameters and cache tensors stay put, and every decode step has the same
         # shapes: the graph, its parameter / buffer arguments and the buffers it updates are looked up once per
@@ -364,7 +370,13 @@ def generate(routed, input_ids: torch.Tensor, modality_ids: torch.Tensor | None 
         mask = inputs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[-1] < state["mask_length"]:
             inputs["attention_mask"] = torch.nn.functional.pad(mask, (0, state["mask_length"] - mask.shape[-1]))
-        return step_output(logits=step.run(inputs, ids), **{cache_arg: cache})
+        outputs = step.run(inputs, ids)
+        if "attentions" in outputs and state["mask_length"]:
+            # Attention weights over the static cache's whole length; the keys past the tokens so far are
+            # masked (weight 0). Cut to the keys so far, as the dense model's growing cache returns them.
+            outputs["attentions"] = tuple(
+                a[..., :tracker.fed] if a.shape[-1] == state["mask_length"] else a for a in outputs["attentions"])
+        return step_output(**outputs, **{cache_arg: cache})
 
     forward.__signature__ = signature
     # With a compileable (static) cache transformers turns the 2-D padding mask into the 4-D attention mask in

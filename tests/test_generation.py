@@ -251,6 +251,31 @@ def test_beam_search_scores_each_beam_with_its_own_tokens_modalities(family):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=f"use_cache={use_cache}")
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_hidden_states_attentions_and_scores_generate_returns_equal_dense(use_cache):
+    """return_dict_in_generate with output_hidden_states / output_attentions / output_logits: the step graphs
+    return what generate reads back; attention weights over the static cache are cut to the keys so far, as
+    the dense model's growing cache gives them (fp32, at init; tolerance 1e-5, observed: bitwise equal). No left
+    padding here: at a padded position every key is masked, and what attention makes of that depends on how
+    many keys there are (the static cache's length), in the dense model with a static cache alike."""
+    torch.manual_seed(0)
+    config = T.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
+    dense = T.LlamaForCausalLM(config).eval()
+    routed = sparsify.convert(dense, modalities=2).eval()
+    ids, _ = prompt(seed=8)
+    options = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, return_dict_in_generate=True, output_hidden_states=True,
+                   output_attentions=True, output_logits=True, use_cache=use_cache)
+    expected = dense.generate(ids, **options)
+    out = routed.generate(ids, modality_ids=torch.ones_like(ids), next_modality=1, **options)
+    assert torch.equal(out.sequences, expected.sequences)
+    for field in ("hidden_states", "attentions", "logits"):
+        got, want = torch.utils._pytree.tree_leaves(out[field]), torch.utils._pytree.tree_leaves(expected[field])
+        assert [t.shape for t in got] == [t.shape for t in want], field
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{field} {a.shape} {m}")
+
+
 def test_beam_search_refuses_a_cache_reorder_it_cannot_follow(monkeypatch):
     torch.manual_seed(0)
     routed = sparsify.convert(llama().eval(), modalities=2).eval()
