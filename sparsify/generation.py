@@ -328,6 +328,13 @@ def generate(routed, input_ids: torch.Tensor, modality_ids: torch.Tensor | None 
         raise SparsifyError(f"generate() got {given[0]}=: sparsify keeps the cache inside the routed graphs and "
                             "builds it for each call; a cache made elsewhere (another model, the dense model) "
                             "cannot be used. Drop the argument.")
+    assisted = [name for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+                if kwargs.get(name, getattr(dense.generation_config, name, None)) is not None]
+    if assisted:
+        raise SparsifyError(f"assisted generation ({assisted[0]}=) is not supported: it crops the cache after rejected "
+                            "draft tokens, which transformers does only for a dynamic cache, and the routed step graphs "
+                            "hold a static one. Generate without it, or take one modality's dense model "
+                            "(sparsify.extract) and use assisted generation there.")
     signature = inspect.signature(dense.forward)
     cache_arg = next((name for name in CACHE_ARGS if name in signature.parameters), None)
     use_cache = kwargs.get("use_cache", dense.generation_config.use_cache) and cache_arg is not None

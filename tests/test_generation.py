@@ -327,3 +327,5 @@ def test_a_cache_from_elsewhere_is_refused():
         routed(ids, modality_ids=torch.zeros_like(ids), use_cache=True)
     with pytest.raises(SparsifyError, match="modality_ids for the prompt"):
         routed.generate(ids, max_new_tokens=2)
+    with pytest.raises(SparsifyError, match="assisted generation"):
+        routed.generate(ids, modality_ids=torch.zeros_like(ids), prompt_lookup_num_tokens=2, max_new_tokens=2)
