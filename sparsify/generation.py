@@ -375,7 +375,8 @@ def generate(routed, input_ids: torch.Tensor, modality_ids: torch.Tensor | None 
         inputs = {"input_ids": tokens, **{k: v for k, v in model_inputs.items()
                                           if k not in ("input_ids", "use_cache", "return_dict")}}
         mask = inputs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[-1] < state["mask_length"]:
+        if step.phase == "decode" and isinstance(mask, torch.Tensor) and mask.dim() == 2 \
+                and mask.shape[-1] < state["mask_length"]:
             inputs["attention_mask"] = torch.nn.functional.pad(mask, (0, state["mask_length"] - mask.shape[-1]))
         outputs = step.run(inputs, ids)
         if "attentions" in outputs and state["mask_length"]:
@@ -395,10 +396,12 @@ def generate(routed, input_ids: torch.Tensor, modality_ids: torch.Tensor | None 
 
 
 def _mask_length(cache) -> int:
-    """The width a 2-D padding mask is zero-padded to, so that every decode step has one shape (one graph;
-    growing by a column per step, the graphs' size guards re-captured it near the cache's end): the static
-    cache's length, or 0 (left as it is) for a cache that is not compileable. transformers pads a shorter mask
-    the same way; the columns past the current position are masked as future tokens anyway."""
+    """The width a decode step's 2-D padding mask is zero-padded to, so that every decode step has one shape
+    (one graph; growing by a column per step, the graphs' size guards re-captured it near the cache's end): the
+    static cache's length, or 0 (left as it is) for a cache that is not compileable. transformers pads a shorter
+    mask the same way for attention; the columns past the current position are masked as future tokens anyway.
+    The prefill's mask is left as it is: a recurrent layer's mask is the mask's last `prompt length` columns
+    (create_recurrent_attention_mask), which zeros at the end would shift; a one-token step has no such mask."""
     if not getattr(cache, "is_compileable", False):
         return 0
     return max((getattr(layer, "max_cache_len", 0) for layer in getattr(cache, "layers", ())), default=0)

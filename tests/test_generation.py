@@ -116,8 +116,10 @@ def test_perturbed_modality_changes_generation_and_cache_equals_no_cache(convert
 
 def test_the_step_graphs_take_the_2d_mask_at_the_cache_length_and_build_the_4d_one(monkeypatch):
     """With a static cache transformers would build the 4-D attention mask in Python before every step; the
-    step graphs get the 2-D padding mask instead, zero-padded to the cache's length (one shape for every
-    step), and build the 4-D mask themselves. Greedy generation with left padding still equals dense."""
+    step graphs get the 2-D padding mask instead and build the 4-D mask themselves: each decode step's
+    zero-padded to the cache's length (one shape for every step), the prefill's as the user gave it (a
+    recurrent layer takes the mask's last prompt-length columns: test_hybrid_prefill_with_left_padding...).
+    Greedy generation with left padding still equals dense."""
     from sparsify.generation import DecodingStep
 
     torch.manual_seed(0)
@@ -131,12 +133,30 @@ def test_the_step_graphs_take_the_2d_mask_at_the_cache_length_and_build_the_4d_o
     out = routed.generate(ids, modality_ids=torch.zeros_like(ids), attention_mask=mask, max_new_tokens=NEW,
                           do_sample=False)
     assert torch.equal(out, dense.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False))
+    assert len(masks) == NEW and torch.equal(masks[0], mask)  # the prefill's: the user's
     # the cache holds every position fed back: the prompt and all new tokens but the last
-    assert len(masks) == NEW and all(m.shape == (2, ids.shape[1] + NEW - 1) for m in masks)
-    for step, m in enumerate(masks):  # the mask so far, then zeros for the positions not generated yet
+    assert all(m.shape == (2, ids.shape[1] + NEW - 1) for m in masks[1:])
+    for step, m in enumerate(masks[1:], 1):  # the mask so far, then zeros for the positions not generated yet
         seen = ids.shape[1] + step
         assert torch.equal(m[:, :ids.shape[1]], mask) and m[:, ids.shape[1]:seen].eq(1).all()
         assert m[:, seen:].eq(0).all()
+
+
+def test_hybrid_prefill_with_left_padding_equals_dense():
+    """Bamba's Mamba2 layers mask padding with the 2-D mask's last prompt-length columns: a prefill mask
+    zero-padded at the end to the cache's length masked the prompt itself (wrong tokens from the first new
+    one). Greedy generation with a left-padded batch equals dense, with the cache and without."""
+    from tests.test_convert_hybrid_families import bamba
+
+    torch.manual_seed(0)
+    dense = bamba().eval()
+    routed = sparsify.convert(dense, modalities=2).eval()
+    ids, mask = prompt(seed=0)
+    expected = dense.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
+    for use_cache in (True, False):
+        out = routed.generate(ids, modality_ids=torch.zeros_like(ids), attention_mask=mask, max_new_tokens=NEW,
+                              do_sample=False, use_cache=use_cache)
+        assert torch.equal(out, expected), f"use_cache={use_cache}"
 
 
 def step_graphs(routed):
