@@ -349,6 +349,18 @@ def generate(routed, input_ids: torch.Tensor, modality_ids: torch.Tensor | None 
     step_output = _model_output()
     state: dict[str, DecodingStep] = {}
     hooks = ExitStack()  # on the cache object, for this call only (transformers may reuse the object in the next)
+    if use_cache:
+        own_prepare = dense._prepare_static_cache
+        prepare_signature = inspect.signature(own_prepare)
+
+        def prepare_static_cache(*args, **kwargs):  # transformers' static cache, sliding layers at full length
+            cache = own_prepare(*args, **kwargs)
+            length = prepare_signature.bind(*args, **kwargs).arguments["max_cache_len"]
+            lengths = [getattr(layer, "max_cache_len", 0) for layer in getattr(cache, "layers", ())
+                       if not getattr(layer, "is_sliding", False)]
+            _full_length_layers(cache, max([length, *lengths]))
+            return cache
+        hooks.enter_context(attribute_replaced(dense, "_prepare_static_cache", prepare_static_cache))
 
     def forward(**model_inputs):
         tokens = model_inputs["input_ids"]
@@ -393,6 +405,33 @@ def generate(routed, input_ids: torch.Tensor, modality_ids: torch.Tensor | None 
     with hooks, forward_replaced(dense, forward), attribute_replaced(
             dense, "create_masks_for_generate", lambda attention_mask=None, **ignored: attention_mask):
         return dense.generate(input_ids, **kwargs)
+
+
+def _full_length_layers(cache, max_cache_len: int) -> None:
+    """Replace the static cache's sliding-window layers (sliding or chunked attention) by full-length ones.
+
+    A sliding layer's update branches on a Python counter (whether the window is full yet) and its mask offset
+    moves with it: a captured step graph keeps the branch and offset of the step it was captured at, and later
+    steps wrote past the window (an index error) or attended to the wrong keys. A full-length layer's update is
+    one in-place copy at the current position, as for every other attention layer; the model's own sliding
+    (or chunked) attention mask, built from the config, then hides the keys outside each query's window, so
+    attention is the dense model's. The cost: the layer holds the whole length instead of the window."""
+    from transformers import cache_utils
+
+    full_of = {cache_utils.StaticSlidingWindowLayer: cache_utils.StaticLayer,
+               cache_utils.LinearAttentionAndStaticSlidingWindowAttentionLayer:
+                   cache_utils.LinearAttentionAndStaticFullAttentionLayer}
+    layers = getattr(cache, "layers", None) or []
+    for index, layer in enumerate(layers):
+        if not getattr(layer, "is_sliding", False):
+            continue
+        full = full_of.get(type(layer))
+        if full is None:
+            raise SparsifyError(f"the cache's layer {index} is a {type(layer).__name__}, a sliding-window layer sparsify "
+                                "does not know how to hold at full length in its step graphs: generate with "
+                                "use_cache=False")
+        states = {"number_of_states": layer.number_of_states} if hasattr(layer, "number_of_states") else {}
+        layers[index] = full(max_cache_len=max_cache_len, **states)
 
 
 def _mask_length(cache) -> int:

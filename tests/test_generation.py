@@ -168,6 +168,34 @@ def step_graphs(routed):
     return counts
 
 
+SLIDING = {  # a window of 4 tokens, far shorter than prompt + new tokens
+    "mistral": lambda: T.MistralForCausalLM(T.MistralConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=4)),
+    "gemma3": lambda: T.Gemma3ForCausalLM(T.Gemma3TextConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
+}
+
+
+@pytest.mark.parametrize("family", sorted(SLIDING))
+def test_sliding_window_attention_generates_as_dense_past_the_window(family):
+    """A static cache's sliding-window layer branches on a Python counter (window full or not) that a
+    captured step graph cannot follow: past the window the graph wrote out of bounds. The step graphs hold
+    those layers at full length and the model's sliding mask hides the keys outside the window: greedy and
+    beam search with left padding equal dense (every layer sliding: Mistral; sliding and full: Gemma 3)."""
+    torch.manual_seed(0)
+    dense = SLIDING[family]().eval()
+    routed = sparsify.convert(dense, modalities=2).eval()
+    ids, mask = prompt(seed=9)
+    for options in (dict(do_sample=False), dict(num_beams=2)):
+        expected = dense.generate(ids, attention_mask=mask, max_new_tokens=NEW, **options)
+        out = routed.generate(ids, modality_ids=torch.zeros_like(ids), attention_mask=mask, max_new_tokens=NEW,
+                              **options)
+        assert torch.equal(out, expected), options
+    assert step_graphs(routed) == {"prefill": 2, "decode": 2}  # one of each per batch size (2, and 2 x 2 beams)
+
+
 # Mamba: the prefill's scan returns its final state (sparsify::selective_scan_with_state), one op for any length.
 @pytest.mark.parametrize("family,padded", [("llama", False), ("llama", True), ("mamba", False)])
 def test_one_prefill_and_one_decode_graph_per_cache_shape(family, padded):
