@@ -133,6 +133,10 @@ def _group_label(in_labels: list, in_hints: list, out_hints: list, token_sizes: 
             if out_size == size:
                 out[i] = name
                 return out
+        if size != _product(in_hints):
+            # a token dim of size 1 (a decoding step's sequence) reshaped together with feature dims: the
+            # outputs are features ([B, 1, H * D] -> [B, H, D] is not the sequence cut into chunks)
+            return out
         if name in ("BT", "TB") and len(big_out) == 2:  # a flattened dim unflattened to (batch, seq)
             first, second = ("B", "T") if name == "BT" else ("T", "B")
             if [out_hints[i] for i in big_out] == [token_sizes[first], token_sizes[second]]:

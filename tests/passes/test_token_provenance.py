@@ -62,6 +62,29 @@ def test_padding_chunks_and_back():
     assert labels(cut.args[0]) == ("B", "T+", None) and labels(cut) == ("B", "T", None)
 
 
+class OneStepHeads(nn.Module):
+    """A decoding step as Mamba2's: the one new token's [B, 1, H * D] viewed as heads [B, H, D], back, projected."""
+
+    def __init__(self):
+        super().__init__()
+        self.out_proj = nn.Linear(32, 32)
+
+    def forward(self, x):
+        heads = x.view(x.shape[0], 4, 8) * 2.0
+        return self.out_proj(heads.view(x.shape[0], 1, 32))
+
+
+def test_a_one_token_sequence_viewed_as_heads_is_not_cut_into_chunks():
+    """A sequence of length 1 reshaped with a feature dim: the outputs are features, not the sequence cut
+    into chunks (which made the projection's rows look like a chunked sequence, unroutable)."""
+    captured = annotated(OneStepHeads(), torch.randn(2, 1, 32))
+    heads = nodes(captured, aten.view.default)[0]
+    assert labels(heads) == ("B", None, None)
+    linear = nodes(captured, aten.linear.default)[0]
+    assert axes_from_tokens(tokens_of(linear.args[0]), captured.token_dims, (2, 1, 32)) == \
+        TokenAxes((0,), seq_index=0)  # each batch row holds its one token
+
+
 def test_sizes_are_ambiguous_where_provenance_is_not():
     model = toy_models.LoopOverTime(d=6)  # a Python loop over time: export specialises the length
     x = torch.randn(6, 6, 6)                                          # batch == seq == width
