@@ -86,6 +86,13 @@ def find_token_axes(shape: Sequence, token_dims: tuple, shape_env=None) -> Token
         if len(seq_dims) == 1:
             return TokenAxes((seq_dims[0],))
         return f"shape {list(shape)} has {len(seq_dims)} dims of the sequence length {seq}, expected exactly one"
+    if seq == 1:
+        # One new token per sequence (a decoding step): a flattened dim of batch * 1 tokens is the batch dim
+        # itself and unit dims carry nothing, so the one dim of the batch size holds the tokens.
+        batch_dims = matches(batch)
+        if len(batch_dims) == 1:
+            return TokenAxes((batch_dims[0],), seq_index=0)
+        return f"shape {list(shape)} has {len(batch_dims)} dims of the batch size {batch}, expected exactly one"
     batch_dims, seq_dims, flat_dims = matches(batch), matches(seq), matches(batch * seq)
     if len(batch_dims) == 1 and len(seq_dims) == 1 and not flat_dims:
         return TokenAxes((batch_dims[0], seq_dims[0]))
@@ -93,8 +100,6 @@ def find_token_axes(shape: Sequence, token_dims: tuple, shape_env=None) -> Token
         return TokenAxes((flat_dims[0],))
     if not batch_dims and not seq_dims and not flat_dims:
         return f"shape {list(shape)} has no dim of batch {batch}, sequence {seq} or batch*sequence"
-    if len(batch_dims) == 1 and not flat_dims and seq == 1:
-        return TokenAxes((batch_dims[0],), seq_index=0)  # one new token per sequence (see axes_from_tokens)
     if len(batch_dims) == 1 and not seq_dims and not flat_dims:
         return (f"shape {list(shape)} has the batch dim but no sequence dim: it holds part of the sequence "
                 "(e.g. x[:, t] inside a Python loop over time), which sparsify cannot route per token yet")
