@@ -80,14 +80,15 @@ def module_forwards(program: ExportedProgram, owner: nn.Module, tag: str) -> dic
     (autocast, no_grad) are not modules of the dense tree: they are attached to the module under a name
     unique to this graph (`tag`), outside `_modules`.
     """
-    unflattened = torch.export.unflatten(program)
+    with _repeated_calls_inlined(program):
+        unflattened = torch.export.unflatten(program)
     forwards: dict[str, Callable] = {}
     for fqn, module in [("", unflattened), *unflattened.named_modules(remove_duplicate=False)]:
         if fqn and not isinstance(module, InterpreterModule):
             continue  # a region's graph (autocast, no_grad), reached through its parent's code
         if "@" in fqn:
-            raise SparsifyError(f"module '{fqn.split('@')[0]}' is called more than once in one forward; sparsify "
-                                "cannot give each call its own subgraph yet")
+            raise SparsifyError(f"internal: module '{fqn.split('@')[0]}' is called more than once in one forward "
+                                "and was not inlined into its parent (_repeated_calls_inlined); please report this model")
         target = dense_module(owner, fqn)
         graph = copy.deepcopy(module.graph)
         for node in graph.nodes:
@@ -103,6 +104,41 @@ def module_forwards(program: ExportedProgram, owner: nn.Module, tag: str) -> dic
         # Only the generated code is kept: bound to the dense module, its `self.<name>` reads resolve there.
         forwards[fqn] = type(torch.fx.GraphModule(target, graph)).forward
     return forwards
+
+
+@contextmanager
+def _repeated_calls_inlined(program: ExportedProgram):
+    """While unflattening: a module the forward calls more than once with different graphs (a rotary
+    embedding called once per attention kind, as Gemma 3's) belongs to its parent, calls and children alike.
+
+    unflatten would give each such call its own copy of the module ('fqn@1', ...), but the routed model's
+    modules are the dense ones, one forward each. Inlined, the parent's subgraph computes what the calls did;
+    the module's own hooks do not fire (those of its parent and of every other module do)."""
+    graph = program.graph_module.graph
+    stacks = {node: node.meta.get("nn_module_stack") for node in graph.nodes if node.meta.get("nn_module_stack")}
+    repeated = {fqn for stack in stacks.values() for key, (fqn, _) in stack.items() if "@" in key}
+    if not repeated:
+        yield
+        return
+
+    def inside(fqn: str) -> bool:
+        return any(fqn == r or fqn.startswith(r + ".") for r in repeated)
+
+    for node, stack in stacks.items():
+        kept = {}
+        for key, (fqn, kind) in stack.items():
+            if inside(fqn):
+                break
+            kept[key] = (fqn, kind)
+        node.meta["nn_module_stack"] = kept
+    call_graph = program.module_call_graph
+    program._module_call_graph = [entry for entry in call_graph if not inside(entry.fqn.split("@")[0])]
+    try:
+        yield
+    finally:
+        for node, stack in stacks.items():
+            node.meta["nn_module_stack"] = stack
+        program._module_call_graph = call_graph
 
 
 # Wrappers that PyTorch's tools put around a module (activation checkpointing's CheckpointWrapper) keep

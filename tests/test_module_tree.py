@@ -277,3 +277,41 @@ def test_a_module_the_forward_never_calls_keeps_its_dense_forward():
     unused = routed.layers[0]["unused"]
     assert "forward" not in unused.__dict__ and "layers.0.unused.weight" not in routed.plan.routed
     torch.testing.assert_close(unused(x), dense.layers[0]["unused"](x))                # plain and shared
+
+
+class Scaled(torch.nn.Module):
+    def forward(self, x, kind: str):  # two graphs: one per kind (as a rotary embedding per attention kind)
+        return x * 2.0 if kind == "a" else x.sin()
+
+
+class CallsAChildTwice(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = Scaled()
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(2)])
+
+    def forward(self, x):
+        a, b = self.scale(x, "a"), self.scale(x, "b")
+        return self.layers[1](self.layers[0](a) + b)
+
+
+def test_a_module_called_twice_runs_inlined_in_its_parent_and_the_rest_keeps_its_modules():
+    """unflatten gives a module called twice with different graphs one copy per call; sparsify inlines such a
+    module into its parent (Gemma 3's rotary embedding) instead of running the whole model as one flat graph:
+    the other modules keep their subgraphs and hooks, and the output equals dense."""
+    import warnings
+
+    torch.manual_seed(0)
+    dense = CallsAChildTwice()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        routed = sparsify.convert(dense, 2, example_inputs=(torch.randn(2, 5, 4),))
+        x, ids = torch.randn(2, 5, 4), torch.randint(0, 2, (2, 5))
+        seen = []
+        for name in ("layers.0", "layers.1", "scale"):
+            routed.get_submodule(name).register_forward_hook(lambda module, args, out, name=name: seen.append(name))
+        out = routed(x, modality_ids=ids)
+    assert not [w for w in caught if "one flat graph" in str(w.message)]
+    assert seen == ["layers.0", "layers.1"]  # the inlined module's own hook does not fire
+    assert routed.layers[0].__dict__.get("_sparsify_fqn") == "layers.0"
+    torch.testing.assert_close(out, dense(x), rtol=1e-6, atol=1e-6)
