@@ -353,9 +353,9 @@ def generate(routed, input_ids: torch.Tensor, modality_ids: torch.Tensor | None 
         own_prepare = dense._prepare_static_cache
         prepare_signature = inspect.signature(own_prepare)
 
-        def prepare_static_cache(*args, **kwargs):  # transformers' static cache, sliding layers at full length
-            cache = own_prepare(*args, **kwargs)
-            length = prepare_signature.bind(*args, **kwargs).arguments["max_cache_len"]
+        def prepare_static_cache(*args, **options):  # transformers' static cache, sliding layers at full length
+            cache = own_prepare(*args, **options)
+            length = prepare_signature.bind(*args, **options).arguments["max_cache_len"]
             lengths = [getattr(layer, "max_cache_len", 0) for layer in getattr(cache, "layers", ())
                        if not getattr(layer, "is_sliding", False)]
             _full_length_layers(cache, max([length, *lengths]))
