@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparsify.ops._grouping import accumulation_dtype, groups_of, per_modality_sum, per_token, times_per_token
+from sparsify.ops._grouping import (accumulation_dtype, affine_per_token_, groups_of, per_modality_sum,
+                                     times_per_token)
 from sparsify.ops.backend import use_triton
 from sparsify.errors import SparsifyError
 
@@ -20,9 +21,9 @@ def routed_layer_norm_ref(
     x: Tensor, modality_ids: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
 ) -> Tensor:
     """Plain-PyTorch reference. One modality: F.layer_norm with its weights, exactly as dense. Several: the
-    normalisation once over all rows, then each row's scale and shift gathered per token (as the RMS norm
-    reference does: for an elementwise affine a [tokens, D] gather is cheaper than sorting rows into groups
-    and back), in at least fp32 and rounded once."""
+    normalisation once over all rows, then each row's scale and shift: per run of one modality where the rows
+    come in runs, else gathered per token (for an elementwise affine a [tokens, D] gather is cheaper than
+    sorting rows into groups and back; affine_per_token_), in at least fp32 and rounded once."""
     stacked = weight if weight is not None else bias
     groups = groups_of(modality_ids, stacked.shape[0])
     d = x.shape[-1]
@@ -31,12 +32,7 @@ def routed_layer_norm_ref(
         return F.layer_norm(x, (d,), None if weight is None else weight[m], None if bias is None else bias[m], eps)
     acc = accumulation_dtype(x.dtype)
     out = F.layer_norm(x.to(acc), (d,), None, None, eps).reshape(-1, d)
-    # the scales, then the shifts, gathered per token into one reused buffer (per_token)
-    if weight is not None:
-        out.mul_(per_token(weight, modality_ids, groups, acc, "norm_gathered"))
-    if bias is not None:
-        out.add_(per_token(bias, modality_ids, groups, acc, "norm_gathered"))
-    return out.to(x.dtype).reshape(x.shape)
+    return affine_per_token_(out, weight, bias, modality_ids, groups).to(x.dtype).reshape(x.shape)
 
 
 def routed_layer_norm_backward_ref(

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparsify.ops._grouping import (accumulation_dtype, groups_of, per_modality_sum, per_token, scratch_buffer,
-                                     times_per_token)
+from sparsify.ops._grouping import (accumulation_dtype, affine_per_token_, groups_of, per_modality_sum,
+                                     scratch_buffer, times_per_token)
 from sparsify.ops.backend import use_triton
 
 
@@ -30,8 +30,8 @@ def routed_rms_norm_ref(x: Tensor, modality_ids: Tensor, weight: Tensor, eps: fl
     else:
         x_acc = x.reshape(-1, d).to(acc)
         normed = x_acc * torch.rsqrt(x_acc.pow(2).mean(-1, keepdim=True) + eps)
-    # the per-token scale gathered into a reused buffer and applied in place (_grouping.scratch_buffer)
-    normed.mul_(per_token(weight, modality_ids, groups, acc, "norm_gathered"))
+    # the scale per run of one modality, or gathered per token into a reused buffer, applied in place
+    affine_per_token_(normed, weight, None, modality_ids, groups)
     return normed.to(torch.result_type(x, weight)).reshape(x.shape)
 
 
