@@ -331,9 +331,9 @@ def generate(routed, input_ids: torch.Tensor, modality_ids: torch.Tensor | None 
     assisted = [name for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
                 if kwargs.get(name, getattr(dense.generation_config, name, None)) is not None]
     if assisted:
-        raise SparsifyError(f"assisted generation ({assisted[0]}=) is not supported: it crops the cache after rejected "
-                            "draft tokens, which transformers does only for a dynamic cache, and the routed step graphs "
-                            "hold a static one. Generate without it, or take one modality's dense model "
+        raise SparsifyError(f"assisted generation ({assisted[0]}=) is not supported: it crops the cache after "
+                            "rejected draft tokens, which transformers does only for a dynamic cache, and the routed "
+                            "step graphs hold a static one. Generate without it, or take one modality's dense model "
                             "(sparsify.extract) and use assisted generation there.")
     signature = inspect.signature(dense.forward)
     cache_arg = next((name for name in CACHE_ARGS if name in signature.parameters), None)
@@ -427,9 +427,9 @@ def _full_length_layers(cache, max_cache_len: int) -> None:
             continue
         full = full_of.get(type(layer))
         if full is None:
-            raise SparsifyError(f"the cache's layer {index} is a {type(layer).__name__}, a sliding-window layer sparsify "
-                                "does not know how to hold at full length in its step graphs: generate with "
-                                "use_cache=False")
+            raise SparsifyError(f"the cache's layer {index} is a {type(layer).__name__}, a sliding-window layer "
+                                "sparsify does not know how to hold at full length in its step graphs: generate "
+                                "with use_cache=False")
         states = {"number_of_states": layer.number_of_states} if hasattr(layer, "number_of_states") else {}
         layers[index] = full(max_cache_len=max_cache_len, **states)
 

@@ -88,7 +88,8 @@ def module_forwards(program: ExportedProgram, owner: nn.Module, tag: str) -> dic
             continue  # a region's graph (autocast, no_grad), reached through its parent's code
         if "@" in fqn:
             raise SparsifyError(f"internal: module '{fqn.split('@')[0]}' is called more than once in one forward "
-                                "and was not inlined into its parent (_repeated_calls_inlined); please report this model")
+                                "and was not inlined into its parent (_repeated_calls_inlined); please report this "
+                                "model")
         target = dense_module(owner, fqn)
         graph = copy.deepcopy(module.graph)
         for node in graph.nodes:

@@ -86,6 +86,15 @@ def test_generation_without_attention_mask(converted):
     assert torch.equal(out, expected)
 
 
+def _perturbed(routed, modality, seed=2):
+    """Move modality `modality`'s copy of every routed weight away from the dense weight (in place)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for fqn in routed.plan.routed:
+            copy = routed.get_parameter(fqn)[modality]
+            copy.add_(torch.randn(copy.shape, generator=generator) * copy.std().clamp_min(0.02) * 2)
+
+
 def test_perturbed_modality_changes_generation_and_cache_equals_no_cache(converted):
     dense, routed = converted
     ids, mask = prompt(seed=1)
@@ -94,11 +103,7 @@ def test_perturbed_modality_changes_generation_and_cache_equals_no_cache(convert
                                max_new_tokens=NEW, do_sample=False)
     saved = {fqn: routed.get_parameter(fqn).detach().clone() for fqn in routed.plan.routed}
     try:
-        generator = torch.Generator().manual_seed(2)
-        with torch.no_grad():
-            for fqn in routed.plan.routed:
-                copy1 = routed.get_parameter(fqn)[1]
-                copy1.add_(torch.randn(copy1.shape, generator=generator) * copy1.std().clamp_min(0.02) * 2)
+        _perturbed(routed, 1)
         with_cache = routed.generate(ids, modality_ids=modality_ids, next_modality=1, attention_mask=mask,
                                      max_new_tokens=NEW, do_sample=False)
         without = routed.generate(ids, modality_ids=modality_ids, next_modality=1, attention_mask=mask,
@@ -253,14 +258,6 @@ def test_sampling_with_several_sequences_per_prompt():
     assert torch.equal(out[:, :ids.shape[1]], ids.repeat_interleave(3, 0))
 
 
-def _perturbed(routed, modality, seed=2):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for fqn in routed.plan.routed:
-            copy = routed.get_parameter(fqn)[modality]
-            copy.add_(torch.randn(copy.shape, generator=generator) * copy.std().clamp_min(0.02) * 2)
-
-
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_beam_search_equals_dense_at_init(converted, use_cache):
     dense, routed = converted
@@ -284,6 +281,7 @@ def test_beam_search_scores_each_beam_with_its_own_tokens_modalities(family):
     _perturbed(routed, 1)
     ids, mask = prompt(seed=7)
     modality_ids = torch.tensor([[0, 0, 1, 1, 0, 1], [1, 0, 1, 0, 1, 0]])
+
     def rule(new, so_far):
         return (so_far >= 48).sum(1) % 2
 
@@ -313,8 +311,8 @@ def test_beam_search_scores_each_beam_with_its_own_tokens_modalities(family):
 def test_hidden_states_attentions_and_scores_generate_returns_equal_dense(use_cache):
     """return_dict_in_generate with output_hidden_states / output_attentions / output_logits: the step graphs
     return what generate reads back; attention weights over the static cache are cut to the keys so far, as
-    the dense model's growing cache gives them (fp32, at init; tolerance 1e-5, observed: bitwise equal). No left
-    padding here: at a padded position every key is masked, and what attention makes of that depends on how
+    the dense model's growing cache gives them (fp32, at init; tolerance 1e-5, observed: bitwise equal). No
+    left padding here: at a padded position every key is masked, and what attention makes of that depends on how
     many keys there are (the static cache's length), in the dense model with a static cache alike."""
     torch.manual_seed(0)
     config = T.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -322,8 +320,8 @@ def test_hidden_states_attentions_and_scores_generate_returns_equal_dense(use_ca
     dense = T.LlamaForCausalLM(config).eval()
     routed = sparsify.convert(dense, modalities=2).eval()
     ids, _ = prompt(seed=8)
-    options = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, return_dict_in_generate=True, output_hidden_states=True,
-                   output_attentions=True, output_logits=True, use_cache=use_cache)
+    options = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, return_dict_in_generate=True,
+                   output_hidden_states=True, output_attentions=True, output_logits=True, use_cache=use_cache)
     expected = dense.generate(ids, **options)
     out = routed.generate(ids, modality_ids=torch.ones_like(ids), next_modality=1, **options)
     assert torch.equal(out.sequences, expected.sequences)
