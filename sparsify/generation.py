@@ -355,10 +355,7 @@ def generate(routed, input_ids: torch.Tensor, modality_ids: torch.Tensor | None 
 
         def prepare_static_cache(*args, **options):  # transformers' static cache, sliding layers at full length
             cache = own_prepare(*args, **options)
-            length = prepare_signature.bind(*args, **options).arguments["max_cache_len"]
-            lengths = [getattr(layer, "max_cache_len", 0) for layer in getattr(cache, "layers", ())
-                       if not getattr(layer, "is_sliding", False)]
-            _full_length_layers(cache, max([length, *lengths]))
+            _full_length_layers(cache, prepare_signature.bind(*args, **options).arguments["max_cache_len"])
             return cache
         hooks.enter_context(attribute_replaced(dense, "_prepare_static_cache", prepare_static_cache))
 
@@ -408,7 +405,9 @@ def generate(routed, input_ids: torch.Tensor, modality_ids: torch.Tensor | None 
 
 
 def _full_length_layers(cache, max_cache_len: int) -> None:
-    """Replace the static cache's sliding-window layers (sliding or chunked attention) by full-length ones.
+    """Replace the static cache's sliding-window layers (sliding or chunked attention) by full-length ones:
+    as long as its full layers (transformers may size those for an earlier, longer call), at least
+    `max_cache_len` (the length asked for).
 
     A sliding layer's update branches on a Python counter (whether the window is full yet) and its mask offset
     moves with it: a captured step graph keeps the branch and offset of the step it was captured at, and later
@@ -422,6 +421,8 @@ def _full_length_layers(cache, max_cache_len: int) -> None:
                cache_utils.LinearAttentionAndStaticSlidingWindowAttentionLayer:
                    cache_utils.LinearAttentionAndStaticFullAttentionLayer}
     layers = getattr(cache, "layers", None) or []
+    length = max([max_cache_len, *(getattr(layer, "max_cache_len", 0) for layer in layers
+                                   if not getattr(layer, "is_sliding", False))])
     for index, layer in enumerate(layers):
         if not getattr(layer, "is_sliding", False):
             continue
@@ -431,7 +432,7 @@ def _full_length_layers(cache, max_cache_len: int) -> None:
                                 "sparsify does not know how to hold at full length in its step graphs: generate "
                                 "with use_cache=False")
         states = {"number_of_states": layer.number_of_states} if hasattr(layer, "number_of_states") else {}
-        layers[index] = full(max_cache_len=max_cache_len, **states)
+        layers[index] = full(max_cache_len=length, **states)
 
 
 def _mask_length(cache) -> int:

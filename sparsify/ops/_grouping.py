@@ -110,7 +110,7 @@ class ModalityGroups:
 # on first touch. For the sorted copies of a large linear's rows (8192 x 2816 fp32 is 92 MiB) that page
 # faulting costs more than the copy itself, so the CPU references keep one buffer per role per thread and
 # reuse it across calls. Only intermediates live there, never an op's output. The memory stays held: at most
-# SCRATCH_MAX_BYTES per role (seven roles), larger ones are allocated per call; release_scratch_buffers() frees
+# SCRATCH_MAX_BYTES per role (six roles), larger ones are allocated per call; release_scratch_buffers() frees
 # them. Other devices have caching allocators: there a scratch buffer is a plain allocation.
 SCRATCH_MAX_BYTES = 128 * 2**20
 _SCRATCH = threading.local()
@@ -192,7 +192,8 @@ def affine_per_token_(rows: torch.Tensor, weight: torch.Tensor | None, bias: tor
                       modality_ids: torch.Tensor, groups: ModalityGroups) -> torch.Tensor:
     """rows [tokens, D] = rows * weight[ids] + bias[ids] in place (either may be None), for stacked [M, D]
     parameters. Rows in runs of one modality (a hoisted region, spans): each run scaled by its modality's row,
-    nothing gathered; otherwise each token's rows gathered once (scratch buffers) and applied in one pass."""
+    nothing gathered; otherwise the scales, then the shifts, gathered per token into one reused buffer (one
+    addcmul with both gathered at once measured no faster and would hold a second buffer)."""
     if groups.runs is not None:
         for m, start, stop in groups.slices():
             if weight is not None:
@@ -200,11 +201,11 @@ def affine_per_token_(rows: torch.Tensor, weight: torch.Tensor | None, bias: tor
             if bias is not None:
                 rows[start:stop].add_(bias[m].to(rows.dtype))
         return rows
-    scale = None if weight is None else per_token(weight, modality_ids, groups, rows.dtype, "norm_gathered")
-    shift = None if bias is None else per_token(bias, modality_ids, groups, rows.dtype, "norm_gathered_bias")
-    if scale is not None and shift is not None:
-        return torch.addcmul(shift, rows, scale, out=rows)
-    return rows.mul_(scale) if scale is not None else rows.add_(shift)
+    if weight is not None:
+        rows.mul_(per_token(weight, modality_ids, groups, rows.dtype, "norm_gathered"))
+    if bias is not None:
+        rows.add_(per_token(bias, modality_ids, groups, rows.dtype, "norm_gathered"))
+    return rows
 
 
 def times_per_token(rows: torch.Tensor, stacked: torch.Tensor, modality_ids: torch.Tensor, groups: ModalityGroups,
