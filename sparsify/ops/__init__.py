@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from sparsify.errors import SparsifyError
-from sparsify.ops import routed_conv1d as _conv1d_op  # noqa: F401  (registers the ops)
+from sparsify.ops import permute_rows as _permute_rows_op  # noqa: F401  (registers the ops)
+from sparsify.ops import routed_conv1d as _conv1d_op  # noqa: F401
 from sparsify.ops import routed_gather as _gather_op  # noqa: F401
 from sparsify.ops import routed_layer_norm as _layer_norm_op  # noqa: F401
 from sparsify.ops import routed_linear as _linear_op  # noqa: F401

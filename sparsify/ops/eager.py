@@ -20,9 +20,9 @@ import torch
 sparsify_ops = torch.ops.sparsify
 # The op modules (sparsify.ops re-exports each op under its module's name, so `from sparsify.ops import
 # routed_linear` is the op, not the module).
-routed_linear, routed_rms_norm, routed_layer_norm, routed_conv1d, routed_gather = (
+routed_linear, routed_rms_norm, routed_layer_norm, routed_conv1d, routed_gather, permute_rows = (
     importlib.import_module(f"sparsify.ops.{name}") for name in
-    ("routed_linear", "routed_rms_norm", "routed_layer_norm", "routed_conv1d", "routed_gather"))
+    ("routed_linear", "routed_rms_norm", "routed_layer_norm", "routed_conv1d", "routed_gather", "permute_rows"))
 
 
 def routed_linear_direct(x, modality_ids, weight, bias=None, backend="torch"):
@@ -41,14 +41,15 @@ def routed_conv1d_direct(x, modality_ids, weight, bias=None, backend="torch"):
     return routed_conv1d.routed_conv1d_ref(x, modality_ids, weight, bias)
 
 
-# op -> (its direct form, the module holding its autograd). routed_gather has one implementation and no
-# backend argument; the others take the direct form only where lowered to "torch".
+# op -> (its direct form, the module holding its autograd). routed_gather and permute_rows have one
+# implementation and no backend argument; the others take the direct form only where lowered to "torch".
 FORMS = {
     sparsify_ops.routed_linear.default: (routed_linear_direct, routed_linear),
     sparsify_ops.routed_rms_norm.default: (routed_rms_norm_direct, routed_rms_norm),
     sparsify_ops.routed_layer_norm.default: (routed_layer_norm_direct, routed_layer_norm),
     sparsify_ops.routed_conv1d.default: (routed_conv1d_direct, routed_conv1d),
     sparsify_ops.routed_gather.default: (routed_gather.routed_gather_ref, routed_gather),
+    sparsify_ops.permute_rows.default: (permute_rows.permute_rows_direct, permute_rows),
 }
 
 

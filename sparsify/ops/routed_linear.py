@@ -31,15 +31,21 @@ def routed_linear_ref(x: Tensor, modality_ids: Tensor, weight: Tensor, bias: Opt
     x_sorted = groups.to_sorted(x_rows, scratch="rows_in")
     out = x_rows.new_empty(x_rows.shape[0], weight.shape[1], dtype=out_dtype) if groups.order is None else \
         scratch_buffer("rows_out", (x_rows.shape[0], weight.shape[1]), out_dtype, x.device)
-    for m, start, stop in groups.slices():
-        _matmul_into(out[start:stop], x_sorted[start:stop], weight[m].t(), None if bias is None else bias[m])
+    modalities, sizes = groups.split
+    weights_t = weight.transpose(1, 2).unbind(0)
+    biases = [None] * weight.shape[0] if bias is None else bias.unbind(0)
+    same_dtype = x.dtype == weight.dtype == out_dtype and (bias is None or bias.dtype == out_dtype)
+    for m, rows, out_rows in zip(modalities, x_sorted.split_with_sizes(sizes), out.split_with_sizes(sizes)):
+        _matmul_into(out_rows, rows, weights_t[m], biases[m], same_dtype=same_dtype)
     return groups.from_sorted(out).reshape(out_shape)
 
 
-def _matmul_into(out: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor] = None, accumulate: bool = False) -> None:
+def _matmul_into(out: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor] = None, accumulate: bool = False,
+                 same_dtype: bool = False) -> None:
     """out = a @ b (+ bias), or out += a @ b, written straight into `out` (a slice of a grouped buffer) where
-    the dtypes allow, rather than into a temporary that is then copied in."""
-    if a.dtype == b.dtype == out.dtype and (bias is None or bias.dtype == out.dtype):
+    the dtypes allow (`same_dtype`: the caller checked a, b, out and bias once for all its slices), rather than
+    into a temporary that is then copied in."""
+    if same_dtype:
         if accumulate:
             out.addmm_(a, b)
         elif bias is None:
@@ -64,11 +70,15 @@ def routed_linear_backward_ref(grad: Tensor, x: Tensor, modality_ids: Tensor, we
     dweight = torch.empty_like(weight)
     acc = accumulation_dtype(grad.dtype)
     dbias = grad.new_zeros((weight.shape[0], weight.shape[1]) if has_bias else (0,), dtype=acc)
+    same_dtype = grad.dtype == x.dtype == weight.dtype
+    modalities, sizes = groups.split
+    weights, dweights = weight.unbind(0), dweight.unbind(0)
     seen = set()
-    for m, start, stop in groups.slices():  # a modality may own several runs: its gradients accumulate
-        g = grad_rows[start:stop]
-        _matmul_into(dx[start:stop], g, weight[m])
-        _matmul_into(dweight[m], g.t(), x_rows[start:stop], accumulate=m in seen)
+    for m, g, x_slice, dx_slice in zip(modalities, grad_rows.split_with_sizes(sizes), x_rows.split_with_sizes(sizes),
+                                     dx.split_with_sizes(sizes)):
+        # a modality may own several runs: its gradients accumulate
+        _matmul_into(dx_slice, g, weights[m], same_dtype=same_dtype)
+        _matmul_into(dweights[m], g.t(), x_slice, accumulate=m in seen, same_dtype=same_dtype)
         seen.add(m)
         if has_bias:
             dbias[m] += g.sum(0, dtype=acc)

@@ -6,10 +6,12 @@ depends on the same token of the inputs only: the routed linears and norms, plai
 reductions over feature dims), and runs each region on rows already in modality order:
 
     order = argsort(modality_ids.flatten(), stable)        once per forward, shared by every region
-    x_sorted = x.flatten(0, 1)[order]                      one per value entering a region
-    routed_linear(x_sorted, sorted_ids, w) ...             contiguous per-modality slices: no gather/scatter
-    y = y_sorted[inverse(order)].view(B, S, ...)           one per value leaving it (attention, conv, scan,
-                                                           outputs, anything not token-wise)
+    x_sorted = permute_rows(x.flatten(0, 1), order, inverse)   one per value entering a region
+    routed_linear(x_sorted, sorted_ids, w) ...                  contiguous per-modality slices: no gather/scatter
+    y = permute_rows(y_sorted, inverse, order).view(B, S, ...)  one per value leaving it (attention, conv, scan,
+                                                                outputs, anything not token-wise)
+
+(permute_rows: a gather whose backward is the gather by the inverse, ops/permute_rows.py.)
 
 Regions stay inside one block (the deepest module of a node's module stack that is an item of a module
 list), so a block's inputs and outputs keep token order: FSDP2 per block, checkpointing and hooks on
@@ -168,7 +170,7 @@ class HoistPass(PassBase):
                 stack = first.meta.get("nn_module_stack", root_stack)  # the reader's module: no module split
                 with graph.inserting_before(first):
                     rows = call(aten.flatten.using_ints, (source, 0, 1), stack)
-                    rows_sorted = call(aten.index_select.default, (rows, 0, order), stack)
+                    rows_sorted = call(sparsify_ops.permute_rows.default, (rows, order, inverse), stack)
                 for n in region:
                     n.replace_input_with(source, rows_sorted)
             for n in ordered:
@@ -183,7 +185,7 @@ class HoistPass(PassBase):
                 features = [int(s) if isinstance(s, int) else -1 for s in _val(value).shape[2:]]
                 stack = value.meta.get("nn_module_stack", root_stack)  # the producer's: it returns token order
                 with graph.inserting_after(value):
-                    rows = call(aten.index_select.default, (value, 0, inverse), stack)
+                    rows = call(sparsify_ops.permute_rows.default, (value, inverse, order), stack)
                 with graph.inserting_after(rows):
                     batch = call(aten.sym_size.int, (self.ids, 0), stack)
                 with graph.inserting_after(batch):

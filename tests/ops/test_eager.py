@@ -36,7 +36,13 @@ def cases():
         (sparsify_ops.routed_layer_norm.default, (p(2, 7, 6), ids, p(3, 6), p(3, 6), 1e-5), {"backend": "torch"}),
         (sparsify_ops.routed_conv1d.default, (p(2, 5, 7), ids, p(3, 5, 4), p(3, 5)), {"backend": "torch"}),
         (sparsify_ops.routed_gather.default, (p(3, 6), ids), {}),
+        (sparsify_ops.permute_rows.default, (p(14, 3), *_permutation(14, g)), {}),
     ]
+
+
+def _permutation(n, generator):
+    order = torch.randperm(n, generator=generator)
+    return order, torch.argsort(order)
 
 
 @pytest.mark.parametrize("case", range(len(cases())))
@@ -85,3 +91,16 @@ def test_triton_lowered_calls_keep_the_custom_op():
     assert eager_form_of(op, {"backend": "triton"}) is None
     assert eager_form_of(op, {"backend": "torch"}) is EAGER[op]
     assert eager_form_of(torch.ops.aten.linear.default, {}) is None
+
+
+def test_permute_rows_eager_form_returns_rows_in_identity_order_themselves_and_their_gradient_passes_through():
+    # a one-modality batch: the hoist's order is the identity, so its permutations would be plain copies
+    rows = torch.randn(6, 4, requires_grad=True)
+    identity = torch.arange(6)
+    out = EAGER[sparsify_ops.permute_rows.default](rows, identity, identity)
+    assert out.data_ptr() == rows.data_ptr()
+    upstream = torch.randn(6, 4)
+    (grad,) = torch.autograd.grad(out, rows, upstream)
+    assert torch.equal(grad, upstream)
+    # the custom op itself never aliases its input (torch.library's rule for ops without an alias annotation)
+    assert sparsify_ops.permute_rows(rows, identity, identity).data_ptr() != rows.data_ptr()

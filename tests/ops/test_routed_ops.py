@@ -89,6 +89,9 @@ def test_ops_pass_torch_library_opcheck():
     torch.library.opcheck(torch.ops.sparsify.routed_layer_norm.default,
                           (x, ids, torch.randn(3, d, requires_grad=True), torch.randn(3, d, requires_grad=True), 1e-5))
     torch.library.opcheck(torch.ops.sparsify.routed_gather.default, (torch.randn(3, d, requires_grad=True), ids))
+    order = torch.randperm(10)
+    torch.library.opcheck(torch.ops.sparsify.permute_rows.default,
+                          (torch.randn(10, d, requires_grad=True), order, torch.argsort(order)))
 
 
 def test_ops_reject_out_of_range_ids_instead_of_leaving_garbage():

@@ -58,6 +58,31 @@ def test_hoisted_outputs_and_gradients_equal_unhoisted(factory, sorts):
     assert not any(n.target == aten.argsort.stable for n in routed_graph(unhoisted).nodes)
 
 
+@pytest.mark.parametrize("ids_kind", ["one modality", "sorted"])
+def test_hoisted_graph_with_ids_already_in_order_equals_unhoisted(ids_kind, monkeypatch):
+    # the hoist's order is then the identity: its permutations pass the rows (and gradients) through as they are
+    from sparsify.ops import permute_rows as permute_rows_module
+    seen = []
+    is_identity = permute_rows_module.is_identity
+    monkeypatch.setattr(permute_rows_module, "is_identity", lambda order: seen.append(is_identity(order)) or seen[-1])
+    hoisted, unhoisted = perturbed_pair(tiny_llama)
+    seen.clear()  # conversion's own check ran on random ids
+    tokens = torch.randint(0, 101, (2, 13))
+    ids = torch.ones(2, 13, dtype=torch.long) if ids_kind == "one modality" else \
+        torch.tensor([0] * 8 + [1] * 10 + [2] * 8).reshape(2, 13)  # flattened, in modality order
+    outputs = []
+    for model in (hoisted, unhoisted):
+        logits = model(tokens, modality_ids=ids).logits
+        logits.square().mean().backward()
+        outputs.append(logits.detach())
+    assert seen and all(seen)  # every permutation of the hoisted run (forward and backward) was found identity
+    assert rel(*outputs) <= 1e-6
+    for (name, a), (_, b) in zip(hoisted.named_parameters(), unhoisted.named_parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if b.grad is not None and b.grad.abs().max() > 0:
+            assert rel(a.grad, b.grad) <= 1e-6, name
+
+
 def test_permutations_in_a_hoisted_llama_graph_are_per_block_not_per_routed_op():
     layers = 3
     routed = sparsify.convert(tiny_llama(num_hidden_layers=layers), 3)
@@ -66,18 +91,17 @@ def test_permutations_in_a_hoisted_llama_graph_are_per_block_not_per_routed_op()
     routed_ops = ops[torch.ops.sparsify.routed_linear.default] + ops[torch.ops.sparsify.routed_rms_norm.default]
     assert routed_ops == 9 * layers  # q k v o gate up down + 2 norms per block: unhoisted, 9 sorts per block
     assert ops[aten.argsort.stable] == 2  # the order, and its inverse: once per forward for every block
-    into_order = [n for n in graph.nodes if n.target == aten.index_select.default and
-                  n.args[0].target == aten.flatten.using_ints]
-    back = [n for n in graph.nodes if n.target == aten.index_select.default and n.args[0].target in
+    permute = torch.ops.sparsify.permute_rows.default
+    into_order = [n for n in graph.nodes if n.target == permute and n.args[0].target == aten.flatten.using_ints]
+    back = [n for n in graph.nodes if n.target == permute and n.args[0].target in
             (torch.ops.sparsify.routed_linear.default, aten.add.Tensor)]
     # per block: the block's input and the attention output sorted in; q, k, v (to attention) and the
     # block output put back in token order
     assert len(into_order) == 2 * layers
     assert len(back) == 4 * layers
-    assert ops[aten.index_select.default] == 6 * layers + 1  # + the sorted ids themselves
-    sorted_ids = {n for n in graph.nodes if n.target == aten.index_select.default and n.args[0].target ==
-                  aten.reshape.default}
-    assert len(sorted_ids) == 1
+    assert ops[permute] == 6 * layers
+    sorted_ids = {n for n in graph.nodes if n.target == aten.index_select.default}
+    assert len(sorted_ids) == 1 and next(iter(sorted_ids)).args[0].target == aten.reshape.default
     for node in graph.nodes:
         if node.target in (torch.ops.sparsify.routed_linear.default, torch.ops.sparsify.routed_rms_norm.default):
             assert node.args[1] in sorted_ids  # every routed op reads rows in modality order
