@@ -218,21 +218,27 @@ def affine_per_token_(rows: torch.Tensor, weight: torch.Tensor | None, bias: tor
 
 def times_per_token(rows: torch.Tensor, stacked: torch.Tensor, modality_ids: torch.Tensor, groups: ModalityGroups,
                     scratch: str) -> torch.Tensor:
-    """rows [tokens, D] times each token's row of stacked [M, D], in the named scratch buffer."""
-    if groups.single is not None:
-        return torch.mul(rows, stacked[groups.single].to(rows.dtype),
-                         out=scratch_buffer(scratch, rows.shape, rows.dtype, rows.device))
+    """rows [tokens, D] times each token's row of stacked [M, D], in the named scratch buffer: per run of one
+    modality where the rows come in runs (nothing gathered), else by a per-token gather."""
+    if groups.runs is not None:
+        out = scratch_buffer(scratch, rows.shape, rows.dtype, rows.device)
+        modalities, sizes = groups.split
+        for m, rows_slice, out_slice in zip(modalities, rows.split_with_sizes(sizes), out.split_with_sizes(sizes)):
+            torch.mul(rows_slice, stacked[m].to(rows.dtype), out=out_slice)
+        return out
     return per_token(stacked, modality_ids, groups, rows.dtype, scratch).mul_(rows)
 
 
 def per_modality_sum(rows: torch.Tensor, modality_ids: torch.Tensor, groups: ModalityGroups) -> torch.Tensor:
     """[M, D]: the sum of each modality's rows of `rows` [tokens, D] (the weight gradient of an elementwise
-    per-token parameter); one index_add, no sort."""
+    per-token parameter): one sum per run where the rows come in runs, else one index_add (no sort)."""
     out = rows.new_zeros(groups.modalities, rows.shape[-1])
-    if groups.single is not None:
-        out[groups.single] = rows.sum(0)
-        return out
-    return out.index_add_(0, modality_ids.reshape(-1), rows)
+    if groups.runs is None:
+        return out.index_add_(0, modality_ids.reshape(-1), rows)
+    modalities, sizes = groups.split
+    for m, rows_slice in zip(modalities, rows.split_with_sizes(sizes)):
+        out[m] += rows_slice.sum(0)
+    return out
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
