@@ -95,9 +95,9 @@ class ModalityGroups:
 
     @functools.cached_property
     def split(self) -> tuple[list[int], list[int]]:
-        """(modality of each slice, row count of each slice): `rows.split_with_sizes(sizes)` (the C method; Tensor.split is a Python wrapper) gives every slice's
-        view in one call (a per-slice `rows[start:stop]` costs a Python indexing call each, which at a small
-        model's ~340 rows per GEMM is a measurable part of a routed op)."""
+        """(modality of each slice, row count of each slice): `rows.split_with_sizes(sizes)` gives every slice's
+        view in one call (the C method: Tensor.split is a Python wrapper). A per-slice `rows[start:stop]` costs
+        an indexing call each, a measurable part of a routed op at a small model's ~340 rows per GEMM."""
         plan = list(self.slices())
         return [m for m, _, _ in plan], [stop - start for _, start, stop in plan]
 
