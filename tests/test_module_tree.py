@@ -4,7 +4,9 @@ Distributed tests run 2 CPU processes with gloo; each compares its sharded or re
 with a single-process step of the same model on the whole batch (fp32, rel <= 1e-5).
 """
 import copy
+import functools
 import gc
+import os
 import tempfile
 
 import pytest
@@ -74,92 +76,125 @@ def _checkpoint_round_trip(model, family, blocks, directory):
     dist.barrier()
 
 
-def _train_step(rank, world, init_file, family, wrapping):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        from torch.nn.parallel import DistributedDataParallel
+def _train_step(family, wrapping, directory):
+    """One training step of the routed model, FSDP2 per block or DDP, against one process on the whole batch."""
+    from torch.nn.parallel import DistributedDataParallel
 
-        factory, blocks = FAMILIES[family]
-        routed = sparsify.convert(factory(), modalities=3).train()
-        tokens, ids = batch()
-        routed(tokens, modality_ids=ids)  # the training graph, split per module
-        assert all(e.module_forwards is not None for es in routed._graphs.values() for e in es)
-        reference = copy.deepcopy(routed)
-        reference_loss = lm_loss(reference, tokens, ids)
-        reference_loss.backward()
-        mine = slice(rank * 2, rank * 2 + 2)
-        with torch.no_grad():  # capture the training graph before sharding (export cannot capture DTensors)
-            routed(tokens[mine], modality_ids=ids[mine])
-        if wrapping == "fsdp":
-            model = _shard(routed, blocks)
-        else:
-            model = DistributedDataParallel(routed)
-        loss = lm_loss(model, tokens[mine], ids[mine])
-        loss.backward()
-        mean_loss = loss.detach().clone()
-        dist.all_reduce(mean_loss)
-        assert relative(mean_loss / world, reference_loss.detach()) <= TOLERANCE
-        reference_params = dict(reference.named_parameters())
-        for name, param in routed.named_parameters():
-            grad = param.grad.full_tensor() if hasattr(param.grad, "full_tensor") else param.grad
-            assert relative(grad, reference_params[name].grad) <= TOLERANCE, name
-        if wrapping == "fsdp":
-            _checkpoint_round_trip(model, family, blocks, init_file.rsplit("/", 1)[0])
-        # DDP's reducer holds the process group: release it (and wait for the peer) before destroying the
-        # group, or its threads can abort the process at exit ("terminate called without an active exception").
-        dist.barrier()
-        del model
-        gc.collect()
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("wrapping", ["fsdp", "ddp"])
-def test_two_process_step_equals_one_process_step(family, wrapping):
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_train_step, args=(2, f"{tmp}/init", family, wrapping), nprocs=2, join=True)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    factory, blocks = FAMILIES[family]
+    routed = sparsify.convert(factory(), modalities=3).train()
+    tokens, ids = batch()
+    routed(tokens, modality_ids=ids)  # the training graph, split per module
+    assert all(e.module_forwards is not None for es in routed._graphs.values() for e in es)
+    reference = copy.deepcopy(routed)
+    reference_loss = lm_loss(reference, tokens, ids)
+    reference_loss.backward()
+    mine = slice(rank * 2, rank * 2 + 2)
+    with torch.no_grad():  # capture the training graph before sharding (export cannot capture DTensors)
+        routed(tokens[mine], modality_ids=ids[mine])
+    if wrapping == "fsdp":
+        model = _shard(routed, blocks)
+    else:
+        model = DistributedDataParallel(routed)
+    loss = lm_loss(model, tokens[mine], ids[mine])
+    loss.backward()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    assert relative(mean_loss / world, reference_loss.detach()) <= TOLERANCE
+    reference_params = dict(reference.named_parameters())
+    for name, param in routed.named_parameters():
+        grad = param.grad.full_tensor() if hasattr(param.grad, "full_tensor") else param.grad
+        assert relative(grad, reference_params[name].grad) <= TOLERANCE, name
+    if wrapping == "fsdp":
+        _checkpoint_round_trip(model, family, blocks, directory)
+    # DDP's reducer holds the process group: release it (and wait for the peer) before the next case or
+    # destroying the group, or its threads can abort the process at exit ("terminate called without an
+    # active exception").
+    dist.barrier()
+    del model
+    gc.collect()
 
 
-def _mixed_precision_step(rank, world, init_file):
+def _mixed_precision_step(directory):
     """FSDP2 with MixedPrecisionPolicy(bf16 parameters, fp32 gradient reduction) vs one process with bf16
     parameters: bf16 tolerances (loss rel <= 1e-2, gradients rel <= 2e-2; bf16 eps is 7.8e-3)."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        routed = sparsify.convert(tiny_llama(), modalities=3).train()
-        tokens, ids = batch()
-        reference = copy.deepcopy(routed)
-        for param in reference.parameters():
-            param.data = param.data.to(torch.bfloat16)
-        reference_loss = lm_loss(reference, tokens, ids)
-        reference_loss.backward()
-        mine = slice(rank * 2, rank * 2 + 2)
-        routed.precapture(tokens[mine], modality_ids=ids[mine], param_dtype=torch.bfloat16)
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for block in routed.model.layers:
-            fully_shard(block, mp_policy=policy)
-        model = fully_shard(routed, mp_policy=policy)
-        loss = lm_loss(model, tokens[mine], ids[mine])
-        loss.backward()
-        mean_loss = loss.detach().float()
-        dist.all_reduce(mean_loss)
-        assert relative(mean_loss / world, reference_loss.detach().float()) <= 1e-2
-        reference_params = dict(reference.named_parameters())
-        for name, param in routed.named_parameters():
-            assert param.grad.dtype == torch.float32 and param.dtype == torch.float32  # fp32 master copies
-            assert relative(param.grad.full_tensor(), reference_params[name].grad.float()) <= 2e-2, name
-        dist.barrier()
-        del model
-        gc.collect()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    routed = sparsify.convert(tiny_llama(), modalities=3).train()
+    tokens, ids = batch()
+    reference = copy.deepcopy(routed)
+    for param in reference.parameters():
+        param.data = param.data.to(torch.bfloat16)
+    reference_loss = lm_loss(reference, tokens, ids)
+    reference_loss.backward()
+    mine = slice(rank * 2, rank * 2 + 2)
+    routed.precapture(tokens[mine], modality_ids=ids[mine], param_dtype=torch.bfloat16)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in routed.model.layers:
+        fully_shard(block, mp_policy=policy)
+    model = fully_shard(routed, mp_policy=policy)
+    loss = lm_loss(model, tokens[mine], ids[mine])
+    loss.backward()
+    mean_loss = loss.detach().float()
+    dist.all_reduce(mean_loss)
+    assert relative(mean_loss / world, reference_loss.detach().float()) <= 1e-2
+    reference_params = dict(reference.named_parameters())
+    for name, param in routed.named_parameters():
+        assert param.grad.dtype == torch.float32 and param.dtype == torch.float32  # fp32 master copies
+        assert relative(param.grad.full_tensor(), reference_params[name].grad.float()) <= 2e-2, name
+    dist.barrier()
+    del model
+    gc.collect()
+
+
+DISTRIBUTED_CASES = {
+    **{f"{wrapping}-{family}": functools.partial(_train_step, family, wrapping)
+       for wrapping in ("fsdp", "ddp") for family in sorted(FAMILIES)},
+    "fsdp-bf16-llama": _mixed_precision_step,
+}
+
+
+def _run_distributed_cases(rank, world, directory):
+    """Every case in one pair of processes: each start of a pair pays the import of torch and transformers
+    twice, about as long as a case itself. A case that got through on both ranks is written down; the first
+    failure ends the run (its peer may be waiting in a collective), and mp.spawn reports it."""
+    dist.init_process_group("gloo", init_method=f"file://{directory}/init", rank=rank, world_size=world)
+    try:
+        for name, case in DISTRIBUTED_CASES.items():
+            case_directory = f"{directory}/{name}"
+            if rank == 0:
+                os.makedirs(case_directory)
+            dist.barrier()
+            case(case_directory)
+            dist.barrier()
+            if rank == 0:
+                open(f"{directory}/{name}.passed", "w").close()
     finally:
         dist.destroy_process_group()
 
 
-def test_fsdp2_mixed_precision_bf16_parameters_fp32_reduction():
+@pytest.fixture(scope="module")
+def distributed_outcomes():
+    """{case: None where it passed on both ranks, else why not}."""
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_mixed_precision_step, args=(2, f"{tmp}/init"), nprocs=2, join=True)
+        try:
+            mp.spawn(_run_distributed_cases, args=(2, tmp), nprocs=2, join=True)
+            failure = None
+        except Exception as error:  # mp.spawn's ProcessRaisedException carries the worker's traceback
+            failure = f"{type(error).__name__}: {error}"
+        return {name: None if os.path.exists(f"{tmp}/{name}.passed") else
+                f"{name} failed, or was not reached after an earlier case failed: {failure}"
+                for name in DISTRIBUTED_CASES}
+
+
+@pytest.mark.parametrize("case", [name for name in DISTRIBUTED_CASES if "bf16" not in name])
+def test_two_process_step_equals_one_process_step(distributed_outcomes, case):
+    assert distributed_outcomes[case] is None, distributed_outcomes[case]
+
+
+def test_fsdp2_mixed_precision_bf16_parameters_fp32_reduction(distributed_outcomes):
+    assert distributed_outcomes["fsdp-bf16-llama"] is None, distributed_outcomes["fsdp-bf16-llama"]
 
 
 @pytest.fixture(scope="module")

@@ -169,7 +169,7 @@ def relative_error(got, want) -> float:
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
 
 
-@settings(derandomize=True, max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(derandomize=True, max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(cases())
 def test_random_models_convert_exactly_and_route_per_token(case):
     torch.manual_seed(case["seed"])
