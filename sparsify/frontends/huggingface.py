@@ -83,18 +83,43 @@ def _scan_graph_form(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None
     return selective_scan_fn(hidden_states, dt, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
+# transformers' Mamba2-family chunked SSD scan (Mamba2, Bamba, FalconH1, GraniteMoeHybrid, Zamba2, NemotronH:
+# `mamba2_chunk_scan`, mamba_ssm's mamba_chunk_scan_combined signature). Under torch.export transformers always
+# takes its PyTorch path, which pads the sequence to a multiple of the chunk size and reshapes it into chunks:
+# a graph valid for one padding class and chunk count, captured again at other lengths. Without a state in or
+# out (training, a forward without cache) it is the sparsify SSD scan op while capturing. With one (a
+# generation prefill) or packed sequences, transformers' own function stays: the op has no state arguments.
+CHUNK_SCAN_FUNCTION = "mamba2_chunk_scan"
+
+
+def _chunk_scan_graph_form(original):
+    def chunk_scan(hidden_states, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_states=None,
+                   dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False, z=None, **kwargs):
+        if initial_states is not None or return_final_states or any(v is not None for v in kwargs.values()):
+            return original(hidden_states, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias,
+                            initial_states=initial_states, dt_softplus=dt_softplus, dt_limit=dt_limit,
+                            return_final_states=return_final_states, z=z, **kwargs)
+        return torch.ops.sparsify.ssd_scan(hidden_states, dt, A, B, C, D, z, dt_bias, dt_softplus,
+                                          float(dt_limit[0]), float(dt_limit[1]))
+    return chunk_scan
+
+
 @contextmanager
 def graph_forms():
-    """While sparsify captures: the Mamba-family scan of every loaded transformers model module is the
-    sparsify op (one opaque op, any sequence length); restored on exit."""
+    """While sparsify captures: the Mamba-family scans of every loaded transformers model module are the
+    sparsify ops (one opaque op, any sequence length); restored on exit."""
     replaced = []
     for name, module in list(sys.modules.items()):
-        original = getattr(module, SCAN_FUNCTION, None) if name.startswith("transformers.models.") else None
-        if callable(original):
-            setattr(module, SCAN_FUNCTION, _scan_graph_form)
-            replaced.append((module, original))
+        if not name.startswith("transformers.models."):
+            continue
+        for function, graph_form in ((SCAN_FUNCTION, lambda original: _scan_graph_form),
+                                     (CHUNK_SCAN_FUNCTION, _chunk_scan_graph_form)):
+            original = getattr(module, function, None)
+            if callable(original):
+                setattr(module, function, graph_form(original))
+                replaced.append((module, function, original))
     try:
         yield
     finally:
-        for module, original in replaced:
-            setattr(module, SCAN_FUNCTION, original)
+        for module, function, original in replaced:
+            setattr(module, function, original)
