@@ -1,6 +1,7 @@
 """A routed model's training step vs its dense model's, measured in the same run, printed as ratios.
 
-For each model (a Llama-style transformer, a Hugging Face MambaForCausalLM, a mamba_ssm MambaLMHeadModel;
+For each model (a Llama-style transformer, Hugging Face MambaForCausalLM and Mamba2ForCausalLM, a mamba_ssm
+MambaLMHeadModel;
 random weights from configs of similar size), converts it with 3 modalities and times forward+backward of
 dense and routed on the same tokens (random modality ids per token). Routing adds no FLOPs, so 1.0x is the
 floor; the gap is the cost of grouping tokens by modality. Dense and routed steps take turns within each
@@ -14,7 +15,7 @@ import torch
 import sparsify  # before mamba_ssm: installs its CPU stand-ins
 from _interleaved import interleaved
 
-MODELS = ("llama", "hf-mamba", "mamba-ssm")
+MODELS = ("llama", "hf-mamba", "hf-mamba2", "mamba-ssm")
 
 
 def build(name: str, hidden: int, layers: int, seq: int):
@@ -28,6 +29,11 @@ def build(name: str, hidden: int, layers: int, seq: int):
         from transformers import MambaConfig, MambaForCausalLM
         config = MambaConfig(hidden_size=hidden, num_hidden_layers=layers, state_size=16, vocab_size=8000)
         return MambaForCausalLM(config), "HF Mamba"
+    if name == "hf-mamba2":
+        from transformers import Mamba2Config, Mamba2ForCausalLM
+        config = Mamba2Config(hidden_size=hidden, num_hidden_layers=layers, state_size=16, vocab_size=8000,
+                              head_dim=64, num_heads=2 * hidden // 64, n_groups=1, chunk_size=64)
+        return Mamba2ForCausalLM(config), "HF Mamba2"
     from mamba_ssm.models.config_mamba import MambaConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
     config = MambaConfig(d_model=hidden, n_layer=layers, vocab_size=8000, ssm_cfg={"layer": "Mamba1", "d_state": 16},

@@ -78,10 +78,11 @@ def test_selective_scan_with_state_matches_mamba_ssm_reference(length):
         torch.testing.assert_close(a, b_, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("length,groups", [(16, 3), (13, 1), (1, 1)])
+@pytest.mark.parametrize("length,groups", [(16, 3), (13, 1), (1, 1), (150, 3), (128, 1)])
 def test_ssd_scan_matches_ssd_minimal(length, groups):
-    # forward and backward against mamba_ssm's minimal SSD (one block of the whole length); 13 leaves the CPU
-    # op's last chunk partial; groups=1 shares B and C across heads
+    # forward and backward against mamba_ssm's minimal SSD (one block of the whole length); the CPU op scans in
+    # chunks of CPU_CHUNK (64): 13 is one partial chunk, 150 two whole ones and a partial one, 128 two whole
+    # ones (the recurrence across chunks); groups=1 shares B and C across heads
     g = torch.Generator().manual_seed(1)
     b, h, p, n = 2, 3, 4, 5
     x = torch.randn(b, length, h, p, generator=g)
@@ -104,7 +105,7 @@ def test_ssd_scan_matches_ssd_minimal(length, groups):
 @pytest.mark.parametrize("per_channel_D", [False, True])
 def test_ssd_scan_op_matches_step_reference_with_gate_bias_and_limits(per_channel_D):
     g = torch.Generator().manual_seed(2)
-    b, length, h, p, n = 2, 21, 4, 3, 5
+    b, length, h, p, n = 2, 150, 4, 3, 5  # two whole chunks of the CPU scan and a partial one
     tensors = [torch.randn(b, length, h, p, generator=g), torch.randn(b, length, h, generator=g),
                -torch.rand(h, generator=g), torch.randn(b, length, 2, n, generator=g),
                torch.randn(b, length, 2, n, generator=g), torch.randn(*((h, p) if per_channel_D else (h,)), generator=g),
