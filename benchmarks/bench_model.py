@@ -4,8 +4,8 @@ For each model (a Llama-style transformer, Hugging Face MambaForCausalLM and Mam
 MambaLMHeadModel; random weights from configs of similar size), converts it with 3 modalities and times
 forward+backward of dense and routed on the same tokens (random modality ids per token). Routing adds no
 FLOPs, so 1.0x is the floor; the gap is the cost of grouping tokens by modality. Dense and routed steps take
-turns within each repeat, so a slow spell of a shared machine falls on both. Default sizes suit a CPU; on a GPU pass e.g.
---hidden 2048 --layers 8. Targets on CPU: transformer <= 1.05x, Mamba <= 1.10x.
+turns within each repeat, so a slow spell of a shared machine falls on both. Default sizes suit a CPU; on a
+GPU pass e.g. --hidden 2048 --layers 8. Targets on CPU: transformer <= 1.05x, Mamba <= 1.10x.
 """
 import argparse
 
