@@ -12,6 +12,7 @@ import torch
 
 from sparsify.errors import SparsifyError
 from sparsify.ops.selective_scan import selective_scan_fn
+from sparsify.ops.ssd_scan import ssd_scan_fn
 from sparsify.frontends.token_ids import EXAMPLE_SEQ, random_token_ids
 
 # What Hugging Face forwards call their cache argument (attention models; Mamba models).
@@ -99,9 +100,12 @@ def _chunk_scan_graph_form(original):
             return original(hidden_states, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias,
                             initial_states=initial_states, dt_softplus=dt_softplus, dt_limit=dt_limit,
                             return_final_states=return_final_states, z=z, **kwargs)
-        return torch.ops.sparsify.ssd_scan(hidden_states, dt, A, B, C, D, z, dt_bias, dt_softplus,
-                                          float(dt_limit[0]), float(dt_limit[1]))
+        return ssd_scan_fn(hidden_states, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
     return chunk_scan
+
+
+# function name -> its graph form, made from transformers' own function (the chunk scan falls back to it)
+GRAPH_FORMS = {SCAN_FUNCTION: lambda original: _scan_graph_form, CHUNK_SCAN_FUNCTION: _chunk_scan_graph_form}
 
 
 @contextmanager
@@ -112,8 +116,7 @@ def graph_forms():
     for name, module in list(sys.modules.items()):
         if not name.startswith("transformers.models."):
             continue
-        for function, graph_form in ((SCAN_FUNCTION, lambda original: _scan_graph_form),
-                                     (CHUNK_SCAN_FUNCTION, _chunk_scan_graph_form)):
+        for function, graph_form in GRAPH_FORMS.items():
             original = getattr(module, function, None)
             if callable(original):
                 setattr(module, function, graph_form(original))

@@ -173,8 +173,7 @@ def _mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bi
 
         return ssd_scan_ref(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit[0], dt_limit[1], initial_states,
                             return_final_states)
-    return torch.ops.sparsify.ssd_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, float(dt_limit[0]),
-                                      float(dt_limit[1]))
+    return ssd_scan_module.ssd_scan_fn(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
 
 
 def _mamba_split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size,

@@ -25,19 +25,36 @@ from sparsify.ops._recompute import save_optional_tensors, vjp_by_recompute
 cuda_chunk_scan = None
 
 
-def ssd_scan_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_min=0.0,
-                 dt_max=float("inf"), initial_state=None, return_final_state=False):
-    dtype = x.dtype
-    x, dt = x.float(), dt.float()
-    if dt_bias is not None:
-        dt = dt + dt_bias.float()
+def _step_sizes(dt, dt_bias, dt_softplus, dt_min, dt_max):
+    """dt = clamp(softplus(dt + dt_bias)) in fp32, as mamba_chunk_scan_combined takes its options."""
+    dt = dt.float() + (dt_bias.float() if dt_bias is not None else 0.0)
     if dt_softplus:
         dt = F.softplus(dt)
     if dt_min > 0.0 or dt_max != float("inf"):
         dt = dt.clamp(min=dt_min, max=dt_max)
+    return dt
+
+
+def _per_head(t, heads):
+    """[b, l, g, n] fp32 -> [b, l, heads, n]: each group's B or C for each of its heads."""
+    return t.float().repeat_interleave(heads // t.shape[2], dim=2)
+
+
+def _skip_and_gate(y, x, D, z):
+    """y + D * x, then times silu(z), in fp32, back in x's dtype."""
+    if D is not None:
+        y = y + x.float() * (D.float()[:, None] if D.dim() == 1 else D.float())
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(x.dtype)
+
+
+def ssd_scan_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_min=0.0,
+                 dt_max=float("inf"), initial_state=None, return_final_state=False):
+    x_in, x = x, x.float()
+    dt = _step_sizes(dt, dt_bias, dt_softplus, dt_min, dt_max)
     heads = x.shape[2]
-    B = B.float().repeat_interleave(heads // B.shape[2], dim=2)  # groups -> heads
-    C = C.float().repeat_interleave(heads // C.shape[2], dim=2)
+    B, C = _per_head(B, heads), _per_head(C, heads)
     decay = torch.exp(dt * A.float())                             # [b, l, h]
     state = x.new_zeros(x.shape[0], heads, x.shape[3], B.shape[-1]) if initial_state is None \
         else initial_state.float()
@@ -46,12 +63,7 @@ def ssd_scan_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False
         drive = (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]   # [b, h, p, n]
         state = decay[:, t, :, None, None] * state + drive
         outputs.append((state * C[:, t, :, None, :]).sum(-1))
-    y = torch.stack(outputs, dim=1) if outputs else x.new_zeros(x.shape)
-    if D is not None:
-        y = y + x * (D.float()[:, None] if D.dim() == 1 else D.float())
-    if z is not None:
-        y = y * F.silu(z.float())
-    y = y.to(dtype)
+    y = _skip_and_gate(torch.stack(outputs, dim=1) if outputs else x.new_zeros(x.shape), x_in, D, z)
     return (y, state) if return_final_state else y
 
 
@@ -69,9 +81,9 @@ def _segment_sums(log_decay: Tensor) -> Tensor:
     one chunk at most)."""
     q = log_decay.shape[-1]
     repeated = log_decay[..., None, :].expand(*log_decay.shape[:-1], q, q)   # [..., t, k] = a_k
-    strictly_below = torch.ones(q, q, dtype=torch.bool, device=log_decay.device).tril(-1)
-    sums = repeated.transpose(-1, -2).masked_fill(~strictly_below, 0).cumsum(-2)  # [..., t, s] = sum_{s<k<=t}
-    return sums.masked_fill(~torch.ones(q, q, dtype=torch.bool, device=log_decay.device).tril(), float("-inf"))
+    lower = torch.ones(q, q, dtype=torch.bool, device=log_decay.device).tril()
+    sums = repeated.transpose(-1, -2).masked_fill(~lower.tril(-1), 0).cumsum(-2)  # [..., t, s] = sum_{s<k<=t}
+    return sums.masked_fill(~lower, float("-inf"))
 
 
 def ssd_scan_cpu(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_min=0.0, dt_max=float("inf")):
@@ -79,11 +91,7 @@ def ssd_scan_cpu(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False
     b, length, heads, headdim = x.shape
     if length == 0:  # nothing to scan (x * 0, not zeros_like: the backward's recompute needs a graph)
         return x * 0
-    dt = dt.float() + (dt_bias.float() if dt_bias is not None else 0.0)
-    if dt_softplus:
-        dt = F.softplus(dt)
-    if dt_min > 0.0 or dt_max != float("inf"):
-        dt = dt.clamp(min=dt_min, max=dt_max)
+    dt = _step_sizes(dt, dt_bias, dt_softplus, dt_min, dt_max)
     q = min(CPU_CHUNK, length)
     pad = (-length) % q
     chunks = (length + pad) // q
@@ -93,10 +101,8 @@ def ssd_scan_cpu(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False
         t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
         return t.reshape(b, chunks, q, *t.shape[2:])
 
-    x_f = x.float()
-    B_h = B.float().repeat_interleave(heads // B.shape[2], dim=2)  # groups -> heads
-    C_h = C.float().repeat_interleave(heads // C.shape[2], dim=2)
-    xdt, Bc, Cc = chunked(x_f * dt[..., None]), chunked(B_h), chunked(C_h)     # [b, c, q, h, p|n]
+    xdt, Bc, Cc = chunked(x.float() * dt[..., None]), chunked(_per_head(B, heads)), chunked(_per_head(C, heads))
+    # [b, c, q, h, p|n]
     log_decay = chunked(dt * A.float()).permute(0, 1, 3, 2)                   # [b, c, h, q]
     cumulative = log_decay.cumsum(-1)
     # within chunks: y_t += sum_{s<=t} exp(sum_(s,t] log_decay) (C_t . B_s) dt_s x_s
@@ -105,22 +111,18 @@ def ssd_scan_cpu(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False
     # each chunk's own contribution to the state at its end, then the states entering each chunk
     to_end = torch.exp(cumulative[..., -1:] - cumulative)                     # [b, c, h, q]
     chunk_states = torch.einsum("bchs,bcshn,bcshp->bchpn", to_end, Bc, xdt)
-    chunk_decay = torch.exp(cumulative[..., -1])                              # [b, c, h]
-    state = x_f.new_zeros(b, heads, headdim, B.shape[-1])
+    from_start = torch.exp(cumulative)                                        # [b, c, h, q]
+    chunk_decay = from_start[..., -1]                                         # [b, c, h]: over the whole chunk
+    state = xdt.new_zeros(b, heads, headdim, B.shape[-1])
     entering = []
     for c in range(chunks):
         entering.append(state)
         state = chunk_decay[:, c, :, None, None] * state + chunk_states[:, c]
     entering = torch.stack(entering, 1)                                       # [b, c, h, p, n]
     # from the state entering the chunk: y_t += exp(sum_[0,t] log_decay) C_t . state
-    y = y + torch.einsum("bcthn,bchpn->bcthp", Cc, entering) * torch.exp(cumulative).transpose(-1, -2)[..., None]
+    y = y + torch.einsum("bcthn,bchpn->bcthp", Cc, entering) * from_start.transpose(-1, -2)[..., None]
     # contiguous, as the fake's empty_like(x) says: callers view the output (Falcon-H1's mixer does)
-    y = y.reshape(b, chunks * q, heads, headdim)[:, :length].contiguous()
-    if D is not None:
-        y = y + x_f * (D.float()[:, None] if D.dim() == 1 else D.float())
-    if z is not None:
-        y = y * F.silu(z.float())
-    return y.to(x.dtype)
+    return _skip_and_gate(y.reshape(b, chunks * q, heads, headdim)[:, :length].contiguous(), x, D, z)
 
 
 @torch.library.custom_op("sparsify::ssd_scan", mutates_args=())
@@ -137,6 +139,13 @@ def _cuda_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max):
     # The chunk size only changes the order of the sums; 256 is mamba_ssm's default.
     return cuda_chunk_scan(x, dt, A, B, C, 256, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
                            dt_limit=(dt_min, dt_max))
+
+
+def ssd_scan_fn(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf"))):
+    """mamba_ssm's mamba_chunk_scan_combined options (no state in or out) over the op: what mamba_ssm's and
+    transformers' Mamba2 code call, through sparsify.frontends."""
+    return torch.ops.sparsify.ssd_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, float(dt_limit[0]),
+                                      float(dt_limit[1]))
 
 
 @ssd_scan.register_fake
