@@ -67,6 +67,16 @@ class ModalityGroups:
         return [(m, start, stop) for m, start, stop in zip(modality, starts, starts[1:] + [rows])]
 
     @functools.cached_property
+    def present_slots(self) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """(the modalities present, in order; each row's position among them; each row's index): for an op
+        that computes every present modality on all rows and keeps each row's own (a few rows)."""
+        present = [m for m, count in enumerate(self.counts) if count]
+        ids = self._ids().reshape(-1)
+        slot = torch.full((self.modalities,), -1, dtype=torch.long, device=ids.device)
+        slot[present] = torch.arange(len(present), device=ids.device)
+        return present, slot[ids], torch.arange(ids.numel(), device=ids.device)
+
+    @functools.cached_property
     def order(self) -> torch.Tensor | None:
         """Row indices in modality order; None when the rows are computed in place (`runs`). Sorted on
         first use, so an op that only needs the ids validated (a gather) pays no sort."""
