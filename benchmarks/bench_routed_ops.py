@@ -53,19 +53,59 @@ def report(title, timings):
         print(f"  {name:<34} {timings.median(name) * 1e3:9.3f} ms   {timings.ratio(name, 'dense')}")
 
 
+def few_rows(args, device, dtype, g):
+    """A decoding step's linears: a few rows (one per sequence) through each of --layers distinct weights, so the
+    weights come from memory as a model's do, not from cache. Dense F.linear (X @ W^T) against the routed op's
+    reference, called directly as decode graphs call it (passes/direct_calls.py), on rows of one modality and on
+    rows of modality r % M; and dense computed as W @ X^T, the form the reference uses for 2-4 rows, which shows
+    what of the ratio is that GEMM form rather than routing."""
+    import importlib
+
+    routed_linear_ref = importlib.import_module("sparsify.ops.routed_linear").routed_linear_ref
+    dense_w = [(args.d_in ** -0.5 * torch.randn(args.d_out, args.d_in, generator=g)).to(device, dtype)
+               for _ in range(args.layers)]
+    routed_w = [(args.d_in ** -0.5 * torch.randn(args.modalities, args.d_out, args.d_in, generator=g)).to(device, dtype)
+                for _ in range(args.layers)]
+    print(f"few rows: {args.layers} distinct weights {args.d_in} -> {args.d_out} ({args.modalities} modalities "
+          f"routed), times per weight")
+    for rows in (1, 2, 4, 8):
+        x = torch.randn(rows, args.d_in, generator=g).to(device, dtype)
+        one, mixed = torch.ones(rows, dtype=torch.long), torch.arange(rows) % args.modalities
+        runs = {
+            "dense": lambda: [F.linear(x, w) for w in dense_w],
+            "dense as W @ X^T": lambda: [torch.mm(w, x.t()).t().contiguous() for w in dense_w],
+            "routed, one modality": lambda: [routed_linear_ref(x, one, w, None) for w in routed_w],
+            "routed, modality r % M": lambda: [routed_linear_ref(x, mixed, w, None) for w in routed_w],
+        }
+        timings = interleaved(runs, args.repeats)
+        print(f"  {rows} rows")
+        for name in timings.samples:
+            print(f"    {name:<32} {timings.median(name) / args.layers * 1e6:9.1f} us   {timings.ratio(name, 'dense')}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, default=16384 if CUDA else 8192)
-    parser.add_argument("--d-in", type=int, default=4096 if CUDA else 1024)
-    parser.add_argument("--d-out", type=int, default=11008 if CUDA else 2816)
+    parser.add_argument("--d-in", type=int, help="default 4096 on GPU, 1024 on CPU, 256 with --few-rows")
+    parser.add_argument("--d-out", type=int, help="default 11008 on GPU, 2816 on CPU, 704 with --few-rows")
     parser.add_argument("--modalities", type=int, default=3)
     parser.add_argument("--dtype", default="bfloat16" if CUDA else "float32",
                         choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=20 if CUDA else 9)
     parser.add_argument("--backward", action="store_true")
+    parser.add_argument("--few-rows", action="store_true",
+                        help="only a decoding step's linears: 1-8 rows through --layers distinct weights "
+                             "(default d 256 -> 704, as bench_generate.py's Llama)")
+    parser.add_argument("--layers", type=int, default=28)
     args = parser.parse_args()
+    default_d = (256, 704) if args.few_rows else (4096, 11008) if CUDA else (1024, 2816)
+    args.d_in, args.d_out = args.d_in or default_d[0], args.d_out or default_d[1]
     device, dtype = ("cuda" if CUDA else "cpu"), getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(0)
+    if args.few_rows:
+        with torch.no_grad():
+            few_rows(args, device, dtype, g)
+        return
 
     def rand(*shape, scale=1.0):
         return (scale * torch.randn(*shape, generator=g)).to(device, dtype).requires_grad_(args.backward)

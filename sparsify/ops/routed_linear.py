@@ -40,7 +40,10 @@ def routed_linear_ref(x: Tensor, modality_ids: Tensor, weight: Tensor, bias: Opt
     biases = [None] * weight.shape[0] if bias is None else bias.unbind(0)
     same_dtype = x.dtype == weight.dtype == out_dtype and (bias is None or bias.dtype == out_dtype)
     for m, rows, out_rows in zip(modalities, x_sorted.split_with_sizes(sizes), out.split_with_sizes(sizes)):
-        _matmul_into(out_rows, rows, weights_t[m], biases[m], same_dtype=same_dtype)
+        if same_dtype and FEW_ROWS[0] <= rows.shape[0] <= FEW_ROWS[1]:  # a few rows of a larger batch's step
+            out_rows.copy_(_transposed_product(weight[m], biases[m], rows).t())
+        else:
+            _matmul_into(out_rows, rows, weights_t[m], biases[m], same_dtype=same_dtype)
     return groups.from_sorted(out).reshape(out_shape)
 
 
@@ -56,16 +59,27 @@ def _few_rows_linear(x_rows: Tensor, weight: Tensor, bias: Optional[Tensor], gro
     several modalities among the rows, every present modality's weight takes all the rows (a few rows: the
     products cost nothing next to reading the weights, which each row's modality needs anyway) and each row
     keeps its own modality's column: no sort, no split into one- or two-row products, where MKL is slowest."""
-    def product(m):
-        if bias is None:
-            return torch.mm(weight[m], x_rows.t())
-        return torch.addmm(bias[m].unsqueeze(1), weight[m], x_rows.t())
+    def bias_of(m):
+        return None if bias is None else bias[m]
 
     if groups.single is not None:
-        return product(groups.single).t().contiguous()
+        return _transposed_product(weight[groups.single], bias_of(groups.single), x_rows).t().contiguous()
     present, slot_of_row, row = groups.present_slots
-    products = torch.stack([product(m) for m in present])  # [present, out, rows]
+    first, last = present[0], present[-1]
+    if last - first + 1 == len(present):  # consecutive modalities: their stacked weights are one [P * out, in] GEMM
+        products = _transposed_product(weight[first:last + 1].flatten(0, 1),
+                                       None if bias is None else bias[first:last + 1].flatten(), x_rows)
+    else:
+        products = torch.stack([_transposed_product(weight[m], bias_of(m), x_rows) for m in present])
+    products = products.view(len(present), weight.shape[1], x_rows.shape[0])  # [present, out, rows]
     return products[slot_of_row, :, row]  # [rows, out]: row r's column of its modality's product
+
+
+def _transposed_product(weight: Tensor, bias: Optional[Tensor], rows: Tensor) -> Tensor:
+    """(rows @ weight.T + bias).T as weight @ rows.T: [out, rows] (see FEW_ROWS)."""
+    if bias is None:
+        return torch.mm(weight, rows.t())
+    return torch.addmm(bias.unsqueeze(1), weight, rows.t())
 
 
 def _matmul_into(out: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor] = None, accumulate: bool = False,

@@ -243,3 +243,44 @@ def test_routed_rms_norm_fp32_equals_the_step_by_step_norm_bitwise(ids_kind):
     ids = torch.ones(3, 7, dtype=torch.long) if ids_kind == "one modality" else torch.randint(0, 3, (3, 7))
     steps = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight[ids]
     assert torch.equal(routed_rms_norm_ref(x, ids, weight, 1e-6), steps)
+
+
+# A decoding step: one row per sequence. Rows (token shape) and their modality ids: one modality; consecutive
+# modalities (one GEMM over their stacked weights); modalities with a gap (one GEMM each); and a batch of 8
+# sorted into slices of 1-4 rows.
+FEW_ROW_CASES = [
+    ((2, 1), [[1], [1]]),
+    ((4, 1), [[0], [1], [2], [0]]),
+    ((3,), [2, 0, 2]),
+    ((2,), [1, 2]),
+    ((8, 1), [[0], [1], [2], [0], [1], [2], [0], [3]]),
+]
+
+
+@pytest.mark.parametrize("token_shape,ids", FEW_ROW_CASES)
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("call", ["op", "direct"])
+def test_routed_linear_of_a_few_rows_as_decoding_steps_call_it(monkeypatch, token_shape, ids, with_bias, call):
+    """The reference computes products of 2-4 rows as W @ X^T (routed_linear.FEW_ROWS): equal to the per-token
+    product, contiguous as the op's fake says; through the op, gradients too (its backward); called directly,
+    as a decode graph's direct calls run it under generate's no_grad, the forward."""
+    import importlib
+
+    module = importlib.import_module("sparsify.ops.routed_linear")
+    transposed = []
+    original = module._transposed_product
+    monkeypatch.setattr(module, "_transposed_product", lambda *a: transposed.append(1) or original(*a))
+    x, _, w, b = make(token_shape, 24, 40, 4, torch.float32)
+    ids = torch.tensor(ids)
+    b = b if with_bias else None
+    with torch.no_grad() if call == "direct" else torch.enable_grad():
+        out = (ops.routed_linear if call == "op" else module.routed_linear_ref)(x, ids, w, b)
+    assert transposed, "the few-rows form was not taken"
+    assert out.is_contiguous() and out.shape == (*token_shape, 40)
+    expected = torch.einsum("...i,...oi->...o", x, w[ids]) + (b[ids] if with_bias else 0)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    if call == "direct":
+        return
+    inputs = [x, w] + ([b] if with_bias else [])
+    for got, want in zip(grads(out, inputs), grads(expected, inputs)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
