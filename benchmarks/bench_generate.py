@@ -41,6 +41,7 @@ def main():
 
     # Sequence b's new tokens get modality b % M: every decode step groups its rows into M GEMMs.
     per_row = torch.arange(args.batch) % args.modalities
+    step_bytes = weight_bytes_per_step(dense, routed.plan, present=len(per_row.unique()))
     timings = interleaved({
         "dense": lambda: dense.generate(prompt, **options),
         "one": lambda: routed.generate(prompt, modality_ids=modality_ids, next_modality=1, **options),
@@ -58,6 +59,20 @@ def main():
           "(new tokens of one modality)")
     print(f"  routed  {tokens_per_second['mixed']:9.1f} tokens/s   {timings.ratio('dense', 'mixed')}   "
           "(sequence b's new tokens of modality b % M)")
+    print(f"weights a decode step reads: dense and one modality {step_bytes[0] / 2**20:.1f} MiB, modality b % M "
+          f"{step_bytes[1] / 2**20:.1f} MiB ({step_bytes[1] / step_bytes[0]:.2f}x: each present modality's copies)")
+
+
+def weight_bytes_per_step(dense, plan, present: int) -> tuple[int, int]:
+    """Bytes of weights one decode step streams: every parameter but the input embedding (a step gathers its
+    rows; counted where it is tied to the output layer), for dense (= routed with one modality) and for a
+    routed step whose rows hold `present` modalities (each reads its own copy of every routed parameter)."""
+    embedding = dense.get_input_embeddings().weight
+    output = dense.get_output_embeddings()
+    tied = output is not None and output.weight is embedding
+    streamed = sum(p.numel() * p.element_size() for p in dense.parameters() if tied or p is not embedding)
+    routed = sum(dense.get_parameter(p.fqn).numel() * dense.get_parameter(p.fqn).element_size() for p in plan.params)
+    return streamed, streamed + (present - 1) * routed
 
 
 if __name__ == "__main__":

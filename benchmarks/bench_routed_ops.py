@@ -68,7 +68,7 @@ def few_rows(args, device, dtype, g):
                 for _ in range(args.layers)]
     print(f"few rows: {args.layers} distinct weights {args.d_in} -> {args.d_out} ({args.modalities} modalities "
           f"routed), times per weight")
-    for rows in (1, 2, 4, 8):
+    for rows in (1, 2, 4, 8, 16):
         x = torch.randn(rows, args.d_in, generator=g).to(device, dtype)
         one, mixed = torch.ones(rows, dtype=torch.long), torch.arange(rows) % args.modalities
         runs = {
@@ -94,7 +94,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=20 if CUDA else 9)
     parser.add_argument("--backward", action="store_true")
     parser.add_argument("--few-rows", action="store_true",
-                        help="only a decoding step's linears: 1-8 rows through --layers distinct weights "
+                        help="only a decoding step's linears: 1-16 rows through --layers distinct weights "
                              "(default d 256 -> 704, as bench_generate.py's Llama)")
     parser.add_argument("--layers", type=int, default=28)
     args = parser.parse_args()
