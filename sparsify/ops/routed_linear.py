@@ -19,15 +19,16 @@ from sparsify.ops.backend import use_triton
 
 def routed_linear_ref(x: Tensor, modality_ids: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """Plain-PyTorch reference: one GEMM per slice of rows (ModalityGroups): per run of one modality in place,
-    or per modality after one sort; one F.linear on x as it is when a single modality holds every row, as in
-    a decoding step of one modality."""
+    or per modality after one sort; one F.linear on x as it is when a single modality holds every row. On CPU,
+    2-4 rows (a decoding step) and slices of 2-4 rows are products in the W @ X^T form (FEW_ROWS)."""
     groups = groups_of(modality_ids, weight.shape[0])
     out_shape = (*x.shape[:-1], weight.shape[1])
     out_dtype = torch.result_type(x, weight)
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if FEW_ROWS[0] <= rows <= FEW_ROWS[1] and x.dtype == weight.dtype == out_dtype \
-            and (bias is None or bias.dtype == out_dtype):
-        return _few_rows_linear(x.reshape(rows, -1), weight, bias, groups).reshape(out_shape)
+    same_dtype = x.dtype == weight.dtype == out_dtype and (bias is None or bias.dtype == out_dtype)
+    few_rows = same_dtype and x.device.type == "cpu"
+    row_count = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if few_rows and FEW_ROWS[0] <= row_count <= FEW_ROWS[1]:
+        return _few_rows_linear(x.reshape(row_count, -1), weight, bias, groups).reshape(out_shape)
     if groups.single is not None:
         m = groups.single
         return F.linear(x, weight[m], None if bias is None else bias[m])
@@ -38,9 +39,8 @@ def routed_linear_ref(x: Tensor, modality_ids: Tensor, weight: Tensor, bias: Opt
     modalities, sizes = groups.split
     weights_t = weight.transpose(1, 2).unbind(0)
     biases = [None] * weight.shape[0] if bias is None else bias.unbind(0)
-    same_dtype = x.dtype == weight.dtype == out_dtype and (bias is None or bias.dtype == out_dtype)
     for m, rows, out_rows in zip(modalities, x_sorted.split_with_sizes(sizes), out.split_with_sizes(sizes)):
-        if same_dtype and FEW_ROWS[0] <= rows.shape[0] <= FEW_ROWS[1]:  # a few rows of a larger batch's step
+        if few_rows and FEW_ROWS[0] <= rows.shape[0] <= FEW_ROWS[1]:  # a few rows of a larger batch's step
             out_rows.copy_(_transposed_product(weight[m], biases[m], rows).t())
         else:
             _matmul_into(out_rows, rows, weights_t[m], biases[m], same_dtype=same_dtype)
