@@ -57,7 +57,7 @@ def few_rows(args, device, dtype, g):
     """A decoding step's linears: a few rows (one per sequence) through each of --layers distinct weights, so the
     weights come from memory as a model's do, not from cache. Dense F.linear (X @ W^T) against the routed op's
     reference, called directly as decode graphs call it (passes/direct_calls.py), on rows of one modality and on
-    rows of modality r % M; and dense computed as W @ X^T, the form the reference uses for 2-4 rows, which shows
+    rows of modality r % M; and dense computed as W @ X^T, the form the reference uses for 2-16 rows, which shows
     what of the ratio is that GEMM form rather than routing."""
     import importlib
 

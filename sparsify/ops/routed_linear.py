@@ -20,7 +20,7 @@ from sparsify.ops.backend import use_triton
 def routed_linear_ref(x: Tensor, modality_ids: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """Plain-PyTorch reference: one GEMM per slice of rows (ModalityGroups): per run of one modality in place,
     or per modality after one sort; one F.linear on x as it is when a single modality holds every row. On CPU,
-    2-4 rows (a decoding step) and slices of 2-4 rows are products in the W @ X^T form (FEW_ROWS)."""
+    2-16 rows (a decoding step) and slices of 2-16 rows are products in the W @ X^T form (FEW_ROWS)."""
     groups = groups_of(modality_ids, weight.shape[0])
     out_shape = (*x.shape[:-1], weight.shape[1])
     out_dtype = torch.result_type(x, weight)
@@ -48,14 +48,15 @@ def routed_linear_ref(x: Tensor, modality_ids: Tensor, weight: Tensor, bias: Opt
 
 
 # A decoding step's linear is a product of a few rows (one per sequence of the batch) with a weight that has to
-# come from memory. For 2-4 rows MKL's sgemm (torch 2.13, this machine's AMD EPYC) streams the weight 1.5-2.5x
-# faster when asked for the product transposed, W @ X^T, than for X @ W^T as F.linear asks: benchmarks/
-# bench_routed_ops.py --few-rows measures both forms. One row is a GEMV either way (its own, fast enough).
-FEW_ROWS = (2, 4)
+# come from memory. For 2-16 rows MKL's sgemm (torch 2.13, this machine's AMD EPYC) streams the weight 1.3-3x
+# faster when asked for the product transposed, W @ X^T, than for X @ W^T as F.linear asks (1.1x slower at 8 rows
+# of one 2048 x 2048 weight, about even for weights that sit in cache): benchmarks/bench_routed_ops.py --few-rows
+# measures both forms. One row is a GEMV either way, kept as F.linear asks for it (the faster of the two there).
+FEW_ROWS = (2, 16)
 
 
 def _few_rows_linear(x_rows: Tensor, weight: Tensor, bias: Optional[Tensor], groups) -> Tensor:
-    """x_rows [rows, in] (2-4 rows, one dtype throughout) through each row's modality's weight, as W @ X^T. With
+    """x_rows [rows, in] (2-16 rows, one dtype throughout) through each row's modality's weight, as W @ X^T. With
     several modalities among the rows, every present modality's weight takes all the rows (a few rows: the
     products cost nothing next to reading the weights, which each row's modality needs anyway) and each row
     keeps its own modality's column: no sort, no split into one- or two-row products, where MKL is slowest."""

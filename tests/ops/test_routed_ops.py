@@ -246,14 +246,15 @@ def test_routed_rms_norm_fp32_equals_the_step_by_step_norm_bitwise(ids_kind):
 
 
 # A decoding step: one row per sequence. Rows (token shape) and their modality ids: one modality; consecutive
-# modalities (one GEMM over their stacked weights); modalities with a gap (one GEMM each); and a batch of 8
-# sorted into slices of 1-4 rows.
+# modalities (one GEMM over their stacked weights); modalities with a gap (one GEMM each); and a batch of 20
+# sorted into slices of 1-10 rows.
 FEW_ROW_CASES = [
     ((2, 1), [[1], [1]]),
     ((4, 1), [[0], [1], [2], [0]]),
     ((3,), [2, 0, 2]),
     ((2,), [1, 2]),
     ((8, 1), [[0], [1], [2], [0], [1], [2], [0], [3]]),
+    ((20,), [0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 1, 0, 2, 0, 2, 0, 2, 0, 2, 2]),
 ]
 
 
@@ -261,7 +262,7 @@ FEW_ROW_CASES = [
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("call", ["op", "direct"])
 def test_routed_linear_of_a_few_rows_as_decoding_steps_call_it(monkeypatch, token_shape, ids, with_bias, call):
-    """The reference computes products of 2-4 rows as W @ X^T (routed_linear.FEW_ROWS): equal to the per-token
+    """The reference computes products of 2-16 rows as W @ X^T (routed_linear.FEW_ROWS): equal to the per-token
     product, contiguous as the op's fake says; through the op, gradients too (its backward); called directly,
     as a decode graph's direct calls run it under generate's no_grad, the forward."""
     import importlib
