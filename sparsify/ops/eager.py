@@ -3,7 +3,8 @@
 A custom op call costs 30-50 us on CPU before any work (argument handling, its autograd wrapper), forward and
 backward alike: with ~70 routed ops and their backwards, a tenth of a small Llama's training step. Two forms:
 
-    direct   the reference itself: plain PyTorch, autograd follows its ops (a decoding step: no backward)
+    direct   the reference itself, for a decoding step under no_grad (the references write into scratch
+             buffers with out=, which autograd refuses)
     eager    the op's own autograd (setup_context, backward) around the reference, backward called directly:
              the module tree's forwards (training)
 

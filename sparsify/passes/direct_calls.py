@@ -5,8 +5,9 @@
 
 A custom op call costs 30-50 us of dispatch on CPU before any work: a third of a small model's decoding step.
 A graph that is only ever run eagerly (a decoding step: never exported, traced or unflattened) calls the
-references directly (ops/eager.py); they are plain PyTorch, so autograd still follows them. Triton-lowered
-ops keep the custom op (their backward is the op's own).
+references directly (ops/eager.py), under generate's no_grad: they are plain PyTorch, but their CPU paths
+write into reused scratch buffers (out=), which autograd refuses. Triton-lowered ops keep the custom op (their
+backward is the op's own).
 """
 from __future__ import annotations
 
