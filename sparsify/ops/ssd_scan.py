@@ -115,9 +115,11 @@ def ssd_scan_cpu(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False
     chunk_decay = from_start[..., -1]                                         # [b, c, h]: over the whole chunk
     state = xdt.new_zeros(b, heads, headdim, B.shape[-1])
     entering = []
-    for c in range(chunks):
+    # unbound once: indexing chunk c in the loop would cost its backward a zero-filled copy of the whole
+    # tensor per chunk (SelectBackward), quadratic in the chunks (at length 4096 most of the step)
+    for decay, own in zip(chunk_decay[..., None, None].unbind(1), chunk_states.unbind(1)):
         entering.append(state)
-        state = chunk_decay[:, c, :, None, None] * state + chunk_states[:, c]
+        state = decay * state + own
     entering = torch.stack(entering, 1)                                       # [b, c, h, p, n]
     # from the state entering the chunk: y_t += exp(sum_[0,t] log_decay) C_t . state
     y = y + torch.einsum("bcthn,bchpn->bcthp", Cc, entering) * from_start.transpose(-1, -2)[..., None]
