@@ -146,6 +146,42 @@ def test_ssd_scan_op_matches_step_reference_with_gate_bias_and_limits(per_channe
         torch.testing.assert_close(a, b_, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("length", [150, 64, 1, 0])
+@pytest.mark.parametrize("loss_uses_final_state", [True, False])
+def test_ssd_scan_with_state_matches_step_reference(length, loss_uses_final_state):
+    """The scan from a given state that returns its final one (a generation prefill): output and final state equal
+    the step reference's from the same state, and so does every gradient, the initial state's included (a loss
+    on the output alone: the final state's gradient is None, as when it only fills a cache)."""
+    from sparsify.ops.ssd_scan import ssd_scan_fn
+
+    g = torch.Generator().manual_seed(4)
+    b, h, p, n = 2, 4, 3, 5
+    tensors = [torch.randn(b, length, h, p, generator=g), torch.randn(b, length, h, generator=g),
+               -torch.rand(h, generator=g), torch.randn(b, length, 2, n, generator=g),
+               torch.randn(b, length, 2, n, generator=g), torch.randn(h, generator=g),
+               torch.randn(b, length, h, p, generator=g), torch.randn(h, generator=g),
+               torch.randn(b, h, p, n, generator=g)]
+    ours_in = [t.clone().requires_grad_() for t in tensors]
+    theirs_in = [t.clone().requires_grad_() for t in tensors]
+    x, dt, A, B, C, D, z, dt_bias, state = ours_in
+    y, final = ssd_scan_fn(x, dt, A, B, C, D, z, dt_bias, True, (0.05, 2.0), initial_states=state,
+                           return_final_states=True)
+    y_ref, final_ref = ssd_scan_ref(*theirs_in[:8], True, 0.05, 2.0, theirs_in[8], True)
+    assert final.dtype == torch.float32 and final.shape == (b, h, p, n)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final, final_ref, rtol=1e-5, atol=1e-5)
+    if length == 0:
+        return
+    upstream = (torch.randn(y.shape, generator=g), torch.randn(final.shape, generator=g))
+    if loss_uses_final_state:
+        ours, theirs = torch.autograd.grad((y, final), ours_in, upstream), \
+            torch.autograd.grad((y_ref, final_ref), theirs_in, upstream)
+    else:
+        ours, theirs = torch.autograd.grad(y, ours_in, upstream[0]), torch.autograd.grad(y_ref, theirs_in, upstream[0])
+    for a, b_ in zip(ours, theirs):
+        torch.testing.assert_close(a, b_, rtol=1e-4, atol=1e-5)
+
+
 def lm(layer, rms_norm=True, fused_add_norm=True):
     torch.manual_seed(0)
     ssm_cfg = {"layer": layer, "d_state": 8} | ({"headdim": 16} if layer == "Mamba2" else {})

@@ -211,17 +211,30 @@ def test_sliding_window_attention_generates_as_dense_past_the_window(family):
     assert step_graphs(routed) == {"prefill": 2, "decode": 2}  # one of each per batch size (2, and 2 x 2 beams)
 
 
+def bamba():
+    from tests.test_convert_hybrid_families import bamba
+
+    return bamba()
+
+
 # Mamba: the prefill's scan returns its final state (sparsify::selective_scan_with_state), one op for any length.
-@pytest.mark.parametrize("family,padded", [("llama", False), ("llama", True), ("mamba", False)])
+# Bamba (Mamba2 layers, chunk size 4): its prefill's chunked scan takes the cache's state and returns the new one
+# (sparsify::ssd_scan_with_state): one op for any length, where transformers' chunked code, traced, was a graph
+# per padding class (lengths 5, 7, 9 pad to 8, 8, 12).
+@pytest.mark.parametrize("family,padded", [("llama", False), ("llama", True), ("mamba", False), ("bamba", False),
+                                           ("bamba", True)])
 def test_one_prefill_and_one_decode_graph_per_cache_shape(family, padded):
     torch.manual_seed(0)
-    routed = sparsify.convert(MODELS[family]().eval(), modalities=2).eval()
+    dense = {**MODELS, "bamba": bamba}[family]().eval()
+    routed = sparsify.convert(dense, modalities=2).eval()
     for length in (5, 7, 9):  # prompt lengths differ; batch and cache length (max_length) stay
-        ids = torch.randint(0, 96, (2, length))
+        # no pad token (id 0 in Mamba and Bamba): generate would then make a padding mask, a graph input more
+        ids = torch.randint(1, 96, (2, length))
         # With a padding mask, the 2-D mask the graphs take grows by one column per step.
         mask = {"attention_mask": (torch.arange(length) >= torch.tensor([[0], [2]])).long()} if padded else {}
-        routed.generate(ids, modality_ids=torch.zeros_like(ids), max_length=16, min_length=16, do_sample=False,
-                        **mask)
+        options = dict(max_length=16, min_length=16, do_sample=False, **mask)
+        out = routed.generate(ids, modality_ids=torch.zeros_like(ids), **options)
+        assert torch.equal(out, dense.generate(ids, **options)), length
     assert step_graphs(routed) == {"prefill": 1, "decode": 1}
 
 

@@ -62,3 +62,31 @@ def test_cuda_path_matches_the_recurrence(chunk_scan, groups, d_per_channel, wit
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     for name, a, e in zip(["x", "dt", "A", "B", "C", "D", "z", "dt_bias"], grads_got, grads_want):
         torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-3, msg=f"grad of {name}")
+
+
+def test_cuda_path_with_a_state_in_and_out_matches_the_recurrence(chunk_scan):
+    """`sparsify::ssd_scan_with_state` on CUDA (a generation prefill): mamba_ssm's kernels from a given state,
+    returning the final one; output, final state and every gradient (the initial state's too) equal the
+    recurrence's."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(1)
+    b, length, heads, headdim, state = 2, 21, 4, 8, 16
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g)).to(device).requires_grad_()
+
+    inputs = [rand(b, length, heads, headdim), rand(b, length, heads, scale=0.5),
+              (-torch.rand(heads, generator=g) - 0.1).to(device).requires_grad_(),
+              rand(b, length, 1, state), rand(b, length, 1, state), rand(heads), None, rand(heads, scale=0.5),
+              rand(b, heads, headdim, state)]
+    options = (True, 0.0, float("inf"))
+    got = ssd_scan_module._cuda_scan_with_state(*inputs, *options)
+    want = ssd_scan_module.ssd_scan_ref(*inputs[:8], *options, inputs[8], True)
+    assert got[1].dtype == torch.float32
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+    upstream = [torch.randn(t.shape, generator=g).to(device) for t in want]
+    tensors = [t for t in inputs if t is not None]
+    for name, a, e in zip(["x", "dt", "A", "B", "C", "D", "dt_bias", "initial state"],
+                          torch.autograd.grad(got, tensors, upstream), torch.autograd.grad(want, tensors, upstream)):
+        torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-3, msg=f"grad of {name}")

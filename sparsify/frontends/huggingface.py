@@ -87,20 +87,21 @@ def _scan_graph_form(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None
 # transformers' Mamba2-family chunked SSD scan (Mamba2, Bamba, FalconH1, GraniteMoeHybrid, Zamba2, NemotronH:
 # `mamba2_chunk_scan`, mamba_ssm's mamba_chunk_scan_combined signature). Under torch.export transformers always
 # takes its PyTorch path, which pads the sequence to a multiple of the chunk size and reshapes it into chunks:
-# a graph valid for one padding class and chunk count, captured again at other lengths. Without a state in or
-# out (training, a forward without cache) it is the sparsify SSD scan op while capturing. With one (a
-# generation prefill) or packed sequences, transformers' own function stays: the op has no state arguments.
+# a graph valid for one padding class and chunk count, captured again at other lengths. While capturing it is
+# the sparsify SSD scan op: `ssd_scan`, or `ssd_scan_with_state` where a state goes in or out (a generation
+# prefill). Packed sequences (seq_idx, cu_seqlens) keep transformers' own function: the ops do not take them.
 CHUNK_SCAN_FUNCTION = "mamba2_chunk_scan"
 
 
 def _chunk_scan_graph_form(original):
     def chunk_scan(hidden_states, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_states=None,
                    dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False, z=None, **kwargs):
-        if initial_states is not None or return_final_states or any(v is not None for v in kwargs.values()):
+        if any(v is not None for v in kwargs.values()):
             return original(hidden_states, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias,
                             initial_states=initial_states, dt_softplus=dt_softplus, dt_limit=dt_limit,
                             return_final_states=return_final_states, z=z, **kwargs)
-        return ssd_scan_fn(hidden_states, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
+        return ssd_scan_fn(hidden_states, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, initial_states,
+                           return_final_states)
     return chunk_scan
 
 

@@ -168,12 +168,8 @@ def _mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bi
                                return_final_states=False, return_varlen_states=False):
     if seq_idx is not None or cu_seqlens is not None or return_varlen_states:
         raise NotImplementedError("sparsify's CPU SSD scan does not support packed sequences (seq_idx/cu_seqlens)")
-    if return_final_states or initial_states is not None:
-        from sparsify.ops.ssd_scan import ssd_scan_ref
-
-        return ssd_scan_ref(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit[0], dt_limit[1], initial_states,
-                            return_final_states)
-    return ssd_scan_module.ssd_scan_fn(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
+    return ssd_scan_module.ssd_scan_fn(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, initial_states,
+                                       return_final_states)
 
 
 def _mamba_split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size,

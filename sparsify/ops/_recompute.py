@@ -15,8 +15,10 @@ def save_optional_tensors(ctx, inputs: Sequence) -> None:
     ctx.save_for_backward(*[t if isinstance(t, Tensor) else None for t in inputs])
 
 
-def vjp_by_recompute(forward: Callable[..., Tensor], saved: Sequence[Tensor | None], grad: Tensor) -> tuple:
-    """Gradients of forward(*saved) w.r.t. each saved float tensor (None for absent or non-float ones)."""
+def vjp_by_recompute(forward: Callable[..., Tensor | tuple], saved: Sequence[Tensor | None],
+                     grad: Tensor | tuple) -> tuple:
+    """Gradients of forward(*saved) w.r.t. each saved float tensor (None for absent or non-float ones); for a
+    forward with several outputs, `grad` holds one gradient per output."""
     inputs = [t.detach().requires_grad_(t.is_floating_point()) if t is not None else None for t in saved]
     with torch.enable_grad():
         out = forward(*inputs)

@@ -8,8 +8,9 @@ dt_bias [h]. On CPU it is SSD's chunked algorithm in PyTorch (`ssd_scan_cpu`):
 within chunks of CPU_CHUNK steps a masked [Q, Q] product per head, across chunks a
 short recurrence over the chunk states; this op's backward recomputes it under
 autograd. CUDA runs mamba_ssm's chunked Triton kernels when mamba_ssm is installed.
-`ssd_scan_ref` is the step-by-step reference (and what a caller wanting the final
-state runs).
+`sparsify::ssd_scan_with_state` also takes an initial state and returns the final one
+([b, h, p, n], fp32): the prefill of generation with a cache. `ssd_scan_ref` is the
+step-by-step reference both are tested against.
 """
 from __future__ import annotations
 
@@ -86,11 +87,16 @@ def _segment_sums(log_decay: Tensor) -> Tensor:
     return sums.masked_fill(~lower, float("-inf"))
 
 
-def ssd_scan_cpu(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_min=0.0, dt_max=float("inf")):
-    """The SSD scan by chunks (differentiable PyTorch; the op's backward recomputes it under autograd)."""
+def ssd_scan_cpu(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_min=0.0, dt_max=float("inf"),
+                 initial_state=None, return_final_state=False):
+    """The SSD scan by chunks (differentiable PyTorch; the ops' backward recomputes it under autograd), from
+    `initial_state` [b, h, p, n] (zeros when None); with the final state too where asked for."""
     b, length, heads, headdim = x.shape
     if length == 0:  # nothing to scan (x * 0, not zeros_like: the backward's recompute needs a graph)
-        return x * 0
+        if not return_final_state:
+            return x * 0
+        empty_state = x.new_zeros(b, heads, headdim, B.shape[-1], dtype=torch.float32)
+        return x * 0, empty_state if initial_state is None else initial_state.float() * 1
     dt = _step_sizes(dt, dt_bias, dt_softplus, dt_min, dt_max)
     q = min(CPU_CHUNK, length)
     pad = (-length) % q
@@ -113,7 +119,7 @@ def ssd_scan_cpu(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False
     chunk_states = torch.einsum("bchs,bcshn,bcshp->bchpn", to_end, Bc, xdt)
     from_start = torch.exp(cumulative)                                        # [b, c, h, q]
     chunk_decay = from_start[..., -1]                                         # [b, c, h]: over the whole chunk
-    state = xdt.new_zeros(b, heads, headdim, B.shape[-1])
+    state = xdt.new_zeros(b, heads, headdim, B.shape[-1]) if initial_state is None else initial_state.float()
     entering = []
     # unbound once: indexing chunk c in the loop would cost its backward a zero-filled copy of the whole
     # tensor per chunk (SelectBackward), quadratic in the chunks (at length 4096 most of the step)
@@ -124,7 +130,9 @@ def ssd_scan_cpu(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False
     # from the state entering the chunk: y_t += exp(sum_[0,t] log_decay) C_t . state
     y = y + torch.einsum("bcthn,bchpn->bcthp", Cc, entering) * from_start.transpose(-1, -2)[..., None]
     # contiguous, as the fake's empty_like(x) says: callers view the output (Falcon-H1's mixer does)
-    return _skip_and_gate(y.reshape(b, chunks * q, heads, headdim)[:, :length].contiguous(), x, D, z)
+    y = _skip_and_gate(y.reshape(b, chunks * q, heads, headdim)[:, :length].contiguous(), x, D, z)
+    # the padded steps have dt 0: the state after them is the state after the last real step
+    return (y, state) if return_final_state else y
 
 
 @torch.library.custom_op("sparsify::ssd_scan", mutates_args=())
@@ -143,11 +151,17 @@ def _cuda_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max):
                            dt_limit=(dt_min, dt_max))
 
 
-def ssd_scan_fn(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf"))):
-    """mamba_ssm's mamba_chunk_scan_combined options (no state in or out) over the op: what mamba_ssm's and
-    transformers' Mamba2 code call, through sparsify.frontends."""
-    return torch.ops.sparsify.ssd_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, float(dt_limit[0]),
-                                      float(dt_limit[1]))
+def ssd_scan_fn(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf")),
+                initial_states=None, return_final_states=False):
+    """mamba_ssm's mamba_chunk_scan_combined options (packed sequences aside) over the ops: what mamba_ssm's
+    and transformers' Mamba2 code call, through sparsify.frontends. With a state in or out, the op that takes
+    and returns one (a generation prefill)."""
+    limits = float(dt_limit[0]), float(dt_limit[1])
+    if initial_states is None and not return_final_states:
+        return torch.ops.sparsify.ssd_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, *limits)
+    y, final_state = torch.ops.sparsify.ssd_scan_with_state(x, dt, A, B, C, D, z, dt_bias, initial_states,
+                                                            dt_softplus, *limits)
+    return (y, final_state) if return_final_states else y
 
 
 @ssd_scan.register_fake
@@ -169,3 +183,43 @@ def _backward(ctx, grad):
 
 
 ssd_scan.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("sparsify::ssd_scan_with_state", mutates_args=())
+def ssd_scan_with_state(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                        z: Optional[Tensor], dt_bias: Optional[Tensor], initial_state: Optional[Tensor],
+                        dt_softplus: bool, dt_min: float, dt_max: float) -> tuple[Tensor, Tensor]:
+    return _scan_with_state(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, dt_min, dt_max)
+
+
+def _scan_with_state(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, dt_min, dt_max):
+    if x.is_cuda and cuda_chunk_scan is not None:
+        return _cuda_scan_with_state(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, dt_min, dt_max)
+    return ssd_scan_cpu(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max, initial_state, True)
+
+
+def _cuda_scan_with_state(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, dt_min, dt_max):
+    y, final_state = cuda_chunk_scan(x, dt, A, B, C, 256, D=D, z=z, dt_bias=dt_bias, initial_states=initial_state,
+                                     dt_softplus=dt_softplus, dt_limit=(dt_min, dt_max), return_final_states=True)
+    return y, final_state.float()
+
+
+@ssd_scan_with_state.register_fake
+def _(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, dt_min, dt_max):
+    return torch.empty_like(x), x.new_empty(x.shape[0], x.shape[2], x.shape[3], B.shape[-1], dtype=torch.float32)
+
+
+def _setup_context_with_state(ctx, inputs, output):
+    save_optional_tensors(ctx, inputs[:9])
+    ctx.options = inputs[9:]
+
+
+def _backward_with_state(ctx, grad, grad_final_state):
+    x, B = ctx.saved_tensors[0], ctx.saved_tensors[3]
+    if grad_final_state is None:  # the final state went into a cache, not into a loss
+        grad_final_state = x.new_zeros(x.shape[0], x.shape[2], x.shape[3], B.shape[-1], dtype=torch.float32)
+    return vjp_by_recompute(lambda *tensors: _scan_with_state(*tensors, *ctx.options), ctx.saved_tensors,
+                            (grad, grad_final_state)) + (None,) * 3
+
+
+ssd_scan_with_state.register_autograd(_backward_with_state, setup_context=_setup_context_with_state)
