@@ -35,6 +35,20 @@ def chunk_scan(monkeypatch):
     return ssd_scan_module._cuda_scan
 
 
+def scan_inputs(g, b, length, heads, headdim, groups, state, d_per_channel, with_z):
+    """x, dt, A, B, C, D, z (or None), dt_bias: random, on the device, requiring grad."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g)).to(device).requires_grad_()
+
+    return [rand(b, length, heads, headdim), rand(b, length, heads, scale=0.5),
+            (-torch.rand(heads, generator=g) - 0.1).to(device).requires_grad_(),
+            rand(b, length, groups, state), rand(b, length, groups, state),
+            rand(heads, headdim) if d_per_channel else rand(heads),
+            rand(b, length, heads, headdim) if with_z else None, rand(heads, scale=0.5)]
+
+
 @pytest.mark.parametrize("groups,d_per_channel,with_z,dt_limit", [
     (1, False, True, (0.0, float("inf"))),
     (2, True, False, (0.05, 2.0)),
@@ -42,16 +56,7 @@ def chunk_scan(monkeypatch):
 def test_cuda_path_matches_the_recurrence(chunk_scan, groups, d_per_channel, with_z, dt_limit):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
-    b, length, heads, headdim, state = 2, 37, 4, 8, 16
-
-    def rand(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, generator=g)).to(device).requires_grad_()
-
-    inputs = [rand(b, length, heads, headdim), rand(b, length, heads, scale=0.5),
-              (-torch.rand(heads, generator=g) - 0.1).to(device).requires_grad_(),
-              rand(b, length, groups, state), rand(b, length, groups, state),
-              rand(heads, headdim) if d_per_channel else rand(heads),
-              rand(b, length, heads, headdim) if with_z else None, rand(heads, scale=0.5)]
+    inputs = scan_inputs(g, 2, 37, 4, 8, groups, 16, d_per_channel, with_z)
     options = (True, *dt_limit)
     got = chunk_scan(*inputs, *options)
     want = ssd_scan_module.ssd_scan_ref(*inputs, *options)
@@ -71,14 +76,8 @@ def test_cuda_path_with_a_state_in_and_out_matches_the_recurrence(chunk_scan):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(1)
     b, length, heads, headdim, state = 2, 21, 4, 8, 16
-
-    def rand(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, generator=g)).to(device).requires_grad_()
-
-    inputs = [rand(b, length, heads, headdim), rand(b, length, heads, scale=0.5),
-              (-torch.rand(heads, generator=g) - 0.1).to(device).requires_grad_(),
-              rand(b, length, 1, state), rand(b, length, 1, state), rand(heads), None, rand(heads, scale=0.5),
-              rand(b, heads, headdim, state)]
+    initial_state = torch.randn(b, heads, headdim, state, generator=g).to(device).requires_grad_()
+    inputs = scan_inputs(g, b, length, heads, headdim, 1, state, False, False) + [initial_state]
     options = (True, 0.0, float("inf"))
     got = ssd_scan_module._cuda_scan_with_state(*inputs, *options)
     want = ssd_scan_module.ssd_scan_ref(*inputs[:8], *options, inputs[8], True)

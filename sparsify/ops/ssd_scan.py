@@ -95,8 +95,9 @@ def ssd_scan_cpu(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False
     if length == 0:  # nothing to scan (x * 0, not zeros_like: the backward's recompute needs a graph)
         if not return_final_state:
             return x * 0
-        empty_state = x.new_zeros(b, heads, headdim, B.shape[-1], dtype=torch.float32)
-        return x * 0, empty_state if initial_state is None else initial_state.float() * 1
+        if initial_state is None:
+            return x * 0, x.new_zeros(b, heads, headdim, B.shape[-1], dtype=torch.float32)
+        return x * 0, initial_state.float() * 1  # a new tensor: an op's output may not alias its input
     dt = _step_sizes(dt, dt_bias, dt_softplus, dt_min, dt_max)
     q = min(CPU_CHUNK, length)
     pad = (-length) % q
