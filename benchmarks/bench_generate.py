@@ -6,6 +6,7 @@ the dense model with transformers' default cache, the routed one with the Static
 are captured in a warm-up call, not timed. Prints new tokens per second and the ratio (target on CPU: >= 0.9x).
 """
 import argparse
+import math
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM
@@ -71,7 +72,7 @@ def weight_bytes_per_step(dense, plan, present: int) -> tuple[int, int]:
     output = dense.get_output_embeddings()
     tied = output is not None and output.weight is embedding
     streamed = sum(p.numel() * p.element_size() for p in dense.parameters() if tied or p is not embedding)
-    routed = sum(dense.get_parameter(p.fqn).numel() * dense.get_parameter(p.fqn).element_size() for p in plan.params)
+    routed = sum(math.prod(p.shape) * dense.get_parameter(p.fqn).element_size() for p in plan.params)
     return streamed, streamed + (present - 1) * routed
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsify.ops.backend import triton_available
+from sparsify.ops.eager import routed_linear_direct
 
 from _interleaved import interleaved
 
@@ -59,9 +60,6 @@ def few_rows(args, device, dtype, g):
     reference, called directly as decode graphs call it (passes/direct_calls.py), on rows of one modality and on
     rows of modality r % M; and dense computed as W @ X^T, the form the reference uses for 2-16 rows, which shows
     what of the ratio is that GEMM form rather than routing."""
-    import importlib
-
-    routed_linear_ref = importlib.import_module("sparsify.ops.routed_linear").routed_linear_ref
     dense_w = [(args.d_in ** -0.5 * torch.randn(args.d_out, args.d_in, generator=g)).to(device, dtype)
                for _ in range(args.layers)]
     routed_w = [(args.d_in ** -0.5 * torch.randn(args.modalities, args.d_out, args.d_in, generator=g)).to(device, dtype)
@@ -74,8 +72,8 @@ def few_rows(args, device, dtype, g):
         runs = {
             "dense": lambda: [F.linear(x, w) for w in dense_w],
             "dense as W @ X^T": lambda: [torch.mm(w, x.t()).t().contiguous() for w in dense_w],
-            "routed, one modality": lambda: [routed_linear_ref(x, one, w, None) for w in routed_w],
-            "routed, modality r % M": lambda: [routed_linear_ref(x, mixed, w, None) for w in routed_w],
+            "routed, one modality": lambda: [routed_linear_direct(x, one, w) for w in routed_w],
+            "routed, modality r % M": lambda: [routed_linear_direct(x, mixed, w) for w in routed_w],
         }
         timings = interleaved(runs, args.repeats)
         print(f"  {rows} rows")

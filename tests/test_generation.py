@@ -10,7 +10,7 @@ import transformers as T
 
 import sparsify
 from sparsify import SparsifyError
-from tests.test_convert_hybrid_families import jamba
+from tests.test_convert_hybrid_families import bamba, jamba
 
 
 def llama():
@@ -162,8 +162,6 @@ def test_hybrid_prefill_with_left_padding_equals_dense(family):
     token's [B, 1, H * D] as heads [B, H, D], which token provenance once took for the sequence cut into
     chunks (unroutable). Greedy generation with the cache and a left-padded batch equals dense (without the
     cache each new length is a new capture for a chunked scan: slow, and the forward is tested elsewhere)."""
-    from tests.test_convert_hybrid_families import bamba
-
     torch.manual_seed(0)
     dense = {"bamba": bamba, "falcon_h1": falcon_h1}[family]().eval()
     routed = sparsify.convert(dense, modalities=2).eval()
@@ -209,12 +207,6 @@ def test_sliding_window_attention_generates_as_dense_past_the_window(family):
                               **options)
         assert torch.equal(out, expected), options
     assert step_graphs(routed) == {"prefill": 2, "decode": 2}  # one of each per batch size (2, and 2 x 2 beams)
-
-
-def bamba():
-    from tests.test_convert_hybrid_families import bamba
-
-    return bamba()
 
 
 # Mamba: the prefill's scan returns its final state (sparsify::selective_scan_with_state), one op for any length.

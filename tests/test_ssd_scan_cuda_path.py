@@ -1,8 +1,9 @@
 """The CUDA path of `sparsify::ssd_scan` (mamba_ssm's Triton chunked SSD kernels), run on CPU.
 
-On CUDA the op calls mamba_ssm's `mamba_chunk_scan_combined` through `_cuda_scan`,
-mapping its own arguments (dt bias and softplus, dt limits, D per head or per
-channel, z, grouped B/C) onto mamba_ssm's. Those kernels are Triton, so the
+On CUDA both ops (`ssd_scan`, `ssd_scan_with_state`) call mamba_ssm's
+`mamba_chunk_scan_combined` through `_cuda_scan`, mapping their own arguments (dt bias
+and softplus, dt limits, D per head or per channel, z, grouped B/C, the initial and
+final state) onto mamba_ssm's. Those kernels are Triton, so the
 interpreter (TRITON_INTERPRET=1, set in conftest) runs them on CPU once three GPU-only
 steps are bypassed: the `torch.cuda.device` context, the SM count query (an H100's 132)
 and multi-config autotuning.
@@ -79,7 +80,7 @@ def test_cuda_path_with_a_state_in_and_out_matches_the_recurrence(chunk_scan):
     initial_state = torch.randn(b, heads, headdim, state, generator=g).to(device).requires_grad_()
     inputs = scan_inputs(g, b, length, heads, headdim, 1, state, False, False) + [initial_state]
     options = (True, 0.0, float("inf"))
-    got = ssd_scan_module._cuda_scan_with_state(*inputs, *options)
+    got = chunk_scan(*inputs[:8], *options, inputs[8], True)  # the initial state, and the final one wanted
     want = ssd_scan_module.ssd_scan_ref(*inputs[:8], *options, inputs[8], True)
     assert got[1].dtype == torch.float32
     for a, e in zip(got, want):

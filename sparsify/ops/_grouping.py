@@ -36,7 +36,7 @@ class ModalityGroups:
         if single is not None:  # known already (groups_of: a view of ids one modality fills): no bincount
             self.counts = [0] * modalities
             self.counts[single] = modality_ids.numel()
-            self.single = single
+            self.single, self.present = single, [single]
             return
         flat_ids = modality_ids.reshape(-1)
         try:
@@ -46,8 +46,8 @@ class ModalityGroups:
             raise
         if len(self.counts) > modalities:
             check_id_range(flat_ids, modalities)  # raises, naming the values
-        present = [m for m, count in enumerate(self.counts) if count]
-        self.single = present[0] if len(present) == 1 else None  # every row has this modality
+        self.present = [m for m, count in enumerate(self.counts) if count]  # the modalities of the rows, in order
+        self.single = self.present[0] if len(self.present) == 1 else None  # every row has this modality
 
     @functools.cached_property
     def runs(self) -> list[tuple[int, int, int]] | None:
@@ -59,7 +59,7 @@ class ModalityGroups:
         flat = self._ids().reshape(-1)
         changes = flat[1:] != flat[:-1]
         count = int(changes.sum()) + 1  # one host sync, once per forward (memoised)
-        grouped = count == sum(1 for c in self.counts if c)  # each modality one run: rows already in order
+        grouped = count == len(self.present)  # each modality one run: rows already in order
         if not grouped and count * MIN_ROWS_PER_RUN > rows:
             return None
         starts = [0] + (changes.nonzero().reshape(-1) + 1).tolist()
@@ -67,14 +67,13 @@ class ModalityGroups:
         return [(m, start, stop) for m, start, stop in zip(modality, starts, starts[1:] + [rows])]
 
     @functools.cached_property
-    def present_slots(self) -> tuple[list[int], torch.Tensor, torch.Tensor]:
-        """(the modalities present, in order; each row's position among them; each row's index): for an op
-        that computes every present modality on all rows and keeps each row's own (a few rows)."""
-        present = [m for m, count in enumerate(self.counts) if count]
+    def present_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(each row's position among the present modalities, each row's index): for an op that computes every
+        present modality on all rows and keeps each row's own (a few rows)."""
         ids = self._ids().reshape(-1)
         slot = torch.full((self.modalities,), -1, dtype=torch.long, device=ids.device)
-        slot[present] = torch.arange(len(present), device=ids.device)
-        return present, slot[ids], torch.arange(ids.numel(), device=ids.device)
+        slot[self.present] = torch.arange(len(self.present), device=ids.device)
+        return slot[ids], torch.arange(ids.numel(), device=ids.device)
 
     @functools.cached_property
     def order(self) -> torch.Tensor | None:

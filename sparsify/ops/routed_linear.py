@@ -25,10 +25,13 @@ def routed_linear_ref(x: Tensor, modality_ids: Tensor, weight: Tensor, bias: Opt
     out_shape = (*x.shape[:-1], weight.shape[1])
     out_dtype = torch.result_type(x, weight)
     same_dtype = x.dtype == weight.dtype == out_dtype and (bias is None or bias.dtype == out_dtype)
-    few_rows = same_dtype and x.device.type == "cpu"
-    row_count = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if few_rows and FEW_ROWS[0] <= row_count <= FEW_ROWS[1]:
-        return _few_rows_linear(x.reshape(row_count, -1), weight, bias, groups).reshape(out_shape)
+    transposed_form = same_dtype and x.device.type == "cpu"  # for products of FEW_ROWS rows
+
+    def few(rows: int) -> bool:
+        return transposed_form and FEW_ROWS[0] <= rows <= FEW_ROWS[1]
+
+    if few(modality_ids.numel()):  # ids have x's shape but its last dim: one per row
+        return _few_rows_linear(x.reshape(-1, x.shape[-1]), weight, bias, groups).reshape(out_shape)
     if groups.single is not None:
         m = groups.single
         return F.linear(x, weight[m], None if bias is None else bias[m])
@@ -40,7 +43,7 @@ def routed_linear_ref(x: Tensor, modality_ids: Tensor, weight: Tensor, bias: Opt
     weights_t = weight.transpose(1, 2).unbind(0)
     biases = [None] * weight.shape[0] if bias is None else bias.unbind(0)
     for m, rows, out_rows in zip(modalities, x_sorted.split_with_sizes(sizes), out.split_with_sizes(sizes)):
-        if few_rows and FEW_ROWS[0] <= rows.shape[0] <= FEW_ROWS[1]:  # a few rows of a larger batch's step
+        if few(rows.shape[0]):  # a few rows of a larger batch's step
             out_rows.copy_(_transposed_product(weight[m], biases[m], rows).t())
         else:
             _matmul_into(out_rows, rows, weights_t[m], biases[m], same_dtype=same_dtype)
@@ -65,7 +68,7 @@ def _few_rows_linear(x_rows: Tensor, weight: Tensor, bias: Optional[Tensor], gro
 
     if groups.single is not None:
         return _transposed_product(weight[groups.single], bias_of(groups.single), x_rows).t().contiguous()
-    present, slot_of_row, row = groups.present_slots
+    present, (slot_of_row, row) = groups.present, groups.present_slots
     first, last = present[0], present[-1]
     if last - first + 1 == len(present):  # consecutive modalities: their stacked weights are one [P * out, in] GEMM
         products = _transposed_product(weight[first:last + 1].flatten(0, 1),

@@ -141,15 +141,28 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
              z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool, dt_min: float,
              dt_max: float) -> Tensor:
     # no defaults: a schema cannot spell an infinite default, and the caller always knows dt_limit
-    if x.is_cuda and cuda_chunk_scan is not None:
-        return _cuda_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max)
-    return ssd_scan_cpu(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max)
+    return _scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max)
 
 
-def _cuda_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max):
+@torch.library.custom_op("sparsify::ssd_scan_with_state", mutates_args=())
+def ssd_scan_with_state(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                        z: Optional[Tensor], dt_bias: Optional[Tensor], initial_state: Optional[Tensor],
+                        dt_softplus: bool, dt_min: float, dt_max: float) -> tuple[Tensor, Tensor]:
+    return _scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max, initial_state, True)
+
+
+def _scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max, initial_state=None, return_final_state=False):
+    """Both ops' implementation: mamba_ssm's kernels on CUDA where they are installed, else the chunked scan."""
+    scan = _cuda_scan if x.is_cuda and cuda_chunk_scan is not None else ssd_scan_cpu
+    return scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max, initial_state, return_final_state)
+
+
+def _cuda_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max, initial_state=None,
+               return_final_state=False):
     # The chunk size only changes the order of the sums; 256 is mamba_ssm's default.
-    return cuda_chunk_scan(x, dt, A, B, C, 256, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
-                           dt_limit=(dt_min, dt_max))
+    out = cuda_chunk_scan(x, dt, A, B, C, 256, D=D, z=z, dt_bias=dt_bias, initial_states=initial_state,
+                          dt_softplus=dt_softplus, dt_limit=(dt_min, dt_max), return_final_states=return_final_state)
+    return (out[0], out[1].float()) if return_final_state else out
 
 
 def ssd_scan_fn(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf")),
@@ -170,57 +183,28 @@ def _(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max):
     return torch.empty_like(x)
 
 
-def _setup_context(ctx, inputs, output):
-    save_optional_tensors(ctx, inputs[:8])
-    ctx.options = inputs[8:]
-
-
-def _backward(ctx, grad):
-    def forward(*tensors):
-        scan = _cuda_scan if tensors[0].is_cuda and cuda_chunk_scan is not None else ssd_scan_cpu
-        return scan(*tensors, *ctx.options)
-
-    return vjp_by_recompute(forward, ctx.saved_tensors, grad) + (None,) * 3
-
-
-ssd_scan.register_autograd(_backward, setup_context=_setup_context)
-
-
-@torch.library.custom_op("sparsify::ssd_scan_with_state", mutates_args=())
-def ssd_scan_with_state(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                        z: Optional[Tensor], dt_bias: Optional[Tensor], initial_state: Optional[Tensor],
-                        dt_softplus: bool, dt_min: float, dt_max: float) -> tuple[Tensor, Tensor]:
-    return _scan_with_state(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, dt_min, dt_max)
-
-
-def _scan_with_state(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, dt_min, dt_max):
-    if x.is_cuda and cuda_chunk_scan is not None:
-        return _cuda_scan_with_state(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, dt_min, dt_max)
-    return ssd_scan_cpu(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max, initial_state, True)
-
-
-def _cuda_scan_with_state(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, dt_min, dt_max):
-    y, final_state = cuda_chunk_scan(x, dt, A, B, C, 256, D=D, z=z, dt_bias=dt_bias, initial_states=initial_state,
-                                     dt_softplus=dt_softplus, dt_limit=(dt_min, dt_max), return_final_states=True)
-    return y, final_state.float()
-
-
 @ssd_scan_with_state.register_fake
 def _(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, dt_min, dt_max):
     return torch.empty_like(x), x.new_empty(x.shape[0], x.shape[2], x.shape[3], B.shape[-1], dtype=torch.float32)
 
 
-def _setup_context_with_state(ctx, inputs, output):
-    save_optional_tensors(ctx, inputs[:9])
-    ctx.options = inputs[9:]
+def _setup_context(ctx, inputs, output):
+    # both ops: the tensors (the with-state op's ninth is the initial state), then dt_softplus, dt_min, dt_max
+    save_optional_tensors(ctx, inputs[:-3])
+    ctx.options = inputs[-3:]
 
 
-def _backward_with_state(ctx, grad, grad_final_state):
-    x, B = ctx.saved_tensors[0], ctx.saved_tensors[3]
-    if grad_final_state is None:  # the final state went into a cache, not into a loss
-        grad_final_state = x.new_zeros(x.shape[0], x.shape[2], x.shape[3], B.shape[-1], dtype=torch.float32)
-    return vjp_by_recompute(lambda *tensors: _scan_with_state(*tensors, *ctx.options), ctx.saved_tensors,
-                            (grad, grad_final_state)) + (None,) * 3
+def _backward(ctx, *grads):
+    """The scan recomputed under autograd. For the with-state op, grads are the output's and the final state's
+    (autograd hands zeros for a final state no loss used: one that only filled a cache)."""
+    with_state = len(ctx.saved_tensors) == 9
+
+    def forward(*tensors):
+        initial_state = tensors[8] if with_state else None
+        return _scan(*tensors[:8], *ctx.options, initial_state, with_state)
+
+    return vjp_by_recompute(forward, ctx.saved_tensors, grads) + (None,) * 3
 
 
-ssd_scan_with_state.register_autograd(_backward_with_state, setup_context=_setup_context_with_state)
+ssd_scan.register_autograd(_backward, setup_context=_setup_context)
+ssd_scan_with_state.register_autograd(_backward, setup_context=_setup_context)

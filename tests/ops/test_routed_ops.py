@@ -267,6 +267,8 @@ def test_routed_linear_of_a_few_rows_as_decoding_steps_call_it(monkeypatch, toke
     as a decode graph's direct calls run it under generate's no_grad, the forward."""
     import importlib
 
+    from sparsify.ops.eager import routed_linear_direct
+
     module = importlib.import_module("sparsify.ops.routed_linear")
     transposed = []
     original = module._transposed_product
@@ -275,7 +277,7 @@ def test_routed_linear_of_a_few_rows_as_decoding_steps_call_it(monkeypatch, toke
     ids = torch.tensor(ids)
     b = b if with_bias else None
     with torch.no_grad() if call == "direct" else torch.enable_grad():
-        out = (ops.routed_linear if call == "op" else module.routed_linear_ref)(x, ids, w, b)
+        out = (ops.routed_linear if call == "op" else routed_linear_direct)(x, ids, w, b)
     assert transposed, "the few-rows form was not taken"
     assert out.is_contiguous() and out.shape == (*token_shape, 40)
     expected = torch.einsum("...i,...oi->...o", x, w[ids]) + (b[ids] if with_bias else 0)
