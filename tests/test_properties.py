@@ -1,7 +1,9 @@
 """Property tests (hypothesis): random small models at random shapes convert exactly and route per token.
 
 Models are stacks of pieces (linear, layer norm, RMSNorm, depthwise causal conv1d, causal attention, a
-chunked scan-like recurrence that pads the sequence to its chunk size), with feature sizes drawn
+chunked scan-like recurrence that pads the sequence to its chunk size, and the block forms real models
+use: norms right on linears' outputs, grouped-query attention with q/k norms on per-head views, learned
+residual scales and gates, a weight used twice in a block, a weight tied between blocks), with feature sizes drawn
 deliberately equal to the batch size or the sequence length. Each is converted once (init="copy",
 policy="all") at one shape and then called at others, lengths of 1 and lengths that are no multiple of
 the chunk included, with 1..8 modalities and id patterns from all-one-modality to one rare token.
@@ -104,7 +106,69 @@ class ScanPiece(nn.Module):
         return x + self.out(0.3 * y)
 
 
-PIECES = {"linear": LinearPiece, "layer_norm": LayerNormPiece, "rms_norm": RMSNormPiece, "conv": ConvPiece,
+class PostNormPiece(nn.Module):
+    """Norms right on linears' outputs, as the MoT paper's and Chameleon's blocks put them: an output norm
+    (torch.nn.RMSNorm) after a bias-free projection, a sandwich (F.rms_norm before, a written-out LayerNorm
+    without a cast after a biased one)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.out_proj, self.out_norm = nn.Linear(d, d, bias=False), nn.RMSNorm(d, eps=1e-6)
+        self.pre_weight = nn.Parameter(1 + 0.1 * torch.randn(d))
+        self.mid_proj = nn.Linear(d, d)
+        self.post_weight, self.post_bias = nn.Parameter(1 + 0.1 * torch.randn(d)), nn.Parameter(0.1 * torch.randn(d))
+
+    def forward(self, x):
+        x = x + self.out_norm(self.out_proj(x))
+        h = self.mid_proj(F.rms_norm(x, (x.shape[-1],), self.pre_weight, 1e-6))
+        centered = h - h.mean(-1, keepdim=True)
+        h = centered / torch.sqrt(centered.pow(2).mean(-1, keepdim=True) + 1e-5) * self.post_weight + self.post_bias
+        return x + h
+
+
+class QKNormAttentionPiece(nn.Module):
+    """Grouped-query attention with q/k RMSNorms over each head's features (per-head views), bias-free
+    projections, keys and values repeated to the query heads as Hugging Face's repeat_kv does."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.kv_heads, self.groups = 1, 2
+        self.head_dim = 2
+        heads = self.kv_heads * self.groups
+        self.q = nn.Linear(d, heads * self.head_dim, bias=False)
+        self.kv = nn.Linear(d, 2 * self.kv_heads * self.head_dim, bias=False)
+        self.q_norm, self.k_norm = RMSNorm(self.head_dim), nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.out = nn.Linear(heads * self.head_dim, d, bias=False)
+
+    def forward(self, x):
+        batch, seq, _ = x.shape
+        q = self.q_norm(self.q(x).view(batch, seq, -1, self.head_dim)).transpose(1, 2)
+        k, v = self.kv(x).view(batch, seq, 2 * self.kv_heads, self.head_dim).transpose(1, 2).chunk(2, dim=1)
+        k = self.k_norm(k)
+        k, v = (t[:, :, None].expand(batch, self.kv_heads, self.groups, seq, self.head_dim)
+                .reshape(batch, -1, seq, self.head_dim) for t in (k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + self.out(y.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class GatedResidualPiece(nn.Module):
+    """A learned residual scale and a sigmoid gate (elementwise parameters), and one weight used twice."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.proj = nn.Linear(d, d)
+        self.scale, self.gate = nn.Parameter(0.5 + 0.1 * torch.randn(d)), nn.Parameter(0.1 * torch.randn(d))
+
+    def forward(self, x):
+        return x * self.scale + torch.sigmoid(self.gate) * torch.tanh(self.proj(torch.tanh(self.proj(x))))
+
+
+class TiedPiece(LinearPiece):
+    """A linear whose weight is one tensor with every other TiedPiece's of the stack (Stack ties them)."""
+
+
+PIECES = {"linear": LinearPiece, "post_norm": PostNormPiece, "qk_norm_attention": QKNormAttentionPiece,
+          "gated": GatedResidualPiece, "tied": TiedPiece, "layer_norm": LayerNormPiece, "rms_norm": RMSNormPiece, "conv": ConvPiece,
           "attention": AttentionPiece, "scan": ScanPiece}
 
 
@@ -112,6 +176,9 @@ class Stack(nn.Module):
     def __init__(self, pieces, d):
         super().__init__()
         self.layers = nn.ModuleList(PIECES[name](d) for name in pieces)
+        tied = [layer for layer in self.layers if isinstance(layer, TiedPiece)]
+        for layer in tied[1:]:
+            layer.proj.weight = tied[0].proj.weight
 
     def forward(self, x):
         for layer in self.layers:
@@ -132,7 +199,7 @@ def tokens_changed_by(pieces, ids: torch.Tensor, k: int) -> torch.Tensor:
         if name == "conv":  # the weight copy of the output token, the inputs of its window
             window = ((s <= t) & (s > t - KERNEL)).float()
             changed = own | ((changed.float() @ window.T) > 0)
-        elif name in ("attention", "scan"):  # projections of every token up to t reach t
+        elif name in ("attention", "qk_norm_attention", "scan"):  # projections of every token up to t reach t
             changed = ((own | changed).float() @ (s <= t).float().T) > 0
         else:
             changed = own | changed

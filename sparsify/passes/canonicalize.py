@@ -2,12 +2,15 @@
 
     _assert_tensor_metadata(h, dtype=f32); to(h, f32)   =>  to(h, f32)
     sub(x, mean); ...; sub(x, mean)                     =>  sub(x, mean) used twice
+    type_as(x, y)                                       =>  to(x, y.dtype), or x where the dtypes agree
 
 Export keeps a dtype assert beside every `.to()` and does not merge a value the
 model computes twice (`(x - mu) / sqrt(((x - mu) ** 2).mean())`). Both hide a
 norm from pattern matching: an assert is a user outside the pattern, and a
-recomputed value is a second node where the pattern has one. Neither changes a
-number, so the graph both the dense and the routed model run is canonical.
+recomputed value is a second node where the pattern has one. `x.type_as(y)` is
+a cast spelled with a second tensor: the norm patterns know casts as `.to()`, and a parameter passed as
+`y` only gives its dtype, which is no use to route. None of these changes a number, so the graph both the
+dense and the routed model run is canonical.
 
 Duplicates are merged only within one module (torch.fx's CSEPass would merge
 across modules, and the routed graph is split per module later), only for pure
@@ -43,14 +46,35 @@ def _key(node: torch.fx.Node):
             repr(torch.fx.node.map_arg(dict(node.kwargs), name)), scope)
 
 
+def _type_as_to_cast(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
+    """Rewrite `type_as(x, y)` as `_to_copy(x, dtype=y.dtype)`, or drop it where x has y's dtype already
+    (type_as returns the tensor x itself then, so every use of it is a use of x, mutations included)."""
+    x, other = node.args[0], node.args[1]
+    x_val, other_val = x.meta.get("val"), other.meta.get("val")
+    if not isinstance(x_val, torch.Tensor) or not isinstance(other_val, torch.Tensor) or x_val.device != other_val.device:
+        return False
+    if x_val.dtype == other_val.dtype:
+        node.replace_all_uses_with(x)
+    else:
+        with graph.inserting_before(node):
+            cast = graph.call_function(aten._to_copy.default, (x,), {"dtype": other_val.dtype})
+        cast.meta.update(node.meta)
+        node.replace_all_uses_with(cast)
+    graph.erase_node(node)
+    return True
+
+
 def canonicalize(graph_module: torch.fx.GraphModule) -> PassResult:
     graph = graph_module.graph
     changed = False
+    mutating = any(_mutates(n) for n in graph.nodes if n.op == "call_function")
     for node in list(graph.nodes):
         if node.target in METADATA_ASSERTS:
             graph.erase_node(node)
             changed = True
-    if not any(_mutates(n) for n in graph.nodes if n.op == "call_function"):
+        elif node.target == aten.type_as.default:
+            changed |= _type_as_to_cast(graph, node)
+    if not mutating:
         seen: dict = {}
         for node in list(graph.nodes):
             if not _mergeable(node):

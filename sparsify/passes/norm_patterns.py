@@ -4,7 +4,7 @@
     add(mul(div(sub(h, mean(h)), sqrt(add(var(h), eps))), w), b)       =>  meta["sparsify_norm"] = NormMatch(layer, h, w, b, eps)
 
 Patterns are written as Python functions (below), every spelling is enumerated
-(rsqrt, 1/sqrt, x/sqrt, aten.rms_norm; the square as pow or h*h; the weight on
+(rsqrt, 1/sqrt, x/sqrt, pow(., -0.5), 1/x**0.5, x/x**0.5, aten.rms_norm; the square as pow or h*h; the weight on
 either side; a cast between normalising and scaling; for LayerNorm var, var_mean
 or a mean of squares), each variant is traced by torch.export to ATen as the
 model was, and torch.fx's SubgraphMatcher finds it. The literals that vary
@@ -60,6 +60,14 @@ def _inverse_rms_times(h, ms, denominator):
         return torch.rsqrt(ms + EPS_SENTINEL) * h
     if denominator == "reciprocal_sqrt":
         return h * (1.0 / torch.sqrt(ms + EPS_SENTINEL))
+    if denominator == "pow_neg_half":  # Gemma 3n / Gemma 4: torch.pow(ms + eps, -0.5), as JAX spells it
+        return h * torch.pow(ms + EPS_SENTINEL, -0.5)
+    if denominator == "pow_neg_half_left":
+        return torch.pow(ms + EPS_SENTINEL, -0.5) * h
+    if denominator == "reciprocal_pow_half":
+        return h * (1.0 / (ms + EPS_SENTINEL) ** 0.5)
+    if denominator == "div_pow_half":
+        return h / (ms + EPS_SENTINEL) ** 0.5
     return h / torch.sqrt(ms + EPS_SENTINEL)
 
 
@@ -69,10 +77,16 @@ def _scaled(normed, w, weight_side, cast):
     return w * normed if weight_side == "left" else normed * w
 
 
+# Every spelling of 1 / sqrt(mean square + eps) models use (export puts eps after the statistic whichever
+# way the model adds them, so the order needs no variant of its own).
+RMS_DENOMINATORS = ("rsqrt", "rsqrt_left", "reciprocal_sqrt", "div_sqrt", "pow_neg_half", "pow_neg_half_left",
+                    "reciprocal_pow_half", "div_pow_half")
+
+
 def rms_norm_variants():
     """(spelling, function(h, w)) for every RMSNorm spelling."""
     for square, denominator, side, cast in itertools.product(
-            ("pow", "mul"), ("rsqrt", "rsqrt_left", "reciprocal_sqrt", "div_sqrt"), ("left", "right"), (False, True)):
+            ("pow", "mul"), RMS_DENOMINATORS, ("left", "right"), (False, True)):
         def fn(h, w, square=square, denominator=denominator, side=side, cast=cast):
             return _scaled(_inverse_rms_times(h, _mean_square(h, square), denominator), w, side, cast)
         yield f"rms_norm({square}, {denominator}, weight {side}{', cast before scale' if cast else ''})", fn
@@ -92,13 +106,18 @@ def _centered_over_std(h, variance, denominator):
             centered.pow(2).mean(-1, keepdim=True)
     if denominator == "rsqrt":
         return centered * torch.rsqrt(var + EPS_SENTINEL)
+    if denominator == "pow_neg_half":
+        return centered * torch.pow(var + EPS_SENTINEL, -0.5)
+    if denominator == "div_pow_half":
+        return centered / (var + EPS_SENTINEL) ** 0.5
     return centered / torch.sqrt(var + EPS_SENTINEL)
 
 
 def layer_norm_variants():
     """(spelling, function(h, w, b)) for every decomposed LayerNorm spelling (aten.layer_norm is an op route knows)."""
     for variance, denominator, side in itertools.product(
-            ("var", "var_mean", "mean_pow", "mean_mul"), ("rsqrt", "div_sqrt"), ("left", "right")):
+            ("var", "var_mean", "mean_pow", "mean_mul"), ("rsqrt", "div_sqrt", "pow_neg_half", "div_pow_half"),
+            ("left", "right")):
         def fn(h, w, b, variance=variance, denominator=denominator, side=side):
             return _scaled(_centered_over_std(h, variance, denominator), w, side, False) + b
         yield f"layer_norm({variance}, {denominator}, weight {side})", fn

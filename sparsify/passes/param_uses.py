@@ -118,24 +118,103 @@ def _val(node):
     return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
 
 
-# Ops that compute a root or inverse root of statistics: a parameter multiplied into their result looks
-# like a norm's scale even where no norm pattern matched.
-NORMALIZING_OPS = {aten.rsqrt.default, aten.sqrt.default, aten.var.correction, aten.var_mean.correction,
-                   aten.std.correction, aten.native_layer_norm.default, aten.rms_norm.default}
+# -- norm-like values: decided from what a value is computed from, not from which ops sit nearby --------
+# A parameter that multiplies x / sqrt(stat(x) + eps), where stat is x's own mean square or variance, is a
+# norm's scale whatever the spelling. Nearness to an rsqrt is not enough: the previous block's norm sits a
+# few ops above an activation's own parameter.
+PASS_THROUGH_OPS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.clone.default,
+                    aten.contiguous.default, aten.detach.default, aten.alias.default}
+NORM_OPS = {aten.layer_norm.default, aten.rms_norm.default}  # weightless F.layer_norm / F.rms_norm, then a scale
 
 
-def _looks_normalized(node, depth: int = 5) -> bool:
-    """Whether `node` is computed from a (inverse) root of statistics within a few ops."""
-    frontier = [node]
-    for _ in range(depth):
-        nxt = []
-        for n in frontier:
-            if not isinstance(n, torch.fx.Node) or n.op != "call_function":
-                continue
-            if n.target in NORMALIZING_OPS:
-                return True
-            nxt.extend(a for a in n.all_input_nodes)
-        frontier = nxt
+def _call(node, *targets) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _scalar(value, *allowed) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and (not allowed or value in allowed)
+
+
+def _strip(node):
+    """`node` without the casts and copies around it (a norm computed in fp32 and cast back)."""
+    while _call(node, *PASS_THROUGH_OPS):
+        node = node.args[0]
+    return node
+
+
+def _source(node):
+    """The value a statistic describes: `node` stripped, and `x - mean(x)` taken as x (LayerNorm centres)."""
+    node = _strip(node)
+    if _call(node, aten.sub.Tensor):
+        x, mean = node.args[:2]
+        mean = _strip(mean)
+        if _call(mean, aten.mean.dim) and _source(mean.args[0]) is _source(x):
+            return _source(x)
+        if _call(mean, operator.getitem) and mean.args[1] == 1 and _call(mean.args[0], aten.var_mean.correction) \
+                and _source(mean.args[0].args[0]) is _source(x):
+            return _source(x)
+    return node
+
+
+def _without_eps(node):
+    node = _strip(node)
+    if _call(node, aten.add.Tensor, aten.add.Scalar) and _scalar(node.args[1]):
+        return _strip(node.args[0])
+    return node
+
+
+def _variance_of(node):
+    """x where `node` is x's mean square or variance (plus eps), else None."""
+    node = _without_eps(node)
+    if _call(node, aten.mean.dim):
+        square = _strip(node.args[0])
+        if _call(square, aten.pow.Tensor_Scalar) and _scalar(square.args[1], 2):
+            return _source(square.args[0])
+        if _call(square, aten.mul.Tensor) and _source(square.args[0]) is _source(square.args[1]):
+            return _source(square.args[0])
+    if _call(node, aten.var.correction):
+        return _source(node.args[0])
+    if _call(node, operator.getitem) and node.args[1] == 0 and _call(node.args[0], aten.var_mean.correction):
+        return _source(node.args[0].args[0])
+    return None
+
+
+def _root_of_variance_of(node):
+    """x where `node` is sqrt(variance(x) + eps) in any spelling (sqrt, ** 0.5, std + eps), else None."""
+    node = _without_eps(node)
+    if _call(node, aten.std.correction):
+        return _source(node.args[0])
+    if _call(node, aten.sqrt.default) or (_call(node, aten.pow.Tensor_Scalar) and _scalar(node.args[1], 0.5)):
+        return _variance_of(node.args[0])
+    return None
+
+
+def _inverse_root_of_variance_of(node):
+    """x where `node` is 1 / sqrt(variance(x) + eps) in any spelling (rsqrt, ** -0.5, 1 / sqrt), else None."""
+    node = _strip(node)
+    if _call(node, aten.mul.Tensor) and _scalar(node.args[1], 1):  # `1 / t` exports as reciprocal(t) * 1
+        node = _strip(node.args[0])
+    if _call(node, aten.rsqrt.default) or (_call(node, aten.pow.Tensor_Scalar) and _scalar(node.args[1], -0.5)):
+        return _variance_of(node.args[0])
+    if _call(node, aten.reciprocal.default):
+        return _root_of_variance_of(node.args[0])
+    return None
+
+
+def is_normalized(node) -> bool:
+    """Whether `node` is a value divided by a root of its own mean square or variance (a norm without its
+    scale), up to casts: x * rsqrt(mean(x^2) + eps), (x - mu) / sqrt(var + eps), x * (ms + eps) ** -0.5, ..."""
+    node = _strip(node)
+    if _call(node, *NORM_OPS) or (_call(node, operator.getitem) and node.args[1] == 0
+                                  and _call(node.args[0], aten.native_layer_norm.default)):
+        return True
+    if _call(node, aten.mul.Tensor):
+        a, b = node.args[:2]
+        return any(isinstance(x, torch.fx.Node) and _inverse_root_of_variance_of(r) is _source(x)
+                   for x, r in ((a, b), (b, a)))
+    if _call(node, aten.div.Tensor):
+        x, root = node.args[:2]
+        return isinstance(x, torch.fx.Node) and _root_of_variance_of(root) is _source(x)
     return False
 
 
@@ -229,7 +308,7 @@ def classify(node: torch.fx.Node, operand: int, param_val) -> tuple[str, str | N
         return "embedding", "an embedding table is looked up by token id, not applied per modality"
     if target in ELEMENTWISE_OPS:
         other = args[1 - operand] if len(args) > 1 else None
-        if target == aten.mul.Tensor and param_val.dim() == 1 and _looks_normalized(other):
+        if target == aten.mul.Tensor and param_val.dim() == 1 and is_normalized(other):
             return "norm_like_scale", None  # a norm no pattern knows: routed exactly, but as a plain scale
         if target == aten.add.Tensor and _is_matmul_output(other):
             return "bias_add", None  # e.g. softplus(dt_proj.weight @ x + dt_proj.bias[:, None])

@@ -165,6 +165,17 @@ class _Rewriter:
         self.root_stack = dict(list(first.items())[:1])
         self.stack = self.root_stack
         self.fused_norms: set[int] = set()
+        # dense node -> the node that replaced it. The analyses (norm matches) name nodes as they were before
+        # this pass; a norm right on a linear's output names a linear that its own rewrite already replaced.
+        self.replacements: dict[torch.fx.Node, torch.fx.Node] = {}
+
+    def current(self, value):
+        """`value` (a node or a structure of nodes) with every replaced node looked up in `replacements`."""
+        def latest(node: torch.fx.Node) -> torch.fx.Node:
+            while node in self.replacements:
+                node = self.replacements[node]
+            return node
+        return torch.fx.node.map_arg(value, latest)
 
     def call(self, target, *args) -> torch.fx.Node:
         node = self.graph.call_function(target, args)
@@ -234,6 +245,7 @@ class _Rewriter:
         new.meta["sparsify_dense_node"] = node.name
         node.replace_all_uses_with(new)
         self.graph.erase_node(node)
+        self.replacements[node] = new
 
     def rewrite_elementwise(self, node, uses, args, stacked):
         for u in uses:
@@ -282,8 +294,8 @@ class _Rewriter:
             eps = torch.finfo(x.meta["val"].dtype).eps if eps is None else eps
         else:
             self.fused_norms.add(id(match))
-            x, weight, bias, eps, kind, output = match.normalized, match.weight, match.bias, match.eps, match.kind, \
-                match.output
+            x, weight, bias, output = self.current((match.normalized, match.weight, match.bias, match.output))
+            eps, kind = match.eps, match.kind
         with self.graph.inserting_before(output):  # after every operand of the match
             ids = self.ids_for(uses[0].token_axes, x.meta["val"].dim() - 1, x)
             if kind == "rms":
@@ -313,6 +325,7 @@ class _Rewriter:
         chain[-1].replace_all_uses_with(new)
         for dead in reversed([node] + chain):
             self.graph.erase_node(dead)
+        self.replacements[chain[-1]] = new
 
     def gathered(self, use: ParamUse, param: torch.fx.Node) -> torch.fx.Node:
         """Per-token copies of an elementwise parameter, laid out to broadcast against the op's output.
