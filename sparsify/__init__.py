@@ -3,7 +3,7 @@ from sparsify import ops
 from sparsify.frontends import mamba_ssm as _mamba_ssm_frontend
 from sparsify.after_training import export, extract
 from sparsify.api import consolidate, convert, load, save, verify
-from sparsify.errors import CaptureError, RoutingError, SparsifyError, VerificationError
+from sparsify.errors import CaptureError, InternalError, RoutingError, SparsifyError, VerificationError
 from sparsify.passes.verify import VerifyReport
 from sparsify.plan import RoutingPlan
 from sparsify.routed_model import RoutedModel
@@ -11,6 +11,6 @@ from sparsify.routed_model import RoutedModel
 _mamba_ssm_frontend.install()  # `import mamba_ssm` works without its CUDA extension (see the module)
 
 __all__ = [
-    "CaptureError", "RoutedModel", "RoutingError", "RoutingPlan", "SparsifyError", "VerificationError",
+    "CaptureError", "InternalError", "RoutedModel", "RoutingError", "RoutingPlan", "SparsifyError", "VerificationError",
     "VerifyReport", "consolidate", "convert", "export", "extract", "load", "ops", "save", "verify",
 ]

@@ -12,7 +12,7 @@ import torch.utils._pytree as pytree
 
 from sparsify import checkpoint
 from sparsify.capture import bind_call, capture, primary_tensor
-from sparsify.errors import CaptureError, SparsifyError, VerificationError
+from sparsify.errors import CaptureError, SparsifyError, VerificationError, reported
 from sparsify.frontends import huggingface as hf
 from sparsify.frontends import token_ids
 from sparsify.passes.verify import VerifyReport, compare_graphs
@@ -102,6 +102,7 @@ def _stack_parameters(dense: nn.Module, plan: RoutingPlan, init: str) -> None:
             dense.get_submodule(owner)._parameters[attr] = stacked
 
 
+@reported("sparsify.convert")
 def convert(
     model: nn.Module,
     modalities: int = 3,
@@ -140,7 +141,7 @@ def convert(
             + "\nUse include=<regex> to pick parameters, or policy='all'."
         )
     for note in plan.notes:
-        warnings.warn(f"sparsify: {note}", stacklevel=2)
+        warnings.warn(f"sparsify: {note}", stacklevel=3)  # the caller of convert, past the @reported wrapper
     _stack_parameters(dense, plan, init)
     routed = RoutedModel(dense, plan, hf.call_defaults(dense) if hf.is_hf_model(dense) else {})
     routed.hoist = hoist
@@ -218,6 +219,7 @@ def _compare(routed: RoutedModel, inputs: dict[str, Any], seed: int, runs) -> Ve
         routed.train(was_training)
 
 
+@reported("sparsify.verify")
 def verify(model: nn.Module, routed: RoutedModel, example_inputs=None, seed: int = 0,
            example_kwargs: dict | None = None) -> VerifyReport:
     """Compare `routed` (random modality ids) with the dense `model` on random inputs like the examples.
@@ -251,6 +253,7 @@ def verify(model: nn.Module, routed: RoutedModel, example_inputs=None, seed: int
 
 
 # -- save / load ----------------------------------------------------------------------------------
+@reported("sparsify.save")
 def save(routed: RoutedModel, path, *, overwrite: bool = False,
          max_shard_bytes: int = checkpoint.DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Write a routed checkpoint directory (see sparsify.checkpoint); nothing is left behind on failure."""
@@ -268,6 +271,7 @@ def save(routed: RoutedModel, path, *, overwrite: bool = False,
     return path
 
 
+@reported("sparsify.consolidate")
 def consolidate(checkpoint_dir, routed: RoutedModel, path, *, key: str | None = "model",
                 overwrite: bool = False) -> Path:
     """Turn a torch.distributed.checkpoint (DCP) directory of a sharded routed model into a `sparsify.save`
@@ -294,6 +298,7 @@ def consolidate(checkpoint_dir, routed: RoutedModel, path, *, key: str | None = 
     return save(routed, path, overwrite=overwrite)
 
 
+@reported("sparsify.load")
 def load(path, model: nn.Module | Callable[[], nn.Module] | None = None) -> RoutedModel:
     """Rebuild a routed model saved by `save` or `sparsify convert`, in eval mode. Hugging Face models need
     no `model`; others pass the dense module (it is copied, not modified) or a factory that builds it."""

@@ -1,16 +1,16 @@
 """The `sparsify` command: convert, inspect and verify checkpoints on disk.
 
 Exit codes: 0 ok, 1 verification failed, 2 bad input (one line on stderr saying
-what and how to fix, no traceback).
+what and how to fix, no traceback), 3 a failure inside sparsify (its message, no traceback).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from sparsify.errors import SparsifyError, VerificationError
+from sparsify.errors import InternalError, SparsifyError, VerificationError, internal_error
 
-EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
 
 def _size(text: str) -> int:
@@ -135,9 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     except VerificationError as e:
         print(f"sparsify: verification failed: {e}", file=sys.stderr)
         return EXIT_VERIFY_FAILED
+    except InternalError as e:
+        print(f"sparsify: internal error: {e}", file=sys.stderr)
+        return EXIT_INTERNAL
     except SparsifyError as e:
         print(f"sparsify: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception as e:  # the command's own steps outside the API's entry points
+        print(f"sparsify: internal error: {internal_error(f'sparsify {args.command}', e)}", file=sys.stderr)
+        return EXIT_INTERNAL
     except KeyboardInterrupt:
         print("sparsify: interrupted; no output was left behind", file=sys.stderr)
         return 130

@@ -1,6 +1,9 @@
 """Errors sparsify raises, and the one place that says where a graph node came from."""
 from __future__ import annotations
 
+import functools
+import re
+
 import torch.fx
 
 
@@ -19,6 +22,12 @@ class RoutingError(SparsifyError):
 class PassCheckError(SparsifyError):
     """A pass left a graph that does not lint or does not compute the shapes it should (a sparsify bug,
     reported at the pass with the node and source line)."""
+
+
+class InternalError(SparsifyError):
+    """Something failed inside sparsify where it should not (a bug, or a model form no pass handles): the
+    message names the pass or entry point, the node and the model's source line where known, and quotes
+    only the few graph nodes around the failure."""
 
 
 class VerificationError(SparsifyError):
@@ -47,3 +56,69 @@ def source_line(node: torch.fx.Node) -> str:
 
 def describe_node(node: torch.fx.Node) -> str:
     return f"node '{node.name}' ({node.target}) in module '{module_fqn(node) or '<root>'}' at {source_line(node)}"
+
+
+MESSAGE_LIMIT = 600
+
+
+def cut_message(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """An exception's message without the whole graph torch.fx appends to some (lint, codegen errors)."""
+    text = str(text).split("\ngraph():")[0].strip()
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def node_named_in(graph: torch.fx.Graph, text: str) -> torch.fx.Node | None:
+    """The first node of `graph` that a message names (torch.fx quotes node names, 'linear_3', or prints
+    them as %linear_3)."""
+    nodes = {node.name: node for node in graph.nodes}
+    for quoted, printed in re.findall(r"'([A-Za-z_]\w*)'|%([A-Za-z_]\w*)", str(text)):
+        if (quoted or printed) in nodes:
+            return nodes[quoted or printed]
+    return None
+
+
+def graph_excerpt(node: torch.fx.Node, radius: int = 3) -> str:
+    """The nodes around `node` in its graph, one line each, the node itself marked."""
+    nodes = list(node.graph.nodes)
+    at = nodes.index(node)
+    lines = []
+    for other in nodes[max(0, at - radius): at + radius + 1]:
+        line = other.format_node() or other.name
+        lines.append(("  >> " if other is node else "     ") + cut_message(line, 200))
+    return "\n".join(lines)
+
+
+def internal_error(where: str, error: Exception, graph: torch.fx.Graph | None = None) -> InternalError:
+    """An InternalError for `error` raised in `where`, located at the node it names (or `error.sparsify_node`)."""
+    node = getattr(error, "sparsify_node", None)
+    if node is None and graph is not None:
+        node = node_named_in(graph, str(error))
+    message = f"{where} failed"
+    if node is not None and node.graph is not None and node in node.graph.nodes:
+        message += f" at {describe_node(node)}"
+    message += f": {type(error).__name__}: {cut_message(error)}"
+    if node is not None and node.graph is not None and node in node.graph.nodes:
+        message += "\ngraph around it:\n" + graph_excerpt(node)
+    message += ("\nThis is a bug in sparsify or a model form it does not handle yet: please report this message; "
+                "meanwhile exclude=<regex> can keep the parameters of that module shared.")
+    return InternalError(message)
+
+
+def reported(what: str):
+    """For the public entry points (convert, save, load, verify): every failure reaches the caller as a
+    SparsifyError saying what failed, never as a raw exception from deep inside. An OSError (disk full,
+    permissions) says so with its path; anything else is an InternalError."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except SparsifyError:
+                raise
+            except OSError as e:
+                raise SparsifyError(f"{what} failed: {type(e).__name__}: {cut_message(e)}; check the path, its "
+                                    "permissions and the free space") from e
+            except Exception as e:
+                raise internal_error(what, e) from e
+        return wrapper
+    return decorate

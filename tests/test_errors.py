@@ -169,7 +169,7 @@ def test_failed_save_leaves_nothing(toy_routed, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(sparsify.api, "write_checkpoint", half_written)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(sparsify.SparsifyError, match="disk full"):
         sparsify.save(routed, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
@@ -178,3 +178,67 @@ def test_gpt2_verify_against_the_wrong_model():
     routed = sparsify.convert(tiny_gpt2(), 2)
     with pytest.raises(sparsify.SparsifyError, match="is it the model that was converted"):
         sparsify.verify(tiny_gpt2(n_embd=64), routed)
+
+
+class NormOnLinear(torch.nn.Module):
+    """The MoT paper's output norm: an RMSNorm right on a projection's output."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.ModuleDict({"proj": torch.nn.Linear(d, d),
+                                                               "norm": torch.nn.RMSNorm(d)}) for _ in range(2))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer["norm"](layer["proj"](x))
+        return x
+
+
+def test_a_failing_rewrite_is_an_internal_error_naming_pass_node_and_source(monkeypatch):
+    from sparsify.passes import route
+
+    def broken(self, node, uses, args, stacked):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(route._Rewriter, "rewrite_linear", broken)
+    with pytest.raises(sparsify.InternalError) as info:
+        sparsify.convert(NormOnLinear(), 3, example_inputs=(torch.randn(2, 5, 8),))
+    message = str(info.value)
+    assert "pass 'route'" in message and "RuntimeError: injected failure" in message
+    assert "in module 'layers.0.proj'" in message and "test_errors.py" in message  # the model's source line
+    excerpt = message.split("graph around it:\n")[1].splitlines()
+    assert sum(line.startswith("  >>") for line in excerpt) == 1 and "%linear" in excerpt[3]
+    assert "graph():" not in message and len(message.splitlines()) < 20
+
+
+def test_a_rewrite_reading_a_replaced_node_is_reported_with_a_cut_graph(monkeypatch):
+    """Without looking norm operands up through the replacements (the bug a norm on a linear's output hit),
+    the graph is malformed: reported as an InternalError quoting a few nodes, not the whole graph."""
+    from sparsify.passes import route
+
+    monkeypatch.setattr(route._Rewriter, "current", lambda self, value: value)
+    with pytest.raises(sparsify.InternalError) as info:
+        sparsify.convert(NormOnLinear(), 3, example_inputs=(torch.randn(2, 5, 8),))
+    message = str(info.value)
+    assert "pass 'route'" in message and "used before it has been defined" in message
+    assert "routed_rms_norm" in message.split("graph around it:\n")[1]
+    assert "graph():" not in message and len(message.splitlines()) < 20
+
+
+def test_norm_on_linear_output_converts():
+    dense = NormOnLinear().eval()
+    routed = sparsify.convert(dense, 3, example_inputs=(torch.randn(2, 5, 8),), policy="mot")
+    assert len(routed.plan.params) == 6 and routed.verify_report.max_rel_err <= 1e-5
+
+
+def test_cli_reports_an_internal_failure_in_one_line_without_a_traceback(monkeypatch, capsys, tmp_path):
+    from sparsify import cli
+
+    def broken(args):
+        raise KeyError("past_key_values")
+
+    monkeypatch.setattr(cli, "run", broken)
+    assert cli.main(["inspect", str(tmp_path)]) == cli.EXIT_INTERNAL
+    err = capsys.readouterr().err
+    assert err.startswith("sparsify: internal error: sparsify inspect failed: KeyError: 'past_key_values'")
+    assert "Traceback" not in err

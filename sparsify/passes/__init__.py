@@ -3,8 +3,9 @@ in the constructor, `requires` checks its precondition, `call` rewrites, `ensure
 calling it runs the three and returns PassResult(graph_module, modified). Analyses are functions.
 
 capture (canonicalize) -> plan (norm patterns, token provenance, param uses) -> route -> lower -> verify.
-`run_passes` names the failing pass and the passes that ran before it, as torch.fx's PassManager does,
-and keeps the error's type (a SparsifyError stays one).
+`run_passes` names the failing pass and the passes that ran before it, as torch.fx's PassManager does;
+a SparsifyError keeps its type, any other error becomes an InternalError naming the node it failed at
+with the few graph nodes around it.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Callable, Sequence
 
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from sparsify.errors import SparsifyError, internal_error
 
 __all__ = ["PassBase", "PassResult", "run_passes"]
 
@@ -22,8 +25,10 @@ def run_passes(graph_module: torch.fx.GraphModule, passes: Sequence[Callable[[to
         name = getattr(graph_pass, "name", None) or getattr(graph_pass, "__name__", type(graph_pass).__name__)
         try:
             graph_module = graph_pass(graph_module).graph_module
-        except Exception as e:
+        except SparsifyError as e:
             e.add_note(f"sparsify: pass '{name}' failed (after: {', '.join(done) or 'none'})")
             raise
+        except Exception as e:
+            raise internal_error(f"pass '{name}' (after: {', '.join(done) or 'none'})", e, graph_module.graph) from e
         done.append(name)
     return graph_module

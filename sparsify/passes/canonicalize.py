@@ -3,13 +3,15 @@
     _assert_tensor_metadata(h, dtype=f32); to(h, f32)   =>  to(h, f32)
     sub(x, mean); ...; sub(x, mean)                     =>  sub(x, mean) used twice
     type_as(x, y)                                       =>  to(x, y.dtype), or x where the dtypes agree
+    mul(reciprocal(s), 1)                               =>  reciprocal(s)      (`1 / s` as export spells it)
 
 Export keeps a dtype assert beside every `.to()` and does not merge a value the
 model computes twice (`(x - mu) / sqrt(((x - mu) ** 2).mean())`). Both hide a
 norm from pattern matching: an assert is a user outside the pattern, and a
 recomputed value is a second node where the pattern has one. `x.type_as(y)` is
 a cast spelled with a second tensor: the norm patterns know casts as `.to()`, and a parameter passed as
-`y` only gives its dtype, which is no use to route. None of these changes a number, so the graph both the
+`y` only gives its dtype, which is no use to route. A float times the literal 1 is itself (bitwise), and
+export writes `1 / s` and `1.0 / s` as reciprocal(s) times 1 or 1.0, two literals a pattern tells apart. None of these changes a number, so the graph both the
 dense and the routed model run is canonical.
 
 Duplicates are merged only within one module (torch.fx's CSEPass would merge
@@ -64,6 +66,18 @@ def _type_as_to_cast(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
     return True
 
 
+def _is_times_one(node: torch.fx.Node) -> bool:
+    """`x * 1` of a float tensor x whose result has x's dtype and shape: x itself, to the bit."""
+    if node.target != aten.mul.Tensor or len(node.args) != 2 or node.kwargs:
+        return False
+    x, one = node.args
+    if not isinstance(x, torch.fx.Node) or isinstance(one, bool) or one != 1 or not isinstance(one, (int, float)):
+        return False
+    x_val, out_val = x.meta.get("val"), node.meta.get("val")
+    return (isinstance(x_val, torch.Tensor) and isinstance(out_val, torch.Tensor) and x_val.is_floating_point()
+            and x_val.dtype == out_val.dtype and x_val.shape == out_val.shape)
+
+
 def canonicalize(graph_module: torch.fx.GraphModule) -> PassResult:
     graph = graph_module.graph
     changed = False
@@ -74,6 +88,10 @@ def canonicalize(graph_module: torch.fx.GraphModule) -> PassResult:
             changed = True
         elif node.target == aten.type_as.default:
             changed |= _type_as_to_cast(graph, node)
+        elif _is_times_one(node):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            changed = True
     if not mutating:
         seen: dict = {}
         for node in list(graph.nodes):

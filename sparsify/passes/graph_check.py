@@ -20,7 +20,7 @@ from torch._guards import detect_fake_mode
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, statically_known_true
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from sparsify.errors import PassCheckError, describe_node
+from sparsify.errors import PassCheckError, cut_message, describe_node, graph_excerpt, node_named_in
 
 
 def snapshot_values(graph_module: torch.fx.GraphModule) -> dict[torch.fx.Node, Any]:
@@ -100,7 +100,10 @@ def check_graph(graph_module: torch.fx.GraphModule, pass_name: str, before: dict
     try:
         graph.lint()
     except Exception as e:
-        raise PassCheckError(f"pass '{pass_name}' left a malformed graph: {type(e).__name__}: {e}") from e
+        node = node_named_in(graph, str(e))
+        around = f"\ngraph around {describe_node(node)}:\n{graph_excerpt(node)}" if node is not None else ""
+        raise PassCheckError(f"pass '{pass_name}' left a malformed graph: {type(e).__name__}: {cut_message(e)}"
+                             + around) from e
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     missing = [n.name for n in placeholders if "val" not in n.meta]
     if missing:

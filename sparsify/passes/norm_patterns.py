@@ -28,7 +28,7 @@ import torch
 import torch.fx
 from torch.fx.passes.utils.matcher_utils import SubgraphMatcher
 
-from sparsify.passes.canonicalize import METADATA_ASSERTS
+from sparsify.passes.canonicalize import METADATA_ASSERTS, canonicalize
 
 aten = torch.ops.aten
 META_KEY = "sparsify_norm"
@@ -144,7 +144,8 @@ def _export_separately(fns, arities) -> list[torch.fx.Graph]:
     anything, and every capture in a process needs the ~50 patterns."""
     example = [t for arity in arities for t in [torch.randn(2, 3, TRACE_DIM)] +
                [torch.randn(TRACE_DIM) for _ in range(arity - 1)]]
-    together = torch.export.export(_Patterns(fns, arities), tuple(example), strict=False).graph_module.graph
+    exported = torch.export.export(_Patterns(fns, arities), tuple(example), strict=False).graph_module
+    together = canonicalize(exported).graph_module.graph  # as capture leaves a model's graph
     outputs = together.output_node().args[0]
     graphs = []
     for output in outputs:

@@ -157,8 +157,11 @@ def _source(node):
 
 
 def _without_eps(node):
+    """`node` without the eps that keeps a root finite: added, or as a floor (clamp_min(eps))."""
     node = _strip(node)
-    if _call(node, aten.add.Tensor, aten.add.Scalar) and _scalar(node.args[1]):
+    if _call(node, aten.add.Tensor, aten.add.Scalar, aten.clamp_min.default) and _scalar(node.args[1]):
+        return _strip(node.args[0])
+    if _call(node, aten.clamp.default) and _scalar(node.args[1]) and (len(node.args) < 3 or node.args[2] is None):
         return _strip(node.args[0])
     return node
 

@@ -91,7 +91,11 @@ class RoutePass(PassBase):
                 uses_by_node[use.node].append(use)
         self._reshaped = set(stacked)
         for node in [n for n in graph.nodes if n in uses_by_node]:  # graph order: shared id views come first
-            rewriter.rewrite(node, uses_by_node[node], stacked)
+            try:
+                rewriter.rewrite(node, uses_by_node[node], stacked)
+            except Exception as e:
+                e.sparsify_node = node  # run_passes reports where (an InternalError, with the graph around it)
+                raise
         # Only now: the rewrites read the dense shapes of the parameters.
         _give_values(modality_ids, param_nodes, placeholders, self.user_inputs, self.modalities)
 

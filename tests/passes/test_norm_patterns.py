@@ -42,6 +42,22 @@ class ScaleThenCastRMSNorm(RsqrtRMSNorm):  # the cast after the scale
         return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS) * self.weight).to(x.dtype)
 
 
+class PowRMSNorm(RsqrtRMSNorm):  # Gemma 3n / Gemma 4: torch.pow(ms + eps, -0.5), scale in fp32, cast after
+    def forward(self, x):
+        h = x.float()
+        return (h * torch.pow(h.pow(2).mean(-1, keepdim=True) + EPS, -0.5) * self.weight.float()).type_as(x)
+
+
+class ReciprocalPowRMSNorm(RsqrtRMSNorm):
+    def forward(self, x):
+        return self.weight * (x * (1 / (EPS + x.pow(2).mean(-1, keepdim=True)) ** 0.5))
+
+
+class DivPowRMSNorm(RsqrtRMSNorm):
+    def forward(self, x):
+        return x / (x.pow(2).mean(-1, keepdim=True) + EPS) ** 0.5 * self.weight
+
+
 class DecomposedLayerNorm(nn.Module):
     def __init__(self, d, variance="mean_pow"):
         super().__init__()
@@ -55,6 +71,8 @@ class DecomposedLayerNorm(nn.Module):
             var = x.var(-1, keepdim=True, unbiased=False)
         else:
             var = ((x - mean) ** 2).mean(-1, keepdim=True)  # x - mean written twice: canonicalize merges them
+        if self.variance == "pow_neg_half":
+            return (x - mean) * torch.pow(var + 1e-5, -0.5) * self.weight + self.bias
         return (x - mean) / torch.sqrt(var + 1e-5) * self.weight + self.bias
 
 
@@ -102,7 +120,8 @@ def assert_routing_is_real(routed, tokens):
     assert torch.equal(after[ids != 1], before[ids != 1])
 
 
-RMS_SPELLINGS = [nn.RMSNorm, RsqrtRMSNorm, DivSqrtRMSNorm, ReciprocalSqrtRMSNorm, ScaleThenCastRMSNorm]
+RMS_SPELLINGS = [nn.RMSNorm, RsqrtRMSNorm, DivSqrtRMSNorm, ReciprocalSqrtRMSNorm, ScaleThenCastRMSNorm, PowRMSNorm,
+                 ReciprocalPowRMSNorm, DivPowRMSNorm]
 
 
 @pytest.mark.parametrize("norm", RMS_SPELLINGS, ids=lambda n: n.__name__)
@@ -123,7 +142,7 @@ def test_every_rms_norm_spelling_is_routed_as_a_norm_under_mot(norm):
     assert_routing_is_real(routed, tokens)
 
 
-@pytest.mark.parametrize("variance", ["mean_pow", "var"])
+@pytest.mark.parametrize("variance", ["mean_pow", "var", "pow_neg_half"])
 def test_decomposed_layer_norm_is_one_routed_layer_norm(variance):
     torch.manual_seed(0)
     dense, tokens = Stack(lambda d: DecomposedLayerNorm(d, variance)).eval(), torch.randint(0, 30, (2, 7))
