@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import functools
 import re
+from pathlib import Path
 
+import torch
 import torch.fx
 
 
@@ -44,14 +46,19 @@ def module_fqn(node: torch.fx.Node) -> str:
     return list(stack.values())[-1][0] if stack else ""
 
 
+TORCH_DIR = str(Path(torch.__file__).parent)
+
+
 def source_line(node: torch.fx.Node) -> str:
-    """The model's own source line that created `node`, as the last frame of its stack trace."""
+    """The model's own source line that created `node`: the last frame of its stack trace outside torch
+    (an nn.Linear's frame in torch/nn/modules says nothing about the model)."""
     trace = (node.meta.get("stack_trace") or "").strip().splitlines()
-    frames = [line.strip() for line in trace if line.strip().startswith("File ")]
+    frames = [(i, line.strip()) for i, line in enumerate(trace) if line.strip().startswith("File ")]
     if not frames:
         return "<unknown source>"
-    code_line = trace[-1].strip()
-    return f"{frames[-1]}: {code_line}" if not code_line.startswith("File ") else frames[-1]
+    index, frame = next(((i, f) for i, f in reversed(frames) if TORCH_DIR not in f), frames[-1])
+    code_line = trace[index + 1].strip() if index + 1 < len(trace) else ""
+    return f"{frame}: {code_line}" if code_line and not code_line.startswith("File ") else frame
 
 
 def describe_node(node: torch.fx.Node) -> str:
