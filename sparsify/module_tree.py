@@ -93,6 +93,8 @@ def module_forwards(program: ExportedProgram, owner: nn.Module, tag: str) -> dic
         target = dense_module(owner, fqn)
         graph = copy.deepcopy(module.graph)
         for node in graph.nodes:
+            if node.name == "self":  # a child module named `self` (BERT's attention): its value would shadow
+                node._rename("self_output")  # the generated forward's own `self`
             eager = eager_form_of(node.target, node.kwargs) if node.op == "call_function" else None
             if eager is not None:  # run eagerly without the custom op's dispatch; tracers still see the op
                 node.target = eager

@@ -1,29 +1,56 @@
 """Tiny random-weight Hugging Face causal LMs by model type, from transformers' own config classes.
 
-COMMON shrinks the sizes most configs share; EXTRA holds what a family needs besides (per-layer lists
-sized to the layer count, its own width knobs). Used by the family tests and benchmarks/sweep_families.py.
+`tiny_config` shrinks any config generically: the sizes most configs share (COMMON) wherever the config has
+them, its sub-configs (text_config, ...) alike, and every per-layer list cut to the new layer count. EXTRA
+holds what a few families need besides. Used by the family tests and benchmarks/sweep_families.py.
 """
 import torch
 
-COMMON = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+LAYERS = 2
+COMMON = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
               num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
-              eos_token_id=2)
-TWO_LAYER_TYPES = ["sliding_attention", "full_attention"]
-EXTRA = {
-    "gemma3n_text": dict(intermediate_size=[64, 64], layer_types=TWO_LAYER_TYPES, vocab_size_per_layer_input=128,
-                         hidden_size_per_layer_input=8, num_kv_shared_layers=0, laurel_rank=4,
-                         activation_sparsity_pattern=[0.0, 0.0], altup_num_inputs=2, sliding_window=16),
-    "gemma4_text": dict(layer_types=TWO_LAYER_TYPES, sliding_window=16),
-    "gemma3_text": dict(layer_types=TWO_LAYER_TYPES, sliding_window=16),
-    "llama4_text": dict(intermediate_size_mlp=64, num_local_experts=2, interleave_moe_layer_step=1,
-                        no_rope_layers=[1, 1]),
-}
+              eos_token_id=2, n_embd=32, n_layer=LAYERS, n_head=4, n_positions=64, d_model=32, num_layers=LAYERS,
+              ffn_hidden_size=64, n_inner=64, max_seq_len=64, seq_length=64, vocab_size_per_layer_input=128,
+              hidden_size_per_layer_input=8, num_kv_shared_layers=0, laurel_rank=4, altup_num_inputs=2,
+              sliding_window=16, intermediate_size_mlp=64, num_local_experts=2, num_experts=2, n_routed_experts=2,
+              num_experts_per_tok=1, moe_intermediate_size=16, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4,
+              qk_nope_head_dim=4, v_head_dim=8, first_k_dense_replace=1)
+SUB_CONFIGS = ("text_config", "language_config", "llm_config")
+EXTRA = {"llama4_text": dict(interleave_moe_layer_step=1)}
+
+
+def _overrides(defaults: dict) -> dict:
+    layers = defaults.get("num_hidden_layers") or defaults.get("n_layer") or defaults.get("num_layers")
+    out = {k: v for k, v in COMMON.items() if k in defaults}
+    for key, value in defaults.items():
+        if key in out or not isinstance(value, list) or not layers or len(value) != layers:
+            continue
+        per_layer = value[:LAYERS]  # per-layer lists (layer types, sizes, patterns) follow the layer count
+        if key in COMMON:
+            per_layer = [COMMON[key]] * LAYERS
+        out[key] = per_layer
+    if isinstance(defaults.get("intermediate_size"), list):
+        out["intermediate_size"] = [COMMON["intermediate_size"]] * LAYERS
+    return out
+
+
+def tiny_config(model_type: str, **overrides):
+    from transformers import AutoConfig
+
+    defaults = AutoConfig.for_model(model_type).to_dict()
+    kwargs = _overrides(defaults)
+    for sub in SUB_CONFIGS:
+        if isinstance(defaults.get(sub), dict):
+            kwargs[sub] = {**defaults[sub], **_overrides(defaults[sub])}
+    kwargs.update(EXTRA.get(model_type, {}))
+    kwargs.update(overrides)
+    return AutoConfig.for_model(model_type, **kwargs)
 
 
 def tiny_causal_lm(model_type: str, seed: int = 0, **overrides):
     """An eval-mode tiny model of `model_type` (a key of MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.for_model(model_type, **{**COMMON, **EXTRA.get(model_type, {}), **overrides})
+    config = tiny_config(model_type, **overrides)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).eval()

@@ -40,13 +40,50 @@ def call_defaults(model) -> dict[str, Any]:
     return {}
 
 
+def _text_configs(config) -> list:
+    """The config and its language model's (vision-language and speech-text models keep the text sizes in a
+    sub-config)."""
+    subs = [getattr(config, name, None) for name in ("text_config", "language_config", "llm_config")]
+    return [config] + [sub for sub in subs if sub is not None and not isinstance(sub, dict)]
+
+
+def _vocab_size(model) -> int | None:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(embeddings, torch.nn.Embedding):
+        return embeddings.num_embeddings
+    return next((c.vocab_size for c in _text_configs(model.config) if getattr(c, "vocab_size", None)), None)
+
+
+def _placeholder_token_ids(config) -> set[int]:
+    """Special token ids a multi-modal model treats as placeholders (image, video, audio, their begin/end
+    markers): a text-only example must not contain them, or the model asks for pixel values."""
+    ids = set()
+    for c in [config, *_text_configs(config)[1:]]:
+        for name, value in vars(c).items():
+            if name.endswith(("_token_id", "_token_index", "_token_ids")) and name not in TEXT_TOKENS:
+                ids.update(v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, int))
+    return ids
+
+
+TEXT_TOKENS = {"pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",
+               "cls_token_id", "unk_token_id", "mask_token_id"}
+
+
 def example_inputs(model) -> dict[str, Any]:
     config = model.config
-    vocab = getattr(config, "vocab_size", None)
+    vocab = _vocab_size(model)
     if not vocab:
-        raise SparsifyError(f"{type(model).__name__}'s config has no vocab_size: pass example_inputs to convert().")
-    max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or EXAMPLE_SEQ
-    return {"input_ids": random_token_ids(model, vocab, min(EXAMPLE_SEQ, max_len)), **call_defaults(model)}
+        raise SparsifyError(f"{type(model).__name__} shows no vocabulary (no input embedding, no vocab_size in its "
+                            "config or text_config): pass example_inputs to convert().")
+    lengths = [getattr(c, key, None) for c in _text_configs(config) for key in ("max_position_embeddings", "n_positions")]
+    max_len = next((n for n in lengths if n), EXAMPLE_SEQ)
+    tokens = random_token_ids(model, vocab, min(EXAMPLE_SEQ, max_len))
+    reserved = sorted(i for i in _placeholder_token_ids(config) if 0 <= i < vocab)
+    if reserved:
+        allowed = torch.tensor([i for i in range(vocab) if i not in set(reserved)], device=tokens.device)
+        tokens = torch.where(torch.isin(tokens, torch.tensor(reserved, device=tokens.device)),
+                             allowed[tokens % len(allowed)], tokens)
+    return {"input_ids": tokens, **call_defaults(model)}
 
 
 def describe(model) -> dict[str, Any]:
