@@ -25,6 +25,7 @@ import torch
 
 from sparsify.capture import CapturedGraph
 from sparsify.errors import SparsifyError, describe_node
+from sparsify.ops.spec import shared_by_default_kinds
 from sparsify.passes.param_uses import find_param_uses
 from sparsify.passes.token_axes import size_exprs
 
@@ -245,6 +246,7 @@ def build_plan(
                                           captured.user_input_nodes())
     uses = {param_nodes[node]: node_uses for node, node_uses in captured.param_uses.items()}
     has_blocks = any(_block_of(fqn) for names in names_of.values() for fqn in names)
+    shared_kinds = shared_by_default_kinds()
     attention_blocks = _attention_blocks(captured, has_blocks)
 
     plan = RoutingPlan(modalities=modalities, init=init, policy=policy, include=include, exclude=exclude)
@@ -255,6 +257,9 @@ def build_plan(
         routable = not reason
         block = _block_of(fqn) if has_blocks else ROOT_BLOCK
         pick = _selected(policy, role, block, attention_blocks, routable)
+        if any(u.kind in shared_kinds for u in param_uses):
+            # No preset routes these; include= does (and route then names any use it cannot route).
+            pick, reason = False, "an embedding table: shared under every policy; include= routes it"
         if include_re and any(include_re.search(n) for n in names):
             pick = True
         if exclude_re and any(exclude_re.search(n) for n in names):

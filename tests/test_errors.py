@@ -197,10 +197,10 @@ class NormOnLinear(torch.nn.Module):
 def test_a_failing_rewrite_is_an_internal_error_naming_pass_node_and_source(monkeypatch):
     from sparsify.passes import route
 
-    def broken(self, node, uses, args, stacked):
+    def broken(self, value, stacked):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(route._Rewriter, "rewrite_linear", broken)
+    monkeypatch.setattr(route._Rewriter, "stacked", broken)  # the first rewrite in graph order: the linear's
     with pytest.raises(sparsify.InternalError) as info:
         sparsify.convert(NormOnLinear(), 3, example_inputs=(torch.randn(2, 5, 8),))
     message = str(info.value)

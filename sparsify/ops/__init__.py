@@ -12,20 +12,24 @@ from __future__ import annotations
 import torch
 
 from sparsify.errors import SparsifyError
-from sparsify.ops import permute_rows as _permute_rows_op  # noqa: F401  (registers the ops)
-from sparsify.ops import routed_conv1d as _conv1d_op  # noqa: F401
-from sparsify.ops import routed_gather as _gather_op  # noqa: F401
-from sparsify.ops import routed_layer_norm as _layer_norm_op  # noqa: F401
+# Importing an op module registers its custom op and its spec (ops/spec.py). The order is the order in which
+# the specs claim a parameter's use: routed_gather, which takes any elementwise use, after the norms (whose
+# scale is an elementwise multiply) and every other op.
+from sparsify.ops import selective_scan as _selective_scan_op  # noqa: F401  (not routed: opaque scans)
+from sparsify.ops import ssd_scan as _ssd_scan_op  # noqa: F401
+from sparsify.ops import permute_rows as _permute_rows_op  # noqa: F401
 from sparsify.ops import routed_linear as _linear_op  # noqa: F401
 from sparsify.ops import routed_rms_norm as _rms_norm_op  # noqa: F401
-from sparsify.ops import selective_scan as _selective_scan_op  # noqa: F401
-from sparsify.ops import ssd_scan as _ssd_scan_op  # noqa: F401
+from sparsify.ops import routed_layer_norm as _layer_norm_op  # noqa: F401
+from sparsify.ops import routed_conv1d as _conv1d_op  # noqa: F401
+from sparsify.ops import routed_embedding as _embedding_op  # noqa: F401
+from sparsify.ops import routed_gather as _gather_op  # noqa: F401
 from sparsify.ops._grouping import release_scratch_buffers
 from sparsify.ops.backend import BACKENDS
 from sparsify.ops.modality_ids import check_modality_ids
 
-__all__ = ["BACKENDS", "check_modality_ids", "release_scratch_buffers", "routed_conv1d", "routed_gather",
-           "routed_layer_norm", "routed_linear", "routed_rms_norm"]
+__all__ = ["BACKENDS", "check_modality_ids", "release_scratch_buffers", "routed_conv1d", "routed_embedding",
+           "routed_gather", "routed_layer_norm", "routed_linear", "routed_rms_norm"]
 
 
 def _ids(modality_ids, x, modalities):
@@ -56,6 +60,12 @@ def routed_gather(weight, modality_ids):
     """weight[ids]: the per-token copy of a stacked parameter [M, *S], shaped [*ids.shape, *S]."""
     shape = modality_ids.shape if isinstance(modality_ids, torch.Tensor) else ()
     return torch.ops.sparsify.routed_gather(weight, check_modality_ids(modality_ids, shape, weight.shape[0]))
+
+
+def routed_embedding(indices, modality_ids, weight, padding_idx=None):
+    """weight[ids[t], indices[t]]: the embedding table of each token's modality; weight [M, V, D]."""
+    ids = check_modality_ids(modality_ids, tuple(indices.shape), weight.shape[0])
+    return torch.ops.sparsify.routed_embedding(indices, ids, weight, -1 if padding_idx is None else padding_idx)
 
 
 def routed_conv1d(x, modality_ids, weight, bias=None, *, backend="auto"):

@@ -14,52 +14,19 @@ the custom op (their backward is the kernels').
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 
-sparsify_ops = torch.ops.sparsify
-# The op modules (sparsify.ops re-exports each op under its module's name, so `from sparsify.ops import
-# routed_linear` is the op, not the module).
-routed_linear, routed_rms_norm, routed_layer_norm, routed_conv1d, routed_gather, permute_rows = (
-    importlib.import_module(f"sparsify.ops.{name}") for name in
-    ("routed_linear", "routed_rms_norm", "routed_layer_norm", "routed_conv1d", "routed_gather", "permute_rows"))
-
-
-def routed_linear_direct(x, modality_ids, weight, bias=None, backend="torch"):
-    return routed_linear.routed_linear_ref(x, modality_ids, weight, bias)
-
-
-def routed_rms_norm_direct(x, modality_ids, weight, eps=1e-6, backend="torch"):
-    return routed_rms_norm.routed_rms_norm_ref(x, modality_ids, weight, eps)
-
-
-def routed_layer_norm_direct(x, modality_ids, weight, bias, eps=1e-5, backend="torch"):
-    return routed_layer_norm.routed_layer_norm_ref(x, modality_ids, weight, bias, eps)
-
-
-def routed_conv1d_direct(x, modality_ids, weight, bias=None, backend="torch"):
-    return routed_conv1d.routed_conv1d_ref(x, modality_ids, weight, bias)
-
-
-# op -> (its direct form, the module holding its autograd). routed_gather and permute_rows have one
-# implementation and no backend argument; the others take the direct form only where lowered to "torch".
-FORMS = {
-    sparsify_ops.routed_linear.default: (routed_linear_direct, routed_linear),
-    sparsify_ops.routed_rms_norm.default: (routed_rms_norm_direct, routed_rms_norm),
-    sparsify_ops.routed_layer_norm.default: (routed_layer_norm_direct, routed_layer_norm),
-    sparsify_ops.routed_conv1d.default: (routed_conv1d_direct, routed_conv1d),
-    sparsify_ops.routed_gather.default: (routed_gather.routed_gather_ref, routed_gather),
-    sparsify_ops.permute_rows.default: (permute_rows.permute_rows_direct, permute_rows),
-}
+from sparsify.ops.spec import SPECS, spec_of
+from sparsify.ops.routed_linear import routed_linear_direct  # noqa: F401  (benchmarks and tests call it)
 
 
 def direct_form(node_target, kwargs) -> object | None:
-    """The direct function for a call of `node_target` with these kwargs, or None (not routed, or Triton)."""
-    form = FORMS.get(node_target)
-    if form is None or kwargs.get("backend", "torch") != "torch":
+    """The direct function for a call of `node_target` with these kwargs, or None (not routed, or Triton).
+    Ops without a backend argument have one implementation; the others take it only where lowered to "torch"."""
+    spec = spec_of(node_target)
+    if spec is None or spec.direct is None or kwargs.get("backend", "torch") != "torch":
         return None
-    return form[0]
+    return spec.direct
 
 
 class _Eager(torch.autograd.Function):
@@ -70,14 +37,15 @@ class _Eager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, op, *inputs):
-        output = FORMS[op][0](*inputs)
-        ctx.sparsify_op = op
-        FORMS[op][1]._setup_context(ctx, inputs, output)
+        spec = spec_of(op)
+        output = spec.direct(*inputs)
+        ctx.sparsify_spec = spec
+        spec.autograd._setup_context(ctx, inputs, output)
         return output
 
     @staticmethod
     def backward(ctx, *grads):
-        return None, *FORMS[ctx.sparsify_op][1]._backward(ctx, *grads, direct=True)
+        return None, *ctx.sparsify_spec.autograd._backward(ctx, *grads, direct=True)
 
 
 def _traced(tensors) -> bool:
@@ -105,7 +73,7 @@ def _bind(op, args, kwargs) -> list:
     return values
 
 
-EAGER = {op: eager_form(op) for op in FORMS}
+EAGER = {spec.op: eager_form(spec.op) for spec in SPECS if spec.direct is not None and spec.autograd is not None}
 
 
 def eager_form_of(node_target, kwargs) -> object | None:

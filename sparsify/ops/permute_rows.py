@@ -8,10 +8,13 @@ the custom op itself never aliases its input (torch.library requires a fresh out
 """
 from __future__ import annotations
 
+import sys
 import weakref
 
 import torch
 from torch import Tensor
+
+from sparsify.ops.spec import RoutedOpSpec, register
 
 
 def permute_rows_ref(rows: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
@@ -64,3 +67,7 @@ def _backward(ctx, grad, direct: bool = False):
 
 
 permute_rows.register_autograd(_backward, setup_context=_setup_context)
+
+
+register(RoutedOpSpec(op=torch.ops.sparsify.permute_rows.default, uses=(), direct=permute_rows_direct,
+                      autograd=sys.modules[__name__]))  # hoist's permutations: eager forms only, no dense use

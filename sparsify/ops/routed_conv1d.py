@@ -8,6 +8,7 @@ with the weights of each output token's modality, the conv of every Mamba mixer.
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Optional
 
 import torch
@@ -17,6 +18,7 @@ from torch import Tensor
 from sparsify.ops._grouping import accumulation_dtype, groups_of
 from sparsify.ops.backend import use_triton
 from sparsify.errors import SparsifyError
+from sparsify.ops.spec import RoutedOpSpec, UseKind, register
 
 
 def _check(x: Tensor, modality_ids: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
@@ -111,3 +113,88 @@ def _backward(ctx, grad, direct: bool = False):
 
 
 routed_conv1d.register_autograd(_backward, setup_context=_setup_context)
+
+
+def routed_conv1d_direct(x, modality_ids, weight, bias=None, backend="torch"):
+    """The op's signature without its dispatch or autograd (decoding steps, ops/eager.py)."""
+    return routed_conv1d_ref(x, modality_ids, weight, bias)
+
+
+# -- the dense uses it replaces (route) ----------------------------------------------------------------
+aten = torch.ops.aten
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def _as_int(value):
+    return value[0] if isinstance(value, (list, tuple)) and len(value) == 1 else value
+
+
+FULL_SLICE_END = 2**63 - 1
+
+
+def conv1d_trim_chain(conv: torch.fx.Node) -> list[torch.fx.Node] | None:
+    """The slices that cut a causal conv's output back to the sequence: full slices of dims 0 and 1
+    (what `out[:, :, :T]` exports as) and one slice of the time dim from 0. None if the output is
+    used any other way."""
+    chain, node, trimmed_time = [], conv, False
+    while len(node.users) == 1 and not trimmed_time:
+        user = next(iter(node.users))
+        if user.target != aten.slice.Tensor or user.args[0] is not node:
+            break
+        dim, start = user.args[1] if len(user.args) > 1 else 0, user.args[2] if len(user.args) > 2 else None
+        end = user.args[3] if len(user.args) > 3 else None
+        if start not in (0, None):
+            return None
+        if dim in (2, -1):
+            trimmed_time = True
+        elif end not in (None, FULL_SLICE_END):
+            return None
+        chain.append(user)
+        node = user
+    return chain if trimmed_time else None
+
+
+def _classify_conv1d(node: torch.fx.Node, operand: int) -> tuple[str, str | None]:
+    """Only the depthwise causal form Mamba mixers use: conv1d(x, w[C,1,K], b, padding=K-1, groups=C)[..., :T]."""
+    args = list(node.args) + [None] * (7 - len(node.args))
+    x, weight, _, stride, padding, dilation, groups = args[:7]
+    weight_val, x_val = _val(weight), _val(x)
+    if weight_val is None or x_val is None or x_val.dim() != 3:
+        return "unsupported", "conv1d without shape information or not over [batch, channels, time]"
+    channels, per_group, kernel = weight_val.shape
+    depthwise = per_group == 1 and _as_int(groups) == channels
+    causal = _as_int(padding) == kernel - 1 and _as_int(stride or 1) == 1 and _as_int(dilation or 1) == 1
+    if not (depthwise and causal and conv1d_trim_chain(node)):
+        return "unsupported", ("only a depthwise causal conv1d (groups=channels, padding=kernel-1, output trimmed "
+                               "to the sequence) can be routed")
+    return ("conv1d_weight" if operand == 1 else "conv1d_bias"), None
+
+
+def _classify(node, operand: int, param_val):
+    if node.target == aten.conv1d.default and operand in (1, 2):
+        return _classify_conv1d(node, operand)
+    return None
+
+
+def _rewrite(rw, node, uses, args, stacked):
+    """conv1d(x, w, b, padding=K-1, groups=C)[..., :T]  =>  routed_conv1d(x, ids, w[:, :, 0], b)"""
+    x, weight = args[0], args[1]
+    bias = args[2] if len(args) > 2 else None
+    channels, _, kernel = weight.meta["val"].shape  # dense [C, 1, K]; lifted nodes keep their dense meta
+    weight = rw.call(aten.reshape.default, rw.stacked(weight, stacked), [rw.modalities, channels, kernel])
+    new = rw.call(torch.ops.sparsify.routed_conv1d.default, x, rw.modality_ids, weight, rw.stacked(bias, stacked))
+    chain = conv1d_trim_chain(node)  # the slices back to the sequence length: the routed conv replaces them
+    rw.replace(chain[-1], new, meta_from=node)
+    for dead in reversed([node] + chain[:-1]):
+        rw.graph.erase_node(dead)
+    return None
+
+
+register(RoutedOpSpec(
+    op=torch.ops.sparsify.routed_conv1d.default,
+    uses=(UseKind("conv1d_weight", "conv", 0, "channels_first", "[M, C, K] stacked", _rewrite),
+          UseKind("conv1d_bias", "conv", 0, "channels_first", "[M, C] stacked", _rewrite)),
+    classify=_classify, direct=routed_conv1d_direct, autograd=sys.modules[__name__], lowered=True))

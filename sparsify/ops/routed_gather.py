@@ -6,10 +6,14 @@ by hand, a gate): it reshapes the result so it broadcasts against the tokens.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor
 
 from sparsify.ops._grouping import accumulation_dtype, groups_of
+from sparsify.ops.spec import RoutedOpSpec, UseKind, register
+from sparsify.passes.param_uses import ELEMENTWISE_OPS, is_matmul_output, is_normalized
 
 
 def routed_gather_ref(weight: Tensor, modality_ids: Tensor) -> Tensor:
@@ -60,3 +64,51 @@ def _backward(ctx, grad, direct: bool = False):
 
 
 routed_gather.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- the dense uses it replaces (route) ----------------------------------------------------------------
+# Any elementwise use of a parameter: a norm's scale no pattern fused, a bias added by hand, a gate, a
+# learned residual scale. Registered last (ops/__init__.py): the ops above claim their own forms first.
+aten = torch.ops.aten
+
+
+def _classify(node, operand: int, param_val):
+    if node.target in (torch.ops.sparsify.selective_scan.default,
+                       torch.ops.sparsify.selective_scan_with_state.default) and operand == 7:
+        return "scan_delta_bias", None  # dt_proj's bias, which the scan adds to delta before softplus
+    if node.target in ELEMENTWISE_OPS:
+        other = node.args[1 - operand] if len(node.args) > 1 else None
+        if node.target == aten.mul.Tensor and param_val.dim() == 1 and is_normalized(other):
+            return "norm_like_scale", None  # a norm no pattern knows: routed exactly, but as a plain scale
+        if node.target == aten.add.Tensor and is_matmul_output(other):
+            return "bias_add", None  # e.g. softplus(dt_proj.weight @ x + dt_proj.bias[:, None])
+        return "elementwise", None
+    return None
+
+
+def _rewrite_elementwise(rw, node, uses, args, stacked):
+    """mul(w, h)  =>  mul(routed_gather(w_stacked, ids) shaped to broadcast, h)"""
+    for use in uses:
+        node.update_arg(use.operand, rw.gathered(use, args[use.operand]))
+    return None
+
+
+def _rewrite_scan_delta_bias(rw, node, uses, args, stacked):
+    """scan(u, delta, ..., delta_bias=b)  =>  scan(u, delta + routed_gather(b_stacked, ids), ..., None):
+    softplus(delta + bias) inside the scan is the scan of (delta + per-token bias) without one."""
+    delta = rw.call(aten.add.Tensor, args[1], rw.gathered(uses[0], args[7]))
+    node.update_arg(1, delta)
+    node.update_arg(7, None)
+    return None
+
+
+GATHERED = "per-token copies gathered"
+register(RoutedOpSpec(
+    op=torch.ops.sparsify.routed_gather.default,
+    uses=(UseKind("norm_like_scale", "norm", None, "broadcast", f"{GATHERED} (norm not fused)",
+                  _rewrite_elementwise, gathered=True),
+          UseKind("bias_add", "linear", None, "broadcast", GATHERED, _rewrite_elementwise, gathered=True),
+          UseKind("elementwise", "elementwise", None, "broadcast", GATHERED, _rewrite_elementwise, gathered=True),
+          UseKind("scan_delta_bias", "linear", 1, "channels_first", "per-token copies added to delta",
+                  _rewrite_scan_delta_bias, gathered=True)),
+    classify=_classify, direct=routed_gather_ref, autograd=sys.modules[__name__]))

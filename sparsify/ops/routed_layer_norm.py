@@ -5,6 +5,7 @@ x is [..., D], modality_ids x.shape[:-1], weight [M, D] or None, bias [M, D] or 
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Optional
 
 import torch
@@ -14,6 +15,8 @@ from torch import Tensor
 from sparsify.ops._grouping import (accumulation_dtype, affine_per_token_, groups_of, per_modality_sum,
                                      times_per_token)
 from sparsify.ops.backend import use_triton
+from sparsify.ops.spec import RoutedOpSpec, UseKind, register
+from sparsify.passes.norm_patterns import norm_match
 from sparsify.errors import SparsifyError
 
 
@@ -118,3 +121,44 @@ def _backward(ctx, grad, direct: bool = False):
 
 
 routed_layer_norm.register_autograd(_backward, setup_context=_setup_context)
+
+
+def routed_layer_norm_direct(x, modality_ids, weight, bias, eps=1e-5, backend="torch"):
+    """The op's signature without its dispatch or autograd (decoding steps, ops/eager.py)."""
+    return routed_layer_norm_ref(x, modality_ids, weight, bias, eps)
+
+
+# -- the dense uses it replaces (route) ----------------------------------------------------------------
+def _classify(node, operand: int, param_val):
+    match = norm_match(node)
+    if match is not None and match.kind == "layer" and node.args[operand] in (match.weight, match.bias):
+        return ("layer_norm_pattern_weight" if node.args[operand] is match.weight else "layer_norm_pattern_bias"), None
+    if node.target == torch.ops.aten.layer_norm.default:
+        if operand in (2, 3) and len(node.args[1]) == 1:
+            return ("layer_norm_weight" if operand == 2 else "layer_norm_bias"), None
+        return "unsupported", "layer_norm over more than the last dim"
+    return None
+
+
+def _build(rw, x, ids, weight, bias, eps):
+    """The routed node, and the dtype it computes in (the input's: the model may cast it afterwards)."""
+    return rw.call(torch.ops.sparsify.routed_layer_norm.default, x, ids, weight, bias, eps), x.meta["val"].dtype
+
+
+def _rewrite(rw, node, uses, args, stacked):
+    """layer_norm(x, [D], w, b, eps), or a LayerNorm in any spelling norm_patterns knows
+    =>  routed_layer_norm(x, ids, w, b, eps)"""
+    if uses[0].norm is None:
+        x, _, weight, bias, eps = (args + [None, None, 1e-5])[:5]
+        return rw.fuse_norm(uses, stacked, _build, x=x, weight=weight, bias=bias, eps=eps, output=node)
+    return rw.fuse_norm(uses, stacked, _build)
+
+
+register(RoutedOpSpec(
+    op=torch.ops.sparsify.routed_layer_norm.default,
+    uses=(UseKind("layer_norm_weight", "norm", 0, "rows", "[M, D] stacked", _rewrite),
+          UseKind("layer_norm_bias", "norm", 0, "rows", "[M, D] stacked", _rewrite),
+          UseKind("layer_norm_pattern_weight", "norm", None, "broadcast", "[M, D] stacked, fused norm", _rewrite),
+          UseKind("layer_norm_pattern_bias", "norm", None, "broadcast", "[M, D] stacked, fused norm", _rewrite)),
+    classify=_classify, direct=routed_layer_norm_direct, autograd=sys.modules[__name__], lowered=True,
+    token_wise=True))

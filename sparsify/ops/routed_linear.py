@@ -7,14 +7,17 @@ reference groups rows with data-dependent shapes that a tracer cannot follow).
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import Tensor
 
 from sparsify.ops._grouping import accumulation_dtype, groups_of, scratch_buffer
 from sparsify.ops.backend import use_triton
+from sparsify.ops.spec import RoutedOpSpec, UseKind, register
 
 
 def routed_linear_ref(x: Tensor, modality_ids: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -185,3 +188,85 @@ def _backward(ctx, grad, direct: bool = False):
 
 
 routed_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def routed_linear_direct(x, modality_ids, weight, bias=None, backend="torch"):
+    """The op's signature without its dispatch or autograd (decoding steps, ops/eager.py)."""
+    return routed_linear_ref(x, modality_ids, weight, bias)
+
+
+# -- the dense uses it replaces (route) ----------------------------------------------------------------
+aten = torch.ops.aten
+MATMUL_OPS = {aten.mm.default, aten.matmul.default}
+
+
+def _classify(node, operand: int, param_val):
+    target, args = node.target, node.args
+    if target == aten.linear.default:
+        return ("linear_weight", None) if operand == 1 else ("linear_bias", None) if operand == 2 else (
+            "unsupported", "the parameter is the input of a linear, not its weight or bias")
+    if target == aten.addmm.default:
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            return "unsupported", "addmm with beta/alpha scaling"
+        if operand == 2 and param_val.dim() == 2:
+            return "addmm_weight", None
+        if operand == 0 and param_val.dim() == 1:
+            return "addmm_bias", None
+        return "unsupported", "the parameter is the activation operand of an addmm"
+    if target in MATMUL_OPS:
+        other = args[1 - operand].meta.get("val") if isinstance(args[1 - operand], torch.fx.Node) else None
+        if param_val.dim() != 2 or other is None:
+            return "unsupported", "only a 2-D weight matrix can be routed in a matmul"
+        if operand == 1:
+            return "matmul_weight_right", None
+        if other.dim() >= 2:
+            return "matmul_weight_left", None
+        return "unsupported", "a matrix-vector product has no token dim"
+    return None
+
+
+def _rewrite_linear(rw, node, uses, args, stacked):
+    """linear(x, w, b)  =>  routed_linear(x, ids, w_stacked, b_stacked)"""
+    x, bias = args[0], args[2] if len(args) > 2 else None
+    return rw.call(torch.ops.sparsify.routed_linear.default, x, rw.ids_for(uses[0].token_axes, rw.lead(uses), x),
+                   rw.stacked(args[1], stacked), rw.stacked(bias, stacked))
+
+
+def _rewrite_addmm(rw, node, uses, args, stacked):
+    """addmm(b, x, w)  =>  routed_linear(x, ids, w_stacked.transpose(1, 2), b_stacked)  (GPT-2's Conv1D)"""
+    x = args[1]
+    weight = rw.call(aten.transpose.int, rw.stacked(args[2], stacked), 1, 2)
+    return rw.call(torch.ops.sparsify.routed_linear.default, x, rw.ids_for(uses[0].token_axes, rw.lead(uses), x),
+                   weight, rw.stacked(args[0], stacked))
+
+
+def _rewrite_matmul_right(rw, node, uses, args, stacked):
+    """x @ w  =>  routed_linear(x, ids, w_stacked.transpose(1, 2))"""
+    x = args[0]
+    weight = rw.call(aten.transpose.int, rw.stacked(args[1], stacked), 1, 2)
+    return rw.call(torch.ops.sparsify.routed_linear.default, x, rw.ids_for(uses[0].token_axes, rw.lead(uses), x),
+                   weight, None)
+
+
+def _rewrite_matmul_left(rw, node, uses, args, stacked):
+    """w @ x  =>  routed_linear(x.mT, ids, w_stacked).mT  (mamba_ssm's projections)"""
+    x_t = rw.call(aten.transpose.int, args[1], -1, -2)
+    y_t = rw.call(torch.ops.sparsify.routed_linear.default, x_t, rw.ids_for(uses[0].token_axes, rw.lead(uses), x_t),
+                  rw.stacked(args[0], stacked), None)
+    return rw.call(aten.transpose.int, y_t, -1, -2)
+
+
+register(RoutedOpSpec(
+    op=torch.ops.sparsify.routed_linear.default,
+    uses=(
+        UseKind("linear_weight", "linear", 0, "rows", "[M, out, in] stacked", _rewrite_linear),
+        UseKind("linear_bias", "linear", 0, "rows", "[M, out] stacked", _rewrite_linear),
+        UseKind("addmm_weight", "linear", 1, "rows", "[M, in, out] stacked, transposed to [M, out, in]",
+                _rewrite_addmm),
+        UseKind("addmm_bias", "linear", 1, "rows", "[M, out] stacked", _rewrite_addmm),
+        UseKind("matmul_weight_right", "linear", 0, "rows", "[M, in, out] stacked, transposed",
+                _rewrite_matmul_right),
+        UseKind("matmul_weight_left", "linear", 1, "columns", "[M, out, in] stacked, x transposed",
+                _rewrite_matmul_left),
+    ),
+    classify=_classify, direct=routed_linear_direct, autograd=sys.modules[__name__], lowered=True, token_wise=True))

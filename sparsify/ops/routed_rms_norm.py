@@ -7,6 +7,7 @@ shared norm kernel in sparsify/kernels/routed_layer_norm.py (IS_RMS=True).
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,8 @@ from torch import Tensor
 from sparsify.ops._grouping import (accumulation_dtype, affine_per_token_, groups_of, per_modality_sum,
                                      scratch_buffer, times_per_token)
 from sparsify.ops.backend import use_triton
+from sparsify.ops.spec import RoutedOpSpec, UseKind, register
+from sparsify.passes.norm_patterns import norm_match
 
 
 def routed_rms_norm_ref(x: Tensor, modality_ids: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -102,3 +105,44 @@ def _backward(ctx, grad, direct: bool = False):
 
 
 routed_rms_norm.register_autograd(_backward, setup_context=_setup_context)
+
+
+def routed_rms_norm_direct(x, modality_ids, weight, eps=1e-6, backend="torch"):
+    """The op's signature without its dispatch or autograd (decoding steps, ops/eager.py)."""
+    return routed_rms_norm_ref(x, modality_ids, weight, eps)
+
+
+# -- the dense uses it replaces (route) ----------------------------------------------------------------
+def _classify(node, operand: int, param_val):
+    match = norm_match(node)
+    if match is not None and match.kind == "rms" and node.args[operand] is match.weight:
+        return "rms_norm_pattern_weight", None
+    if node.target == torch.ops.aten.rms_norm.default:
+        if operand == 2 and len(node.args[1]) == 1:
+            return "rms_norm_weight", None
+        return "unsupported", "rms_norm over more than the last dim"
+    return None
+
+
+def _build(rw, x, ids, weight, bias, eps):
+    """The routed node, and the dtype it computes in (the input's and the weight's promoted: the model may
+    cast the normalised value back before the scale, as Llama does)."""
+    computed = torch.promote_types(x.meta["val"].dtype, weight.meta["val"].dtype)
+    return rw.call(torch.ops.sparsify.routed_rms_norm.default, x, ids, weight, eps), computed
+
+
+def _rewrite(rw, node, uses, args, stacked):
+    """rms_norm(x, [D], w, eps), or an RMSNorm in any spelling norm_patterns knows  =>  routed_rms_norm(x, ids, w)"""
+    if uses[0].norm is None:  # aten.rms_norm: eps None means the dtype's machine epsilon
+        eps = (args + [None])[3]
+        eps = torch.finfo(args[0].meta["val"].dtype).eps if eps is None else eps
+        return rw.fuse_norm(uses, stacked, _build, x=args[0], weight=args[2], bias=None, eps=eps, output=node)
+    return rw.fuse_norm(uses, stacked, _build)
+
+
+register(RoutedOpSpec(
+    op=torch.ops.sparsify.routed_rms_norm.default,
+    uses=(UseKind("rms_norm_weight", "norm", 0, "rows", "[M, D] stacked", _rewrite),
+          UseKind("rms_norm_pattern_weight", "norm", None, "broadcast", "[M, D] stacked, fused norm", _rewrite)),
+    classify=_classify, direct=routed_rms_norm_direct, autograd=sys.modules[__name__], lowered=True,
+    token_wise=True))

@@ -25,6 +25,8 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from sparsify import ops  # noqa: F401  (registers every routed op and its spec)
+from sparsify.ops.spec import token_wise_ops
 from sparsify.passes import PassBase, PassResult
 from sparsify.passes.graph_check import check_graph, snapshot_values
 from sparsify.passes.route import MODALITY_IDS
@@ -32,9 +34,8 @@ from sparsify.passes.route import MODALITY_IDS
 aten = torch.ops.aten
 sparsify_ops = torch.ops.sparsify
 
-# Token-wise routed ops: tokens in x (position 0), ids at position 1.
-ROUTED = {sparsify_ops.routed_linear.default, sparsify_ops.routed_rms_norm.default,
-          sparsify_ops.routed_layer_norm.default}
+# Token-wise routed ops (their specs say so): tokens in x (position 0), ids at position 1.
+ROUTED = token_wise_ops()
 ELEMENTWISE = {
     aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.add.Scalar, aten.mul.Scalar,
     aten.neg.default, aten.silu.default, aten.gelu.default, aten.relu.default, aten.sigmoid.default,

@@ -12,14 +12,13 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from sparsify import ops  # noqa: F401  (registers every routed op and its spec)
 from sparsify.ops.backend import use_triton
+from sparsify.ops.spec import lowered_ops
 from sparsify.errors import PassCheckError, describe_node
 from sparsify.passes import PassBase, PassResult
 
-ROUTED_OPS = {
-    torch.ops.sparsify.routed_linear.default, torch.ops.sparsify.routed_layer_norm.default,
-    torch.ops.sparsify.routed_rms_norm.default, torch.ops.sparsify.routed_conv1d.default,
-}
+ROUTED_OPS = lowered_ops()  # the routed ops with a Triton implementation (their specs say `lowered`)
 
 
 class LowerPass(PassBase):

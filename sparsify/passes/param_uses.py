@@ -14,6 +14,7 @@ import torch
 import torch.fx
 
 from sparsify.errors import describe_node
+from sparsify.ops.spec import SPECS, UseKind, use_kinds
 from sparsify.passes.norm_patterns import find_norms, norm_match
 from sparsify.passes.token_axes import TokenAxes, axes_from_tokens, find_token_axes, shape_env_of, size_exprs
 from sparsify.passes.token_provenance import Tokens, token_provenance, tokens_of
@@ -38,55 +39,13 @@ ELEMENTWISE_OPS = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.T
 MATMUL_OPS = {aten.mm.default, aten.matmul.default}
 
 
-@dataclass(frozen=True)
-class UseKind:
-    """What one kind of parameter use is, where its tokens are, and how route rewrites it: the one table
-    plan, route and the checks read (a kind is never dispatched on its name elsewhere)."""
-
-    name: str
-    role: str                  # linear | norm | conv | elementwise | embedding | unsupported
-    token_operand: int | None  # node.args index of the tensor whose token dims route it; None: the op's output
-    token_layout: str          # rows: tokens in every dim but the last | channels_first: [B, C, T] |
-    #                            columns: w @ x, tokens in every dim but x's -2 | broadcast: elementwise
-    lift: str                  # how the parameter takes the routed form (shown in the plan's uses)
-    rewrite: str | None        # the route pass's method for it; None: not routable
-    gathered: bool = False     # routed by per-token copies that broadcast against the tokens, not a stacked op
-
-
-USE_KINDS = {k.name: k for k in [
-    UseKind("linear_weight", "linear", 0, "rows", "[M, out, in] stacked", "rewrite_linear"),
-    UseKind("linear_bias", "linear", 0, "rows", "[M, out] stacked", "rewrite_linear"),
-    UseKind("addmm_weight", "linear", 1, "rows", "[M, in, out] stacked, transposed to [M, out, in]", "rewrite_addmm"),
-    UseKind("addmm_bias", "linear", 1, "rows", "[M, out] stacked", "rewrite_addmm"),
-    UseKind("matmul_weight_right", "linear", 0, "rows", "[M, in, out] stacked, transposed", "rewrite_matmul_right"),
-    UseKind("matmul_weight_left", "linear", 1, "columns", "[M, out, in] stacked, x transposed", "rewrite_matmul_left"),
-    UseKind("layer_norm_weight", "norm", 0, "rows", "[M, D] stacked", "rewrite_layer_norm"),
-    UseKind("layer_norm_bias", "norm", 0, "rows", "[M, D] stacked", "rewrite_layer_norm"),
-    UseKind("rms_norm_weight", "norm", 0, "rows", "[M, D] stacked", "rewrite_norm_match"),
-    UseKind("norm_pattern_weight", "norm", None, "broadcast", "[M, D] stacked, fused norm", "rewrite_norm_match"),
-    UseKind("norm_pattern_bias", "norm", None, "broadcast", "[M, D] stacked, fused norm", "rewrite_norm_match"),
-    UseKind("norm_like_scale", "norm", None, "broadcast", "per-token copies gathered (norm not fused)",
-            "rewrite_elementwise", gathered=True),
-    UseKind("bias_add", "linear", None, "broadcast", "per-token copies gathered", "rewrite_elementwise",
-            gathered=True),
-    UseKind("elementwise", "elementwise", None, "broadcast", "per-token copies gathered", "rewrite_elementwise",
-            gathered=True),
-    UseKind("conv1d_weight", "conv", 0, "channels_first", "[M, C, K] stacked", "rewrite_conv1d"),
-    UseKind("conv1d_bias", "conv", 0, "channels_first", "[M, C] stacked", "rewrite_conv1d"),
-    UseKind("scan_delta_bias", "linear", 1, "channels_first", "per-token copies added to delta",
-            "rewrite_scan_delta_bias", gathered=True),
-    UseKind("embedding", "embedding", None, "broadcast", "", None),
-    UseKind("unsupported", "unsupported", None, "broadcast", "", None),
-]}
-
-
 @dataclass
 class ParamUse:
     """One op that consumes a parameter (possibly through views of it)."""
 
     node: torch.fx.Node          # the consuming op
     operand: int                 # index in node.args of the parameter-derived operand
-    kind: str                    # a key of USE_KINDS
+    kind: str                    # a UseKind's name (ops/spec.py)
     view_chain: list[torch.fx.Node] = field(default_factory=list)
     token_axes: TokenAxes | None = None
     problem: str | None = None   # why the use cannot be routed
@@ -96,7 +55,7 @@ class ParamUse:
 
     @property
     def spec(self) -> UseKind:
-        return USE_KINDS[self.kind]
+        return use_kinds()[self.kind]
 
     @property
     def role(self) -> str:
@@ -225,7 +184,7 @@ SHAPE_OPS = PARAM_VIEW_OPS | {aten.squeeze.default, aten.expand.default}
 LINEAR_OPS = {aten.linear.default, aten.addmm.default} | MATMUL_OPS
 
 
-def _is_matmul_output(node, depth: int = 4) -> bool:
+def is_matmul_output(node, depth: int = 4) -> bool:
     """Whether `node` is a linear/matmul result, possibly reshaped: a parameter added to it is a bias."""
     for _ in range(depth):
         if not isinstance(node, torch.fx.Node) or node.op != "call_function":
@@ -269,99 +228,14 @@ def _token_provenance(use: ParamUse) -> Tokens | None:
 
 
 def classify(node: torch.fx.Node, operand: int, param_val) -> tuple[str, str | None]:
-    """(kind, problem) of a parameter-derived value used as node.args[operand]."""
-    target, args = node.target, node.args
-    if target == aten.linear.default:
-        return ("linear_weight", None) if operand == 1 else ("linear_bias", None) if operand == 2 else (
-            "unsupported", "the parameter is the input of a linear, not its weight or bias")
-    if target == aten.addmm.default:
-        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
-            return "unsupported", "addmm with beta/alpha scaling"
-        if operand == 2 and param_val.dim() == 2:
-            return "addmm_weight", None
-        if operand == 0 and param_val.dim() == 1:
-            return "addmm_bias", None
-        return "unsupported", "the parameter is the activation operand of an addmm"
-    if target in MATMUL_OPS:
-        other = _val(args[1 - operand])
-        if param_val.dim() != 2 or other is None:
-            return "unsupported", "only a 2-D weight matrix can be routed in a matmul"
-        if operand == 1:
-            return "matmul_weight_right", None
-        if other.dim() >= 2:
-            return "matmul_weight_left", None
-        return "unsupported", "a matrix-vector product has no token dim"
-    match = norm_match(node)
-    if match is not None and args[operand] in (match.weight, match.bias):
-        return ("norm_pattern_weight" if args[operand] is match.weight else "norm_pattern_bias"), None
-    if target == aten.rms_norm.default:
-        if operand == 2 and len(args[1]) == 1:
-            return "rms_norm_weight", None
-        return "unsupported", "rms_norm over more than the last dim"
-    if target == aten.layer_norm.default:
-        if operand in (2, 3) and len(args[1]) == 1:
-            return ("layer_norm_weight" if operand == 2 else "layer_norm_bias"), None
-        return "unsupported", "layer_norm over more than the last dim"
-    if target in (torch.ops.sparsify.selective_scan.default,
-                  torch.ops.sparsify.selective_scan_with_state.default) and operand == 7:
-        return "scan_delta_bias", None  # dt_proj's bias, which the scan adds to delta before softplus
-    if target == aten.conv1d.default and operand in (1, 2):
-        return _classify_conv1d(node, operand)
-    if target == aten.embedding.default and operand == 0:
-        return "embedding", "an embedding table is looked up by token id, not applied per modality"
-    if target in ELEMENTWISE_OPS:
-        other = args[1 - operand] if len(args) > 1 else None
-        if target == aten.mul.Tensor and param_val.dim() == 1 and is_normalized(other):
-            return "norm_like_scale", None  # a norm no pattern knows: routed exactly, but as a plain scale
-        if target == aten.add.Tensor and _is_matmul_output(other):
-            return "bias_add", None  # e.g. softplus(dt_proj.weight @ x + dt_proj.bias[:, None])
-        return "elementwise", None
-    return "unsupported", f"{target} is not an op sparsify can route (linear, addmm, mm/matmul, layer_norm, causal conv1d, elementwise)"
-
-
-def _as_int(value):
-    return value[0] if isinstance(value, (list, tuple)) and len(value) == 1 else value
-
-
-FULL_SLICE_END = 2**63 - 1
-
-
-def conv1d_trim_chain(conv: torch.fx.Node) -> list[torch.fx.Node] | None:
-    """The slices that cut a causal conv's output back to the sequence: full slices of dims 0 and 1
-    (what `out[:, :, :T]` exports as) and one slice of the time dim from 0. None if the output is
-    used any other way."""
-    chain, node, trimmed_time = [], conv, False
-    while len(node.users) == 1 and not trimmed_time:
-        user = next(iter(node.users))
-        if user.target != aten.slice.Tensor or user.args[0] is not node:
-            break
-        dim, start = user.args[1] if len(user.args) > 1 else 0, user.args[2] if len(user.args) > 2 else None
-        end = user.args[3] if len(user.args) > 3 else None
-        if start not in (0, None):
-            return None
-        if dim in (2, -1):
-            trimmed_time = True
-        elif end not in (None, FULL_SLICE_END):
-            return None
-        chain.append(user)
-        node = user
-    return chain if trimmed_time else None
-
-
-def _classify_conv1d(node: torch.fx.Node, operand: int) -> tuple[str, str | None]:
-    """Only the depthwise causal form Mamba mixers use: conv1d(x, w[C,1,K], b, padding=K-1, groups=C)[..., :T]."""
-    args = list(node.args) + [None] * (7 - len(node.args))
-    x, weight, _, stride, padding, dilation, groups = args[:7]
-    weight_val, x_val = _val(weight), _val(x)
-    if weight_val is None or x_val is None or x_val.dim() != 3:
-        return "unsupported", "conv1d without shape information or not over [batch, channels, time]"
-    channels, per_group, kernel = weight_val.shape
-    depthwise = per_group == 1 and _as_int(groups) == channels
-    causal = _as_int(padding) == kernel - 1 and _as_int(stride or 1) == 1 and _as_int(dilation or 1) == 1
-    if not (depthwise and causal and conv1d_trim_chain(node)):
-        return "unsupported", ("only a depthwise causal conv1d (groups=channels, padding=kernel-1, output trimmed "
-                               "to the sequence) can be routed")
-    return ("conv1d_weight" if operand == 1 else "conv1d_bias"), None
+    """(kind, problem) of a parameter-derived value used as node.args[operand]: the first routed op spec
+    (ops/spec.py, in registration order) that claims the use, else unsupported."""
+    for spec in SPECS:
+        claimed = spec.classify(node, operand, param_val) if spec.classify is not None else None
+        if claimed is not None:
+            return claimed
+    return "unsupported", (f"{node.target} is not an op sparsify can route (linear, addmm, mm/matmul, layer_norm, "
+                           "rms_norm, causal conv1d, embedding, elementwise)")
 
 
 def find_param_uses(
@@ -416,6 +290,10 @@ def _use_token_axes(use: ParamUse, token_dims: tuple) -> tuple[TokenAxes | str, 
         axes = axes_from_tokens(tokens, token_dims, size_exprs(tensor))
         if not isinstance(axes, str) or not single_token:
             return axes, False
+    if use.spec.token_layout == "indices":
+        # A lookup is routed only where its indices are the model's tokens (not positions made by arange):
+        # sizes cannot tell token ids from position ids.
+        return "its indices do not carry the model's tokens (position ids?)", False
     # Provenance lost the tokens (an op it does not know) or there is one token (any unit dim holds it).
     axes = find_token_axes(size_exprs(tensor), token_dims, shape_env_of(tensor))
     lost = _where_tokens_were_lost(_token_source(use))

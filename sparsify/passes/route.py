@@ -5,12 +5,15 @@
     w @ x                => sparsify.routed_linear(x.mT, ids, w_stacked).mT
     layer_norm(x, w, b)  => sparsify.routed_layer_norm(x, ids, w_stacked, b_stacked)
     <an RMSNorm / LayerNorm in any spelling norm_patterns knows>  => sparsify.routed_rms_norm / routed_layer_norm
+    embedding(w, tokens) => sparsify.routed_embedding(tokens, ids, w_stacked)
     mul(w, h)            => mul(sparsify.routed_gather(w_stacked, ids) shaped to broadcast, h)
 
 The routed parameter's placeholder receives the stacked [M, *S] tensor at run
 time; view and cast ops applied to it alone are rewritten to keep the modality
-dim in front. `modality_ids` is a new placeholder after all others. Which
-rewrite a use gets is param_uses.USE_KINDS' `rewrite` column.
+dim in front. `modality_ids` is a new placeholder after all others. Each rewrite
+is declared beside its op (ops/<op>.py, its spec's UseKind.rewrite); this pass
+gives them the helpers below (ids laid out as the tokens, stacked operands, the
+replacement map) and runs them in graph order.
 """
 from __future__ import annotations
 
@@ -23,8 +26,7 @@ from sparsify import ops  # noqa: F401  (registers torch.ops.sparsify.*)
 from sparsify.errors import RoutingError, describe_node
 from sparsify.passes import PassBase, PassResult
 from sparsify.passes.graph_check import check_graph, snapshot_values
-from sparsify.passes.param_uses import (ParamUse, broadcast_param_shape, conv1d_trim_chain,
-                                        find_param_uses, token_tensor_lead_dims)
+from sparsify.passes.param_uses import ParamUse, broadcast_param_shape, find_param_uses, token_tensor_lead_dims
 from sparsify.passes.token_axes import TokenAxes
 
 aten = torch.ops.aten
@@ -122,10 +124,6 @@ def _give_values(modality_ids: torch.fx.Node, param_nodes: list, placeholders: l
         for node in param_nodes:
             dense = node.meta["val"]
             node.meta["val"] = torch.empty((modalities, *dense.shape), dtype=dense.dtype, device=dense.device)
-
-
-def _lead(uses: list[ParamUse]) -> int:
-    return token_tensor_lead_dims(uses[0])
 
 
 def _rank(node: torch.fx.Node) -> int:
@@ -230,19 +228,24 @@ class _Rewriter:
         front = self.call(aten.unsqueeze.default, value, 0)
         return self.call(aten.expand.default, front, [self.modalities] + [-1] * _rank(value))
 
+    @staticmethod
+    def lead(uses: list[ParamUse]) -> int:
+        """How many leading dims of the use's token tensor the ids cover."""
+        return token_tensor_lead_dims(uses[0])
+
     def rewrite(self, node: torch.fx.Node, uses: list[ParamUse], stacked: set) -> None:
-        """Rewrite `node` (every use it makes of routed parameters) with its kind's method from USE_KINDS."""
+        """Rewrite `node` (every use it makes of routed parameters) with its kind's rewrite (ops/spec.py)."""
         if any(id(u.norm) in self.fused_norms for u in uses if u.norm is not None):
             return  # a norm's weight and bias are two uses of one match: fused once, at the first
         self.stack = node.meta.get("nn_module_stack") or self.root_stack
-        method = getattr(self, uses[0].spec.rewrite)
         with self.graph.inserting_before(node):
-            new = method(node, uses, list(node.args), stacked)
+            new = uses[0].spec.rewrite(self, node, uses, list(node.args), stacked)
         if new is not None:
             self.replace(node, new)
 
-    def replace(self, node: torch.fx.Node, new: torch.fx.Node) -> None:
-        new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+    def replace(self, node: torch.fx.Node, new: torch.fx.Node, meta_from: torch.fx.Node | None = None) -> None:
+        """`new` computes what `node` did: it takes node's uses (and `meta_from`'s metadata, default node's)."""
+        new.meta.update({k: v for k, v in (meta_from or node).meta.items() if k != "val"})
         # The routed node computes the dense node's value (same shape and dtype): later rewrites that read
         # this operand's shape (a scan's delta, routed before its bias) find it there.
         new.meta.setdefault("val", node.meta.get("val"))
@@ -251,85 +254,25 @@ class _Rewriter:
         self.graph.erase_node(node)
         self.replacements[node] = new
 
-    def rewrite_elementwise(self, node, uses, args, stacked):
-        for u in uses:
-            node.update_arg(u.operand, self.gathered(u, args[u.operand]))
-
-    def rewrite_scan_delta_bias(self, node, uses, args, stacked):
-        # softplus(delta + bias) inside the scan == the scan of (delta + per-token bias), no bias
-        delta = self.call(aten.add.Tensor, args[1], self.gathered(uses[0], args[7]))
-        node.update_arg(1, delta)
-        node.update_arg(7, None)
-
-    def rewrite_linear(self, node, uses, args, stacked):
-        x, bias = args[0], args[2] if len(args) > 2 else None
-        return self.call(sparsify_ops.routed_linear.default, x, self.ids_for(uses[0].token_axes, _lead(uses), x),
-                         self.stacked(args[1], stacked), self.stacked(bias, stacked))
-
-    def rewrite_addmm(self, node, uses, args, stacked):
-        x = args[1]
-        weight = self.call(aten.transpose.int, self.stacked(args[2], stacked), 1, 2)
-        return self.call(sparsify_ops.routed_linear.default, x, self.ids_for(uses[0].token_axes, _lead(uses), x),
-                         weight, self.stacked(args[0], stacked))
-
-    def rewrite_matmul_right(self, node, uses, args, stacked):
-        x = args[0]
-        weight = self.call(aten.transpose.int, self.stacked(args[1], stacked), 1, 2)
-        return self.call(sparsify_ops.routed_linear.default, x, self.ids_for(uses[0].token_axes, _lead(uses), x),
-                         weight, None)
-
-    def rewrite_matmul_left(self, node, uses, args, stacked):
-        x_t = self.call(aten.transpose.int, args[1], -1, -2)
-        y_t = self.call(sparsify_ops.routed_linear.default, x_t, self.ids_for(uses[0].token_axes, _lead(uses), x_t),
-                        self.stacked(args[0], stacked), None)
-        return self.call(aten.transpose.int, y_t, -1, -2)
-
-    def rewrite_layer_norm(self, node, uses, args, stacked):
-        x, _, weight, bias, eps = (args + [None, None, 1e-5])[:5]
-        return self.call(sparsify_ops.routed_layer_norm.default, x, self.ids_for(uses[0].token_axes, _lead(uses), x),
-                         self.stacked(weight, stacked), self.stacked(bias, stacked), eps)
-
-    def rewrite_norm_match(self, node, uses, args, stacked):
-        """A norm layer in any spelling (aten.rms_norm, or a norm_patterns match) => one fused routed op."""
+    def fuse_norm(self, uses: list[ParamUse], stacked: set, build, *, x=None, weight=None, bias=None, eps=None,
+                  output=None) -> None:
+        """One routed norm op for a norm layer: an ATen norm op (its operands given), or a norm_patterns match
+        (operands from the match, looked up through the replacements: a norm right on a linear's output names
+        the linear its own rewrite replaced). `build(self, x, ids, weight, bias, eps)` makes the routed node
+        and says the dtype it computes in; a cast follows where the model's output has another."""
         match = uses[0].norm
-        if match is None:  # aten.rms_norm(x, [D], w, eps): eps None means the dtype's machine epsilon
-            x, weight, eps = args[0], args[2], (args + [None])[3]
-            kind, bias, output = "rms", None, node
-            eps = torch.finfo(x.meta["val"].dtype).eps if eps is None else eps
-        else:
+        if match is not None:
             self.fused_norms.add(id(match))
             x, weight, bias, output = self.current((match.normalized, match.weight, match.bias, match.output))
-            eps, kind = match.eps, match.kind
-        with self.graph.inserting_before(output):  # after every operand of the match
+            eps = match.eps
+        with self.graph.inserting_before(output):  # after every operand of the norm
             ids = self.ids_for(uses[0].token_axes, x.meta["val"].dim() - 1, x)
-            if kind == "rms":
-                new = self.call(sparsify_ops.routed_rms_norm.default, x, ids, self.stacked(weight, stacked), eps)
-                computed = torch.promote_types(x.meta["val"].dtype, weight.meta["val"].dtype)
-            else:
-                new = self.call(sparsify_ops.routed_layer_norm.default, x, ids, self.stacked(weight, stacked),
-                                self.stacked(bias, stacked), eps)
-                computed = x.meta["val"].dtype
+            new, computed = build(self, x, ids, self.stacked(weight, stacked), self.stacked(bias, stacked), eps)
             dtype = output.meta["val"].dtype
             if dtype != computed:  # the model cast the normalised value (Llama: back to the input dtype)
                 new = self.call(aten._to_copy.default, new)
                 new.kwargs = {"dtype": dtype}
         self.replace(output, new)
-
-    def rewrite_conv1d(self, node, uses, args, stacked):
-        """conv1d(x, w, b, padding=K-1, groups=C)[..., :T]  =>  sparsify.routed_conv1d(x, ids, w[:, :, 0], b)."""
-        x, weight = args[0], args[1]
-        bias = args[2] if len(args) > 2 else None
-        channels, _, kernel = weight.meta["val"].shape  # dense [C, 1, K]; lifted nodes keep their dense meta
-        weight = self.call(aten.reshape.default, self.stacked(weight, stacked), [self.modalities, channels, kernel])
-        new = self.call(sparsify_ops.routed_conv1d.default, x, self.modality_ids, weight, self.stacked(bias, stacked))
-        new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
-        chain = conv1d_trim_chain(node)  # the slices back to the sequence length: the routed conv replaces them
-        new.meta["val"] = chain[-1].meta.get("val")
-        new.meta["sparsify_dense_node"] = chain[-1].name
-        chain[-1].replace_all_uses_with(new)
-        for dead in reversed([node] + chain):
-            self.graph.erase_node(dead)
-        self.replacements[chain[-1]] = new
 
     def gathered(self, use: ParamUse, param: torch.fx.Node) -> torch.fx.Node:
         """Per-token copies of an elementwise parameter, laid out to broadcast against the op's output.
