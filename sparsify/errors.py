@@ -32,6 +32,11 @@ class InternalError(SparsifyError):
     only the few graph nodes around the failure."""
 
 
+class PassOrderError(PassCheckError):
+    """A pass was run on a graph its predecessors have not prepared (or have already lowered): see
+    sparsify/passes/pipeline.py for the order."""
+
+
 class VerificationError(SparsifyError):
     """The routed model does not match the dense one; `.report` holds the comparison."""
 

@@ -28,9 +28,7 @@ from sparsify.ops import check_modality_ids
 from sparsify.ops._grouping import owned
 from sparsify.passes import run_passes
 from sparsify.passes.direct_calls import direct_calls
-from sparsify.passes.hoist import HoistPass
-from sparsify.passes.lower import LowerPass
-from sparsify.passes.route import RoutePass
+from sparsify.passes.pipeline import RoutingContext, routing_passes
 from sparsify.plan import RoutingPlan
 
 
@@ -264,15 +262,11 @@ class RoutedModel(nn.Module):
         param_fqns = {n.name: t for n, (k, t) in zip(placeholders, captured.placeholders) if k == "parameter"}
         user_inputs = [n.name for n in captured.user_input_nodes()]
 
-        lower = LowerPass(backend=self.backend, device=next(self.parameters()).device)
-        passes = [RoutePass(param_fqns=param_fqns, routed=set(self.plan.routed), modalities=self.plan.modalities,
-                            token_dims=captured.token_dims, user_inputs=user_inputs, uses=captured.param_uses)]
-        # Hoisting pays off where the routed ops group rows by sorting (the torch references): not in a
-        # decoding step (a handful of rows, where the boundary copies cost more than they save), nor for the
-        # Triton kernels, which pick each row's weights themselves.
-        if self.hoist and not eager_only and lower.chosen == "torch":
-            passes.append(HoistPass())
-        passes.append(lower)
+        context = RoutingContext(
+            param_fqns=param_fqns, user_inputs=user_inputs, token_dims=captured.token_dims, uses=captured.param_uses,
+            routed=frozenset(self.plan.routed), modalities=self.plan.modalities, backend=self.backend,
+            device=next(self.parameters()).device, hoist=self.hoist, eager_only=eager_only)
+        passes = routing_passes(context)
         captured.graph_module = run_passes(captured.graph_module, passes)
         captured.param_uses = None  # it described the dense graph
         entry = GraphEntry(routed=captured, dense_graph_module=dense_graph_module)

@@ -29,7 +29,8 @@ from sparsify import ops  # noqa: F401  (registers every routed op and its spec)
 from sparsify.ops.spec import token_wise_ops
 from sparsify.passes import PassBase, PassResult
 from sparsify.passes.graph_check import check_graph, snapshot_values
-from sparsify.passes.route import MODALITY_IDS
+from sparsify.errors import PassOrderError, describe_node
+from sparsify.passes.route import MODALITY_IDS, require_routed
 
 aten = torch.ops.aten
 sparsify_ops = torch.ops.sparsify
@@ -69,6 +70,12 @@ class HoistPass(PassBase):
         self._boundaries: list[tuple[set, set]] = []
 
     def requires(self, graph_module: torch.fx.GraphModule) -> None:
+        require_routed(graph_module, self.name)
+        lowered = [n for n in graph_module.graph.nodes if n.op == "call_function" and n.target in ROUTED
+                   and "backend" in n.kwargs]
+        if lowered:
+            raise PassOrderError("pass 'hoist' runs before 'lower' (sparsify/passes/pipeline.py): this graph's "
+                                 f"routed ops have a backend already ({describe_node(lowered[0])})")
         self._before = snapshot_values(graph_module)
 
     def ensures(self, graph_module: torch.fx.GraphModule) -> None:

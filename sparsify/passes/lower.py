@@ -17,6 +17,7 @@ from sparsify.ops.backend import use_triton
 from sparsify.ops.spec import lowered_ops
 from sparsify.errors import PassCheckError, describe_node
 from sparsify.passes import PassBase, PassResult
+from sparsify.passes.route import require_routed
 
 ROUTED_OPS = lowered_ops()  # the routed ops with a Triton implementation (their specs say `lowered`)
 
@@ -27,6 +28,9 @@ class LowerPass(PassBase):
     def __init__(self, *, backend: str, device):
         self.backend, self.device = backend, device
         self.chosen = "triton" if use_triton(backend, device) else "torch"
+
+    def requires(self, graph_module: torch.fx.GraphModule) -> None:
+        require_routed(graph_module, self.name)
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         changed = False

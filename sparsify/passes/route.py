@@ -23,7 +23,7 @@ import torch
 import torch.fx
 
 from sparsify import ops  # noqa: F401  (registers torch.ops.sparsify.*)
-from sparsify.errors import RoutingError, describe_node
+from sparsify.errors import PassOrderError, RoutingError, describe_node
 from sparsify.passes import PassBase, PassResult
 from sparsify.passes.graph_check import check_graph, snapshot_values
 from sparsify.passes.param_uses import ParamUse, broadcast_param_shape, find_param_uses, token_tensor_lead_dims
@@ -52,8 +52,9 @@ class RoutePass(PassBase):
         self._reshaped: set = set()
 
     def requires(self, graph_module: torch.fx.GraphModule) -> None:
-        if any(n.name == MODALITY_IDS for n in graph_module.graph.nodes if n.op == "placeholder"):
-            raise RoutingError("this graph is routed already (it has a modality_ids input)")
+        if is_routed(graph_module):
+            raise PassOrderError("pass 'route' runs once, on a captured dense graph: this graph is routed already "
+                                 "(it has a modality_ids input)")
         self._before = snapshot_values(graph_module)
 
     def ensures(self, graph_module: torch.fx.GraphModule) -> None:
@@ -104,6 +105,17 @@ class RoutePass(PassBase):
         graph.eliminate_dead_code()  # the dense ops a fused norm replaced
         graph_module.recompile()
         return PassResult(graph_module, True)
+
+
+def is_routed(graph_module: torch.fx.GraphModule) -> bool:
+    return any(n.name == MODALITY_IDS for n in graph_module.graph.nodes if n.op == "placeholder")
+
+
+def require_routed(graph_module: torch.fx.GraphModule, pass_name: str) -> None:
+    """The precondition of every pass after route (pipeline.py)."""
+    if not is_routed(graph_module):
+        raise PassOrderError(f"pass '{pass_name}' runs after 'route' (sparsify/passes/pipeline.py): this graph has "
+                             "no modality_ids input, so it is not routed yet")
 
 
 def route(graph_module: torch.fx.GraphModule, **config) -> PassResult:
