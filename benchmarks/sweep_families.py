@@ -13,6 +13,7 @@ the table, not the end of the sweep. Columns:
 - generate: greedy `routed.generate` equals `dense.generate` (4 new tokens, one modality)
 
     python benchmarks/sweep_families.py [--types llama gpt2 ...] [--markdown docs/families.md]
+    python benchmarks/sweep_families.py --rows-from a.log b.log --markdown docs/families.md   # runs split up
 """
 import argparse
 import json
@@ -74,8 +75,11 @@ def one_family(model_type: str) -> dict:
             for fqn in routed.plan.routed:
                 routed.get_parameter(fqn)[1].add_(0.05)
             moved = (routed(x, modality_ids=ids).logits - got).abs().amax(-1)
-        row["real"] = "yes" if bool(moved[0].max() == 0) and bool((moved[ids == 1] > 0).all()) else \
-            f"no (row of modality 0 moved {float(moved[0].max()):.1e})"
+        # A row of modality 0 alone may move by rounding where the model couples a batch's rows (a
+        # mixture-of-experts layer that groups tokens across rows): 1e-5 of the logits' scale is the bound.
+        scale = float(got.abs().max())
+        row["real"] = "yes" if float(moved[0].max()) <= 1e-5 * scale and bool((moved[ids == 1] > 1e-5 * scale).all()) \
+            else f"no (row of modality 0 moved {float(moved[0].max()):.1e}, scale {scale:.1e})"
         with torch.no_grad():
             for fqn in routed.plan.routed:
                 routed.get_parameter(fqn)[1].sub_(0.05)
@@ -134,6 +138,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--types", nargs="*", help="model types (default: every causal-LM family)")
     parser.add_argument("--markdown", help="also write the table to this file")
+    parser.add_argument("--rows-from", nargs="*", help="make the table from the JSON lines of earlier runs")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -145,7 +150,12 @@ def main():
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     rows = []
-    for model_type in args.types or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+    if args.rows_from:
+        for path in args.rows_from:
+            with open(path) as f:
+                rows += [json.loads(line) for line in f if line.startswith("{")]
+        rows = sorted({row["type"]: row for row in rows}.values(), key=lambda row: row["type"])
+    for model_type in [] if args.rows_from else args.types or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
         rows.append(run_isolated(model_type))
         print(json.dumps(rows[-1]), flush=True)
     header = (f"Causal-LM families, transformers {transformers.__version__}, torch {torch.__version__}, "
