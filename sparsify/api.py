@@ -13,8 +13,7 @@ import torch.utils._pytree as pytree
 from sparsify import checkpoint
 from sparsify.capture import bind_call, capture, primary_tensor
 from sparsify.errors import CaptureError, SparsifyError, VerificationError, reported
-from sparsify.frontends import huggingface as hf
-from sparsify.frontends import token_ids
+from sparsify import frontends
 from sparsify.passes.verify import VerifyReport, compare_graphs
 from sparsify.plan import INIT_MODES, RoutingPlan, build_plan
 from sparsify.routed_model import RoutedModel
@@ -22,22 +21,19 @@ from sparsify.safetensors_io import write_checkpoint
 
 
 def _example_inputs(model: nn.Module, example_inputs, example_kwargs) -> dict[str, Any]:
+    frontend = frontends.for_model(model)
     if example_inputs is None and example_kwargs is None:
-        if hf.is_hf_model(model):
-            return hf.example_inputs(model)
-        guessed = token_ids.example_inputs(model)
-        if guessed is not None:
-            return guessed
-        raise SparsifyError(
-            f"sparsify cannot make example inputs for {type(model).__name__}: it is not a Hugging Face "
-            "PreTrainedModel and shows no vocabulary (no config.vocab_size, no nn.Embedding) for token ids. "
-            "Pass example_inputs=(tokens,) (and example_kwargs={...}) as you would call the model."
-        )
+        guessed = frontend.example_inputs(model) if frontend is not None else None
+        if guessed is None:
+            raise SparsifyError(
+                f"sparsify cannot make example inputs for {type(model).__name__}: it is not a Hugging Face "
+                "PreTrainedModel and shows no vocabulary (no config.vocab_size, no nn.Embedding) for token ids. "
+                "Pass example_inputs=(tokens,) (and example_kwargs={...}) as you would call the model."
+            )
+        return guessed
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    kwargs = dict(example_kwargs or {})
-    if hf.is_hf_model(model):
-        kwargs = {**hf.call_defaults(model), **kwargs}
+    kwargs = {**frontends.call_defaults(model), **dict(example_kwargs or {})}
     return bind_call(model, tuple(example_inputs or ()), kwargs)
 
 
@@ -124,15 +120,17 @@ def convert(
         raise SparsifyError("this model is already routed (a RoutedModel); convert the dense model instead")
     dense = model if inplace else copy.deepcopy(model)
     inputs = _example_inputs(dense, example_inputs, example_kwargs)
-    guessed_token_ids = example_inputs is None and example_kwargs is None and not hf.is_hf_model(dense)
+    # inputs a frontend made up: it checks the capture agrees with its guess
+    guessed_by = frontends.for_model(dense) if example_inputs is None and example_kwargs is None else None
     try:
         captured = capture(dense, inputs)
     except CaptureError as e:
-        if guessed_token_ids:
-            e.add_note(token_ids.guess_note(dense, next(iter(inputs))))
+        note = guessed_by.capture_note(dense, inputs) if guessed_by is not None else None
+        if note:
+            e.add_note(note)
         raise
-    if guessed_token_ids:
-        token_ids.check_guess(dense, captured, next(iter(inputs)))
+    if guessed_by is not None:
+        guessed_by.check_capture(dense, captured, inputs)
     plan = build_plan(captured, dense, modalities, policy=policy, include=include, exclude=exclude, init=init)
     if not plan.params:
         raise SparsifyError(
@@ -143,7 +141,7 @@ def convert(
     for note in plan.notes:
         warnings.warn(f"sparsify: {note}", stacklevel=3)  # the caller of convert, past the @reported wrapper
     _stack_parameters(dense, plan, init)
-    routed = RoutedModel(dense, plan, hf.call_defaults(dense) if hf.is_hf_model(dense) else {})
+    routed = RoutedModel(dense, plan, frontends.call_defaults(dense))
     routed.hoist = hoist
     routed.example_inputs = inputs
     routed.seed_graph(inputs, captured)
@@ -266,8 +264,9 @@ def save(routed: RoutedModel, path, *, overwrite: bool = False,
     with checkpoint.staged_directory(path, overwrite) as staging:
         write_checkpoint(staging, checkpoint.module_tensors(routed), max_shard_bytes)
         checkpoint.write_metadata(staging, metadata)
-        if hf.is_hf_model(dense):
-            dense.config.save_pretrained(staging)
+        frontend = frontends.for_model(dense)
+        if frontend is not None:
+            frontend.write_files(dense, staging)
     return path
 
 

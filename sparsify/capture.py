@@ -21,8 +21,7 @@ from torch.export import Dim
 from torch.export.graph_signature import InputKind, OutputKind
 
 from sparsify.errors import CaptureError
-from sparsify.frontends import huggingface as huggingface_frontend
-from sparsify.frontends import mamba_ssm as mamba_ssm_frontend
+from sparsify import frontends
 from sparsify.passes.canonicalize import canonicalize
 from sparsify.passes.token_provenance import size_expr
 
@@ -203,8 +202,7 @@ def capture(module: torch.nn.Module, inputs: dict[str, Any], every_dim: bool = F
 
     dynamic_shapes = None if static else {name: pytree.tree_map(dynamic_spec, value) for name, value in inputs.items()}
     try:
-        with _inputs_as_named_parameters(module, list(inputs)), mamba_ssm_frontend.graph_forms(), \
-                huggingface_frontend.graph_forms():
+        with _inputs_as_named_parameters(module, list(inputs)), frontends.graph_forms():
             exported = torch.export.export(module, (), dict(inputs), dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:  # export raises many types; all mean "this model cannot be captured as is"
         raise CaptureError(

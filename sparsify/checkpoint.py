@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from sparsify.errors import SparsifyError
-from sparsify.frontends import huggingface as hf
+from sparsify import frontends
 from sparsify.plan import RoutingPlan
 from sparsify.safetensors_io import OutputTensor, read_checkpoint_dir, read_tensor
 
@@ -46,9 +46,11 @@ def versions() -> dict[str, str]:
 
 
 def describe_model(dense: nn.Module) -> dict[str, Any]:
-    if hf.is_hf_model(dense):
-        return hf.describe(dense)
-    return {"kind": "module", "class": f"{type(dense).__module__}:{type(dense).__qualname__}"}
+    """How to rebuild the dense model: its frontend's code-free description, else its class (load then needs
+    the module or a factory)."""
+    frontend = frontends.for_model(dense)
+    description = frontend.describe(dense) if frontend is not None else None
+    return description or {"kind": "module", "class": f"{type(dense).__module__}:{type(dense).__qualname__}"}
 
 
 def make_metadata(plan: RoutingPlan, model: dict, call_defaults: dict, dtype: torch.dtype | None) -> dict:
@@ -87,10 +89,11 @@ def build_dense(description: dict, model=None) -> tuple[nn.Module, Any]:
     from a checkpoint's Hugging Face description."""
     if model is not None:
         return dense_from(model)
-    if description.get("kind") != "huggingface":
+    frontend = frontends.by_name(description.get("kind", ""))
+    if frontend is None or frontend.rebuild is None:
         raise SparsifyError(f"the checkpoint holds a {description.get('class')} model, which sparsify cannot "
                             "rebuild on its own: pass the dense module or a factory that builds it")
-    return hf.rebuild(description), None
+    return frontend.rebuild(description), None
 
 
 def dense_from(model) -> tuple[nn.Module, Any]:

@@ -19,7 +19,8 @@ import torch.nn as nn
 from sparsify import checkpoint
 from sparsify.capture import bind_call, capture
 from sparsify.errors import CaptureError, SparsifyError, VerificationError
-from sparsify.frontends import huggingface as hf
+from sparsify import frontends
+from sparsify.frontends import huggingface as hf  # SRC may be a Hugging Face model directory
 from sparsify.plan import RoutingPlan, build_plan
 from sparsify.safetensors_io import (INDEX_FILE, OutputTensor, iter_chunks, read_checkpoint_dir, read_header,
                                      write_checkpoint)
@@ -208,8 +209,8 @@ def convert_checkpoint(src, dst, *, modalities: int, policy: str = "auto", inclu
             outputs.append(OutputTensor(name, cast, tensor.shape, tensor.chunks, tensor.copies_of))
     float_dtypes = {t.dtype for t in outputs if t.dtype.is_floating_point}
     metadata = checkpoint.make_metadata(
-        plan, checkpoint.describe_model(dense_meta), hf.call_defaults(dense_meta) if hf.is_hf_model(dense_meta)
-        else {}, float_dtypes.pop() if len(float_dtypes) == 1 else None)
+        plan, checkpoint.describe_model(dense_meta), frontends.call_defaults(dense_meta),
+        float_dtypes.pop() if len(float_dtypes) == 1 else None)
     if not hf.is_hf_model(dense_meta):
         metadata["model"]["factory"] = model
     report = None

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from sparsify.capture import attribute_replaced, forward_replaced
 from sparsify.errors import SparsifyError
-from sparsify.frontends.huggingface import CACHE_ARGS
+from sparsify.frontends import CACHE_ARGS
 from sparsify.ops import check_modality_ids
 from sparsify.ops._grouping import owned
 

@@ -23,7 +23,7 @@ import torch.utils._pytree as pytree
 from sparsify import module_tree
 from sparsify.capture import CapturedGraph, bind_call, capture, primary_tensor
 from sparsify.errors import SparsifyError
-from sparsify.frontends.huggingface import CACHE_ARGS
+from sparsify.frontends import CACHE_ARGS
 from sparsify.ops import check_modality_ids
 from sparsify.ops._grouping import owned
 from sparsify.passes import run_passes

@@ -31,5 +31,6 @@ class Frontend:
     # a context manager entered around every capture (whatever the model): the family's kernels as graph forms
     graph_forms: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     describe: Callable[[Any], dict | None] = _nothing        # code-free description to rebuild the model from
-    rebuild: Callable[[dict], Any] | None = None             # description -> dense module
+    rebuild: Callable[[dict], Any] | None = None             # description (its "kind" is this name) -> module
+    write_files: Callable[[Any, Any], None] = _nothing       # (model, directory): files a checkpoint also needs
     cache_args: tuple[str, ...] = ()                         # what the model's forward calls its cache

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from sparsify.errors import SparsifyError
+from sparsify.frontends.base import Frontend
 from sparsify.ops.selective_scan import selective_scan_fn
 from sparsify.ops.ssd_scan import ssd_scan_fn
 from sparsify.frontends.token_ids import EXAMPLE_SEQ, random_token_ids
@@ -164,3 +165,13 @@ def graph_forms():
     finally:
         for module, function, original in replaced:
             setattr(module, function, original)
+
+
+def write_files(model, directory) -> None:
+    """config.json beside the weights: `sparsify.load` rebuilds the model from it without its code."""
+    model.config.save_pretrained(directory)
+
+
+FRONTEND = Frontend(name="huggingface", matches=is_hf_model, example_inputs=example_inputs,
+                    call_defaults=call_defaults, graph_forms=graph_forms, describe=describe, rebuild=rebuild,
+                    write_files=write_files, cache_args=CACHE_ARGS)

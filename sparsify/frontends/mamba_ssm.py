@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from sparsify.ops import selective_scan as selective_scan_module
 from sparsify.ops.selective_scan import selective_scan_fn  # mamba_ssm's signature over the sparsify ops
 from sparsify.ops import ssd_scan as ssd_scan_module
+from sparsify.frontends.base import Frontend
 
 EXTENSION = "selective_scan_cuda"
 
@@ -361,3 +362,8 @@ def install() -> None:
     if any(isinstance(finder, _MambaSsmHook) for finder in sys.meta_path):
         return
     sys.meta_path.insert(0, _MambaSsmHook())
+
+
+# mamba_ssm serves no model's inputs (MambaLMHeadModel takes token ids: the token_ids frontend); around every
+# capture its fused kernels take their graph forms.
+FRONTEND = Frontend(name="mamba_ssm", matches=lambda model: False, graph_forms=graph_forms)

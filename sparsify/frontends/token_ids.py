@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from sparsify.errors import SparsifyError
+from sparsify.frontends.base import Frontend
 
 # Capture-time batch and sequence sizes (every frontend's): small, distinct, and unlike common feature
 # sizes; provenance does not need that, but it keeps size-matching fallbacks unambiguous.
@@ -79,3 +80,13 @@ def check_guess(model: nn.Module, captured, name: str) -> None:
     if not feeds_an_embedding(captured.user_input_nodes()[0]):
         raise SparsifyError("the captured graph does not look the first input up in an embedding, so it is not "
                             "token ids. " + guess_note(model, name))
+
+
+def _matches(model: nn.Module) -> bool:
+    return vocab_size(model) is not None and first_input_name(model) is not None
+
+
+FRONTEND = Frontend(
+    name="token_ids", matches=_matches, example_inputs=example_inputs,
+    check_capture=lambda model, captured, inputs: check_guess(model, captured, next(iter(inputs))),
+    capture_note=lambda model, inputs: guess_note(model, next(iter(inputs))))
