@@ -81,8 +81,11 @@ def _val(node):
 # A parameter that multiplies x / sqrt(stat(x) + eps), where stat is x's own mean square or variance, is a
 # norm's scale whatever the spelling. Nearness to an rsqrt is not enough: the previous block's norm sits a
 # few ops above an activation's own parameter.
+# Casts and copies, and reshapes: a grouped norm (Mamba2's gated RMSNorm) normalises a view of [..., groups,
+# D / groups] and scales the value viewed back.
 PASS_THROUGH_OPS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.clone.default,
-                    aten.contiguous.default, aten.detach.default, aten.alias.default}
+                    aten.contiguous.default, aten.detach.default, aten.alias.default, aten.view.default,
+                    aten.reshape.default, aten._unsafe_view.default}
 NORM_OPS = {aten.layer_norm.default, aten.rms_norm.default}  # weightless F.layer_norm / F.rms_norm, then a scale
 
 
@@ -95,7 +98,7 @@ def _scalar(value, *allowed) -> bool:
 
 
 def _strip(node):
-    """`node` without the casts and copies around it (a norm computed in fp32 and cast back)."""
+    """`node` without the casts, copies and reshapes around it (a norm computed in fp32 and cast back)."""
     while _call(node, *PASS_THROUGH_OPS):
         node = node.args[0]
     return node
