@@ -200,7 +200,7 @@ def test_a_failing_rewrite_is_an_internal_error_naming_pass_node_and_source(monk
     def broken(self, value, stacked):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(route._Rewriter, "stacked", broken)  # the first rewrite in graph order: the linear's
+    monkeypatch.setattr(route.Rewriter, "stacked", broken)  # the first rewrite in graph order: the linear's
     with pytest.raises(sparsify.InternalError) as info:
         sparsify.convert(NormOnLinear(), 3, example_inputs=(torch.randn(2, 5, 8),))
     message = str(info.value)
@@ -216,7 +216,7 @@ def test_a_rewrite_reading_a_replaced_node_is_reported_with_a_cut_graph(monkeypa
     the graph is malformed: reported as an InternalError quoting a few nodes, not the whole graph."""
     from sparsify.passes import route
 
-    monkeypatch.setattr(route._Rewriter, "current", lambda self, value: value)
+    monkeypatch.setattr(route.Rewriter, "current", lambda self, value: value)
     with pytest.raises(sparsify.InternalError) as info:
         sparsify.convert(NormOnLinear(), 3, example_inputs=(torch.randn(2, 5, 8),), policy="mot")
     message = str(info.value)

@@ -14,7 +14,7 @@ from tests.test_convert_mamba_hf import tiny_mamba, tiny_mamba2
 
 FAMILIES = {"gpt2": tiny_gpt2, "llama": tiny_llama, "mamba": tiny_mamba, "mamba2": tiny_mamba2, "jamba": jamba,
             "bamba": bamba,
-            **{t: (lambda t=t: tiny_causal_lm(t)) for t in ("gemma3n_text", "gemma4_text", "llama4_text")}}
+            **{t: (lambda t=t: tiny_causal_lm(t)) for t in ("gemma3n_text", "gemma4_text", "llama4_text", "bloom")}}
 
 
 def block_norm_parameters(model) -> set[str]:

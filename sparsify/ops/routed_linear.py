@@ -18,6 +18,7 @@ from torch import Tensor
 from sparsify.ops._grouping import accumulation_dtype, groups_of, scratch_buffer
 from sparsify.ops.backend import use_triton
 from sparsify.ops.spec import RoutedOpSpec, UseKind, register
+from sparsify.passes.param_uses import MATMUL_OPS
 
 
 def routed_linear_ref(x: Tensor, modality_ids: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -197,7 +198,6 @@ def routed_linear_direct(x, modality_ids, weight, bias=None, backend="torch"):
 
 # -- the dense uses it replaces (route) ----------------------------------------------------------------
 aten = torch.ops.aten
-MATMUL_OPS = {aten.mm.default, aten.matmul.default}
 
 
 def _classify(node, operand: int, param_val):

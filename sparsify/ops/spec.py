@@ -60,22 +60,23 @@ SPECS: list[RoutedOpSpec] = []
 _BY_OP: dict = {}  # spec_of runs per eager op call
 # Kinds no op replaces: the use stays as it is and its parameter shared.
 UNSUPPORTED = UseKind("unsupported", "unsupported", None, "broadcast", "", None)
+_KINDS: dict[str, UseKind] = {UNSUPPORTED.name: UNSUPPORTED}
 
 
 def register(spec: RoutedOpSpec) -> RoutedOpSpec:
     if spec.op in _BY_OP:
         raise ValueError(f"{spec.name} is registered twice")
-    if any(kind.name in use_kinds() for kind in spec.uses):
+    if any(kind.name in _KINDS for kind in spec.uses):
         raise ValueError(f"{spec.name} declares a use kind another op declares: {[k.name for k in spec.uses]}")
     SPECS.append(spec)
     _BY_OP[spec.op] = spec
+    _KINDS.update((kind.name, kind) for kind in spec.uses)
     return spec
 
 
 def use_kinds() -> dict[str, UseKind]:
-    kinds = {kind.name: kind for spec in SPECS for kind in spec.uses}
-    kinds[UNSUPPORTED.name] = UNSUPPORTED
-    return kinds
+    """Every use kind by name: those the registered ops replace, and `unsupported`."""
+    return _KINDS
 
 
 def spec_of(op) -> RoutedOpSpec | None:

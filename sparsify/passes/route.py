@@ -82,7 +82,7 @@ class RoutePass(PassBase):
 
         with graph.inserting_after(placeholders[-1]):
             modality_ids = graph.placeholder(MODALITY_IDS)
-        rewriter = _Rewriter(graph, modality_ids, self.modalities)
+        rewriter = Rewriter(graph, modality_ids, self.modalities)
         stacked: set[torch.fx.Node] = set(param_nodes)
         uses_by_node: dict[torch.fx.Node, list[ParamUse]] = defaultdict(list)
         for node_uses in uses.values():
@@ -164,7 +164,11 @@ def _lift_view(node: torch.fx.Node, modalities: int) -> None:
     # casts, clone, contiguous, detach, alias act elementwise: unchanged
 
 
-class _Rewriter:
+class Rewriter:
+    """What each op's rewrite (ops/<op>.py) is handed: node creation in the rewritten node's module scope,
+    modality ids laid out as a tensor's token dims, operands as stacked [M, ...] tensors, per-token copies,
+    a norm fused into one op, and the map of replaced nodes."""
+
     def __init__(self, graph: torch.fx.Graph, modality_ids: torch.fx.Node, modalities: int):
         self.graph = graph
         self.modality_ids = modality_ids

@@ -18,7 +18,7 @@ from typing import Sequence
 import sympy
 import torch
 
-from sparsify.passes.token_provenance import MIXED, Tokens, size_expr
+from sparsify.passes.token_provenance import MERGED, MIXED, Tokens, size_expr
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,9 @@ def axes_from_tokens(tokens: Tokens, token_dims: tuple, shape: Sequence) -> Toke
         # A graph for one new token per sequence (a decoding step): each batch row holds that token, mixed
         # at most with the cached state of its own past, and the token's modality routes the row.
         axes = TokenAxes((batch[0],), seq_index=0)
+    elif any(name and name.endswith(MERGED) for name in tokens.labels):
+        return (f"its dims carry tokens as {tokens}: the batch is flattened with feature dims (heads) there; "
+                "sparsify routes the tokens before that flattening or after the batch is split back out")
     elif any(name and ":" in name for name in tokens.labels):
         return (f"its dims carry tokens as {tokens}: the sequence is cut into chunks there; sparsify routes "
                 "the tokens before the chunking or after they are joined back")

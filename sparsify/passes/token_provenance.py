@@ -38,6 +38,9 @@ aten = torch.ops.aten
 META_KEY = "sparsify_tokens"
 MIXED = -1  # position of a value that mixes several sequence positions (a recurrent state)
 OUTER, INNER = ":chunk", ":within"  # "T:chunk", "T:within": the sequence reshaped into [chunks, chunk length]
+# "B:merged": the batch flattened with feature dims inside it ([B, H, S, D] -> [B * H, S, D], as BLOOM's
+# attention bmm's take heads), split back into a batch dim later. No token is routed while merged.
+MERGED = ":merged"
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,11 @@ def _group_label(in_labels: list, in_hints: list, out_hints: list, token_sizes: 
                 out[big_out[0]], out[big_out[1]] = first, second
         elif name in ("T", "T+") and len(big_out) == 2:  # the sequence cut into chunks (SSD's [c, l])
             out[big_out[0]], out[big_out[1]] = name + OUTER, name + INNER
+        elif name == "B" + MERGED and big_out and out_hints[big_out[0]] == token_sizes.get("B"):
+            out[big_out[0]] = "B"  # the batch split back out of a merged dim, outermost as it went in
+        return out
+    if len(named) == 1 and named[0][0] == "B" and in_labels[in_hints.index(big_in[0])] == "B" and len(big_out) == 1:
+        out[big_out[0]] = "B" + MERGED  # the batch, outermost, flattened with feature dims (heads)
         return out
     names = [name for name, size in named]
     if len(big_in) != sum(1 for _, size in named if size != 1) or len(big_out) > 1:

@@ -128,3 +128,35 @@ def test_where_provenance_stops_the_reason_names_the_op():
     plan = build_plan(capture(model, {"x": x}), model, 3, policy="all")
     reason = next(p.reason for p in plan.shared if p.fqn == "layers.0.weight")
     assert "token provenance stops at node 'repeat'" in reason and "ambiguously" in reason, reason
+
+
+class HeadsMergedIntoBatch(nn.Module):
+    """BLOOM's attention: heads flattened into the batch for bmm ([B * H, S, D]), split back out, merged into
+    the features, then the output projection."""
+
+    def __init__(self, d=8, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.layers = nn.ModuleList([nn.Linear(d, d), nn.Linear(d, d)])
+
+    def forward(self, x):
+        batch, seq, d = x.shape
+        v = self.layers[0](x).view(batch, seq, self.heads, d // self.heads).permute(0, 2, 1, 3)
+        v = v.reshape(batch * self.heads, seq, d // self.heads)
+        scores = torch.bmm(v, v.transpose(1, 2)).softmax(-1)
+        y = torch.bmm(scores, v).view(batch, self.heads, seq, d // self.heads).permute(0, 2, 1, 3)
+        return self.layers[1](y.reshape(batch, seq, d))
+
+
+def test_the_batch_merged_with_heads_is_split_back_out():
+    model = HeadsMergedIntoBatch().eval()
+    captured = annotated(model, torch.randn(2, 5, 8))
+    first_bmm, second_bmm = nodes(captured, aten.bmm.default)
+    assert labels(first_bmm.args[0]) == ("B:merged", "T", None)           # [B * H, S, D]: no dim is the batch
+    out_proj = nodes(captured, aten.linear.default)[1]
+    assert labels(out_proj.args[0]) == ("B", "T", None)                   # split back out: routable
+    routed = sparsify.convert(model, 3, example_inputs=(torch.randn(2, 5, 8),), policy="all")
+    assert set(routed.plan.routed) == {n for n, _ in model.named_parameters()}
+    x, ids = torch.randn(3, 7, 8), torch.randint(0, 3, (3, 7))
+    with torch.no_grad():
+        assert torch.allclose(routed(x, modality_ids=ids), model(x), atol=1e-6)
