@@ -9,11 +9,11 @@ import torch
 import sparsify
 from tests.conftest import tiny_gpt2, tiny_llama
 from tests.hf_tiny import tiny_causal_lm
-from tests.test_convert_hybrid_families import bamba, jamba
+from tests.test_convert_hybrid_families import bamba, granite_moe_hybrid, jamba
 from tests.test_convert_mamba_hf import tiny_mamba, tiny_mamba2
 
 FAMILIES = {"gpt2": tiny_gpt2, "llama": tiny_llama, "mamba": tiny_mamba, "mamba2": tiny_mamba2, "jamba": jamba,
-            "bamba": bamba,
+            "bamba": bamba, "granite_moe_hybrid": granite_moe_hybrid,
             **{t: (lambda t=t: tiny_causal_lm(t)) for t in ("gemma3n_text", "gemma4_text", "llama4_text", "bloom")}}
 
 
