@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +19,9 @@ from sparsify.passes.verify import VerifyReport, compare_graphs
 from sparsify.plan import INIT_MODES, RoutingPlan, build_plan
 from sparsify.routed_model import RoutedModel
 from sparsify.safetensors_io import write_checkpoint
+
+
+MANY_MODALITIES = 16  # more than this is warned about (the papers route 2-3)
 
 
 def _example_inputs(model: nn.Module, example_inputs, example_kwargs) -> dict[str, Any]:
@@ -118,6 +122,11 @@ def convert(
         raise SparsifyError(f"convert() takes an nn.Module, got {type(model).__name__}")
     if isinstance(model, RoutedModel):
         raise SparsifyError("this model is already routed (a RoutedModel); convert the dense model instead")
+    if any(p.is_meta for p in model.parameters()):
+        raise SparsifyError(
+            f"{type(model).__name__} has parameters on the meta device: convert needs their values (it runs the "
+            "model to capture and verify it). Load the weights first (to_empty() then load_state_dict), or convert "
+            "the saved checkpoint with `sparsify convert SRC -o DST`, which plans on meta and streams the tensors.")
     dense = model if inplace else copy.deepcopy(model)
     inputs = _example_inputs(dense, example_inputs, example_kwargs)
     # inputs a frontend made up: it checks the capture agrees with its guess
@@ -140,6 +149,13 @@ def convert(
         )
     for note in plan.notes:
         warnings.warn(f"sparsify: {note}", stacklevel=3)  # the caller of convert, past the @reported wrapper
+    if modalities > MANY_MODALITIES:  # valid, but likely a typo: every routed weight is copied that many times
+        dense_count = sum(math.prod(p.shape) for p in plan.params + plan.shared)
+        routed_count = sum(math.prod(p.shape) for p in plan.params) * modalities + \
+            sum(math.prod(p.shape) for p in plan.shared)
+        warnings.warn(f"sparsify: modalities={modalities} makes {modalities} copies of every routed parameter: "
+                      f"{dense_count:,} -> {routed_count:,} parameters ({routed_count / max(dense_count, 1):.0f}x)",
+                      stacklevel=3)
     _stack_parameters(dense, plan, init)
     routed = RoutedModel(dense, plan, frontends.call_defaults(dense))
     routed.hoist = hoist

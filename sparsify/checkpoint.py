@@ -69,6 +69,8 @@ def make_metadata(plan: RoutingPlan, model: dict, call_defaults: dict, dtype: to
 def read_metadata(path) -> dict:
     path = Path(path)
     meta_file = path / METADATA_FILE
+    if not path.exists():
+        raise SparsifyError(f"{path} does not exist: give the directory sparsify.save or `sparsify convert` wrote")
     if not meta_file.is_file():
         raise SparsifyError(f"{path} is not a sparsify checkpoint: it has no {METADATA_FILE} "
                             "(write one with sparsify.save(routed, path) or `sparsify convert`)")

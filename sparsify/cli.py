@@ -11,6 +11,11 @@ import sys
 from sparsify.errors import InternalError, SparsifyError, VerificationError, internal_error
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+# The library's choices (plan.POLICIES, plan.INIT_MODES, convert_checkpoint.DTYPE_CHOICES; a test keeps them
+# equal), spelled here so that `--help` and a bad choice answer before torch is imported.
+POLICIES = ("auto", "mot", "mom", "all", "none")
+INIT_MODES = ("copy", "independent")
+DTYPES = ("keep", "float32", "bfloat16", "float16")
 
 
 def _size(text: str) -> int:
@@ -22,15 +27,26 @@ def _size(text: str) -> int:
     return int(lowered)
 
 
+def _regex(text: str) -> str:
+    """A --include / --exclude pattern, checked when the arguments are parsed (before any work)."""
+    import re
+
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid regular expression: {e}") from None
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsify", description="Modality-routed models from dense checkpoints.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def routing_options(p, modalities_required):
         p.add_argument("--modalities", type=int, required=modalities_required, default=3)
-        p.add_argument("--policy", default="auto", help="auto | mot | mom | all | none")
-        p.add_argument("--include", help="regex: also route parameters whose FQN matches")
-        p.add_argument("--exclude", help="regex: keep parameters whose FQN matches shared")
+        p.add_argument("--policy", default="auto", choices=POLICIES, help="which parameters to route (default auto)")
+        p.add_argument("--include", type=_regex, help="regex: also route parameters whose FQN matches")
+        p.add_argument("--exclude", type=_regex, help="regex: keep parameters whose FQN matches shared")
         p.add_argument("--model", help="package.module:factory building the dense module (state-dict checkpoints); "
                                        "it may return (module, example_inputs)")
 
@@ -38,8 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("src", help="Hugging Face model directory, .safetensors or .pt state dict")
     convert.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     routing_options(convert, modalities_required=True)
-    convert.add_argument("--init", default="copy", help="copy | independent")
-    convert.add_argument("--dtype", default="keep", help="keep | float32 | bfloat16 | float16")
+    convert.add_argument("--init", default="copy", choices=INIT_MODES, help="copies start as the dense weight "
+                                                                              "(copy) or re-initialised")
+    convert.add_argument("--dtype", default="keep", choices=DTYPES, help="dtype of the written tensors")
     convert.add_argument("--no-verify", action="store_true", help="skip comparing the result with the dense model")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     convert.add_argument("--max-shard-size", type=_size, default="5GB", help="e.g. 5GB, 500MB")
@@ -89,6 +106,14 @@ def run(args) -> int:
         return EXIT_OK
 
     if args.command == "verify":
+        from pathlib import Path
+
+        from sparsify.checkpoint import METADATA_FILE
+
+        if (Path(args.dense) / METADATA_FILE).exists() and not (Path(args.routed) / METADATA_FILE).exists():
+            raise SparsifyError(f"the arguments are swapped: `sparsify verify DENSE ROUTED`, and {args.dense} is the "
+                                f"routed checkpoint (it has {METADATA_FILE}); run: sparsify verify {args.routed} "
+                                f"{args.dense}")
         import sparsify
         from sparsify.checkpoint import single_dtype
         from sparsify.convert_checkpoint import load_factory, materialize, open_source
@@ -103,6 +128,10 @@ def run(args) -> int:
         print(report)
         return EXIT_OK if report.ok else EXIT_VERIFY_FAILED
 
+    from pathlib import Path
+
+    if Path(args.output).exists() and not args.overwrite:  # said before any work, not after the conversion
+        raise SparsifyError(f"{args.output} already exists; choose a new path or pass --overwrite")
     from sparsify.convert_checkpoint import convert_checkpoint
 
     bars = []
@@ -129,7 +158,10 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # argparse printed help (0) or a usage error (2): an exit code, as every error here
+        return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
     try:
         return run(args)
     except VerificationError as e:

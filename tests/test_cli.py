@@ -165,7 +165,9 @@ def test_bad_inputs_exit_2_with_one_clear_line(tmp_path):
     fails("convert", src, "-o", dst, "--modalities", 3, "--model", "tests.cli_factories:toy_wide",
           message="does not match ToyLM")
     fails("convert", src, "-o", dst, "--modalities", 3, "--model", "tests.cli_factories:toy", "--policy", "moe",
-          message="unknown policy 'moe'")
+          message="invalid choice: 'moe'")
+    fails("convert", src, "-o", dst, "--modalities", 3, "--model", "tests.cli_factories:toy", "--include", "(",
+          message="is not a valid regular expression")
     fails("convert", tmp_path / "missing.pt", "-o", dst, "--modalities", 3, message="does not exist")
 
     truncated = tmp_path / "truncated.safetensors"
@@ -193,3 +195,28 @@ def test_the_installed_command_converts_and_exits_2_on_bad_input(tmp_path):
     result = cli_subprocess("convert", src, "-o", dst, "--modalities", 3, "--model", "tests.cli_factories:toy")
     assert result.returncode == 2 and "already exists" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_choices_are_the_librarys_and_answer_before_any_work(tmp_path):
+    from sparsify import cli as cli_module
+    from sparsify.convert_checkpoint import DTYPE_CHOICES
+    from sparsify.plan import INIT_MODES, POLICIES
+
+    assert (cli_module.POLICIES, cli_module.INIT_MODES, cli_module.DTYPES) == (POLICIES, INIT_MODES,
+                                                                                tuple(DTYPE_CHOICES))
+    help_text = cli("convert", "--help").stdout
+    assert "{auto,mot,mom,all,none}" in help_text and "{copy,independent}" in help_text
+    existing = tmp_path / "out"
+    existing.mkdir()
+    result = cli("convert", tmp_path / "missing.pt", "-o", existing, "--modalities", 3)
+    assert result.returncode == 2 and "already exists" in result.stderr  # before looking at the source
+
+
+def test_verify_with_its_arguments_swapped_says_so(tmp_path):
+    dense, src = toy_state_dict_file(tmp_path)
+    dst = tmp_path / "out"
+    assert cli("convert", src, "-o", dst, "--modalities", 3, "--model", "tests.cli_factories:toy",
+               "--quiet").returncode == 0
+    result = cli("verify", dst, src, "--model", "tests.cli_factories:toy")
+    assert result.returncode == 2 and "arguments are swapped" in result.stderr, result.stderr
+    assert f"sparsify verify {src} {dst}" in result.stderr

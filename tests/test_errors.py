@@ -1,4 +1,5 @@
 """Bad input gets a clear error saying what was wrong and how to fix it; failures leave nothing behind."""
+import copy
 import json
 
 import pytest
@@ -242,3 +243,29 @@ def test_cli_reports_an_internal_failure_in_one_line_without_a_traceback(monkeyp
     err = capsys.readouterr().err
     assert err.startswith("sparsify: internal error: sparsify inspect failed: KeyError: 'past_key_values'")
     assert "Traceback" not in err
+
+
+def test_load_of_a_missing_directory_says_it_does_not_exist(tmp_path):
+    with pytest.raises(sparsify.SparsifyError, match="does not exist"):
+        sparsify.load(tmp_path / "nonexistent")
+
+
+def test_a_model_on_the_meta_device_is_refused_with_the_way_out():
+    with torch.device("meta"):
+        model = ToyLM()
+    with pytest.raises(sparsify.SparsifyError, match="meta device.*sparsify convert"):
+        sparsify.convert(model, 3)
+
+
+def test_many_modalities_are_warned_about():
+    with pytest.warns(UserWarning, match="modalities=20 makes 20 copies of every routed parameter"):
+        sparsify.convert(ToyLM(), 20, example_inputs=(torch.randint(0, 50, (2, 7)),), verify=False)
+
+
+def test_triton_backend_on_cpu_without_the_interpreter_says_what_to_do(toy_routed, monkeypatch):
+    _, routed = toy_routed
+    routed = copy.deepcopy(routed)
+    routed.backend = "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(sparsify.SparsifyError, match="TRITON_INTERPRET=1"):
+        routed(torch.randint(0, 50, (2, 7)), modality_ids=torch.zeros(2, 7, dtype=torch.long))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 from sparsify.errors import SparsifyError
 
@@ -22,5 +23,8 @@ def use_triton(backend: str, device) -> bool:
     if backend == "triton":
         if not triton_available():
             raise SparsifyError("backend='triton' needs the triton package: pip install triton")
+        if getattr(device, "type", device) != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise SparsifyError("backend='triton' on a CPU model needs Triton's interpreter: set TRITON_INTERPRET=1 "
+                                "before triton is imported, or use backend='torch' (or move the model to a GPU)")
         return True
     return getattr(device, "type", device) == "cuda" and triton_available()
