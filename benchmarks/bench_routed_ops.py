@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsify.ops.backend import triton_available
-from sparsify.ops.eager import routed_linear_direct
+from sparsify.ops.routed_linear import routed_linear_direct
 
 from _interleaved import interleaved
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -150,9 +149,8 @@ def convert(
     for note in plan.notes:
         warnings.warn(f"sparsify: {note}", stacklevel=3)  # the caller of convert, past the @reported wrapper
     if modalities > MANY_MODALITIES:  # valid, but likely a typo: every routed weight is copied that many times
-        dense_count = sum(math.prod(p.shape) for p in plan.params + plan.shared)
-        routed_count = sum(math.prod(p.shape) for p in plan.params) * modalities + \
-            sum(math.prod(p.shape) for p in plan.shared)
+        routed_part, shared_part = plan.parameter_counts()
+        dense_count, routed_count = routed_part + shared_part, routed_part * modalities + shared_part
         warnings.warn(f"sparsify: modalities={modalities} makes {modalities} copies of every routed parameter: "
                       f"{dense_count:,} -> {routed_count:,} parameters ({routed_count / max(dense_count, 1):.0f}x)",
                       stacklevel=3)

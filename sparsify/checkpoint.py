@@ -158,12 +158,17 @@ def load_weights(module: nn.Module, directory: Path) -> None:
             expected[name].copy_(read_tensor(entry))
 
 
+def check_new_path(path, overwrite: bool) -> None:
+    """An output path must not exist unless the caller says overwrite (checked again when writing)."""
+    if Path(path).exists() and not overwrite:
+        raise SparsifyError(f"{path} already exists; choose a new path or pass overwrite (--overwrite)")
+
+
 @contextmanager
 def staged_directory(path: Path, overwrite: bool):
     """Yield a temporary directory beside `path`, renamed to `path` only if the block succeeds."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise SparsifyError(f"{path} already exists; choose a new path or pass overwrite (--overwrite)")
+    check_new_path(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.partial-"))
     try:

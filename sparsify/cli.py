@@ -128,11 +128,10 @@ def run(args) -> int:
         print(report)
         return EXIT_OK if report.ok else EXIT_VERIFY_FAILED
 
-    from pathlib import Path
-
-    if Path(args.output).exists() and not args.overwrite:  # said before any work, not after the conversion
-        raise SparsifyError(f"{args.output} already exists; choose a new path or pass --overwrite")
+    from sparsify.checkpoint import check_new_path
     from sparsify.convert_checkpoint import convert_checkpoint
+
+    check_new_path(args.output, args.overwrite)  # said before any work, not after the conversion
 
     bars = []
 

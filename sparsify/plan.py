@@ -83,6 +83,10 @@ class RoutingPlan:
     def from_json(cls, text: str) -> "RoutingPlan":
         return cls.from_dict(json.loads(text))
 
+    def parameter_counts(self) -> tuple[int, int]:
+        """(elements of the routed parameters' dense shapes, elements of the shared parameters)."""
+        return (sum(math.prod(p.shape) for p in self.params), sum(math.prod(p.shape) for p in self.shared))
+
     def summary(self) -> str:
         rows = [("parameter", "role", "dense shape", "routed shape", "uses")]
         for p in self.params:
@@ -93,8 +97,7 @@ class RoutingPlan:
                  + (f", exclude={self.exclude!r}" if self.exclude else "")]
         for r in rows:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
-        dense_routed = sum(math.prod(p.shape) for p in self.params)
-        dense_shared = sum(math.prod(p.shape) for p in self.shared)
+        dense_routed, dense_shared = self.parameter_counts()
         total_dense = dense_routed + dense_shared
         total_routed = dense_routed * self.modalities + dense_shared
         lines.append(f"shared ({len(self.shared)}): " + ", ".join(f"{p.fqn} [{p.reason}]" for p in self.shared))

@@ -55,6 +55,11 @@ def _vocab_size(model) -> int | None:
     return next((c.vocab_size for c in _text_configs(model.config) if getattr(c, "vocab_size", None)), None)
 
 
+# Special token ids of text itself; every other `*_token_id` of a config marks a placeholder.
+TEXT_TOKENS = {"pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",
+               "cls_token_id", "unk_token_id", "mask_token_id"}
+
+
 def _placeholder_token_ids(config) -> set[int]:
     """Special token ids a multi-modal model treats as placeholders (image, video, audio, their begin/end
     markers): a text-only example must not contain them, or the model asks for pixel values."""
@@ -64,10 +69,6 @@ def _placeholder_token_ids(config) -> set[int]:
             if name.endswith(("_token_id", "_token_index", "_token_ids")) and name not in TEXT_TOKENS:
                 ids.update(v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, int))
     return ids
-
-
-TEXT_TOKENS = {"pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",
-               "cls_token_id", "unk_token_id", "mask_token_id"}
 
 
 def example_inputs(model) -> dict[str, Any]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 
 from sparsify.ops.spec import SPECS, spec_of
-from sparsify.ops.routed_linear import routed_linear_direct  # noqa: F401  (benchmarks and tests call it)
 
 
 def direct_form(node_target, kwargs) -> object | None:

@@ -19,6 +19,7 @@ from sparsify.ops._grouping import accumulation_dtype, groups_of
 from sparsify.ops.backend import use_triton
 from sparsify.errors import SparsifyError
 from sparsify.ops.spec import RoutedOpSpec, UseKind, register
+from sparsify.passes import node_value
 
 
 def _check(x: Tensor, modality_ids: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
@@ -124,10 +125,6 @@ def routed_conv1d_direct(x, modality_ids, weight, bias=None, backend="torch"):
 aten = torch.ops.aten
 
 
-def _val(node):
-    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-
-
 def _as_int(value):
     return value[0] if isinstance(value, (list, tuple)) and len(value) == 1 else value
 
@@ -161,7 +158,7 @@ def _classify_conv1d(node: torch.fx.Node, operand: int) -> tuple[str, str | None
     """Only the depthwise causal form Mamba mixers use: conv1d(x, w[C,1,K], b, padding=K-1, groups=C)[..., :T]."""
     args = list(node.args) + [None] * (7 - len(node.args))
     x, weight, _, stride, padding, dilation, groups = args[:7]
-    weight_val, x_val = _val(weight), _val(x)
+    weight_val, x_val = node_value(weight), node_value(x)
     if weight_val is None or x_val is None or x_val.dim() != 3:
         return "unsupported", "conv1d without shape information or not over [batch, channels, time]"
     channels, per_group, kernel = weight_val.shape

@@ -18,6 +18,7 @@ from torch import Tensor
 from sparsify.ops._grouping import accumulation_dtype, groups_of, scratch_buffer
 from sparsify.ops.backend import use_triton
 from sparsify.ops.spec import RoutedOpSpec, UseKind, register
+from sparsify.passes import node_value
 from sparsify.passes.param_uses import MATMUL_OPS
 
 
@@ -214,7 +215,7 @@ def _classify(node, operand: int, param_val):
             return "addmm_bias", None
         return "unsupported", "the parameter is the activation operand of an addmm"
     if target in MATMUL_OPS:
-        other = args[1 - operand].meta.get("val") if isinstance(args[1 - operand], torch.fx.Node) else None
+        other = node_value(args[1 - operand])
         if param_val.dim() != 2 or other is None:
             return "unsupported", "only a 2-D weight matrix can be routed in a matmul"
         if operand == 1:

@@ -16,7 +16,7 @@ adding a routed op is one new file and one registration.
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -50,10 +50,10 @@ class RoutedOpSpec:
     lowered: bool = False               # takes backend= ("torch" | "triton"), chosen by the lower pass
     token_wise: bool = False            # x at position 0, ids at 1, each output row from its own input row
     shared_by_default: bool = False     # no preset selects its uses (include= does): embeddings
-    name: str = field(init=False, default="")
 
-    def __post_init__(self):
-        object.__setattr__(self, "name", self.op._schema.name.split("::")[-1] if self.op is not None else "")
+    @property
+    def name(self) -> str:
+        return self.op._schema.name.split("::")[-1]
 
 
 SPECS: list[RoutedOpSpec] = []

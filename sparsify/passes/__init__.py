@@ -16,7 +16,12 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from sparsify.errors import SparsifyError, internal_error
 
-__all__ = ["PassBase", "PassResult", "run_passes"]
+__all__ = ["PassBase", "PassResult", "node_value", "run_passes"]
+
+
+def node_value(node):
+    """The example (fake) value export recorded for a graph value: node.meta["val"], None for a literal."""
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
 
 
 def run_passes(graph_module: torch.fx.GraphModule, passes: Sequence[Callable[[torch.fx.GraphModule], PassResult]]):

@@ -27,7 +27,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from sparsify import ops  # noqa: F401  (registers every routed op and its spec)
 from sparsify.ops.spec import token_wise_ops
-from sparsify.passes import PassBase, PassResult
+from sparsify.passes import PassBase, PassResult, node_value
 from sparsify.passes.graph_check import check_graph, snapshot_values
 from sparsify.errors import PassOrderError, describe_node
 from sparsify.passes.route import MODALITY_IDS, require_routed
@@ -44,10 +44,6 @@ ELEMENTWISE = {
     aten.to.dtype, aten._to_copy.default, aten.clone.default,
 }
 REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList}  # (x, dims, keepdim): over feature dims only
-
-
-def _val(node):
-    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
 
 
 def block_of(node: torch.fx.Node) -> str:
@@ -92,35 +88,35 @@ class HoistPass(PassBase):
         return not isinstance(value, torch.Tensor) or value.dim() <= out_rank - 2
 
     def _tokenwise(self, node: torch.fx.Node) -> bool:
-        if node.op != "call_function" or not self._token_major(_val(node)):
+        if node.op != "call_function" or not self._token_major(node_value(node)):
             return False
-        rank = _val(node).dim()
+        rank = node_value(node).dim()
         if node.target in ROUTED or node.target == aten.linear.default:  # tokens in x only; weights are not
             x, rest = node.args[0], node.args[1:]
             if node.target in ROUTED and (not rest or rest[0] is not self.ids):
                 return False
-            return self._token_major(_val(x)) and not any(
-                self._token_major(_val(a)) for a in rest if a is not self.ids)
+            return self._token_major(node_value(x)) and not any(
+                self._token_major(node_value(a)) for a in rest if a is not self.ids)
         if node.target in REDUCTIONS:
             x, dims = node.args[0], node.args[1]
-            rank_in = _val(x).dim()
-            return self._token_major(_val(x)) and all(d % rank_in >= 2 for d in dims)
+            rank_in = node_value(x).dim()
+            return self._token_major(node_value(x)) and all(d % rank_in >= 2 for d in dims)
         if node.target in ELEMENTWISE:
-            tensors = [_val(a) for a in node.all_input_nodes]
+            tensors = [node_value(a) for a in node.all_input_nodes]
             return all(self._token_major(v) and v.dim() == rank or self._token_free(v, rank) for v in tensors)
         return False
 
     def _restorable(self, value) -> bool:
         """Whether a region value can be viewed back to [batch, seq, ...]: at most one symbolic feature dim."""
-        return sum(not isinstance(s, int) for s in _val(value).shape[2:]) <= 1
+        return sum(not isinstance(s, int) for s in node_value(value).shape[2:]) <= 1
 
     # -- the pass ------------------------------------------------------------------------------------------
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         graph = graph_module.graph
         self.ids = next((n for n in graph.nodes if n.op == "placeholder" and n.name == MODALITY_IDS), None)
-        if self.ids is None or _val(self.ids) is None or _val(self.ids).dim() != 2:
+        if self.ids is None or node_value(self.ids) is None or node_value(self.ids).dim() != 2:
             return PassResult(graph_module, False)
-        self.ids_shape = _val(self.ids).shape
+        self.ids_shape = node_value(self.ids).shape
         if statically_known_true(self.ids_shape[0] == self.ids_shape[1]):
             # batch and sequence sizes that cannot be told apart: a [seq, batch, ...] tensor would pass for
             # [batch, seq, ...], and its rows would be put in the wrong order. Leave such a graph unhoisted.
@@ -145,7 +141,7 @@ class HoistPass(PassBase):
     def _boundary(self, region):
         """(token-major values the region reads from outside, region values read outside it)."""
         inputs = {a for n in region for a in n.all_input_nodes
-                  if a not in region and a is not self.ids and self._token_major(_val(a))}
+                  if a not in region and a is not self.ids and self._token_major(node_value(a))}
         outputs = {n for n in region if any(u not in region for u in n.users)}
         return inputs, outputs
 
@@ -186,11 +182,11 @@ class HoistPass(PassBase):
                 if n.target in ROUTED:
                     n.replace_input_with(self.ids, sorted_ids)
                 elif n.target in REDUCTIONS:  # feature dims counted from the end: the same in [T, ...]
-                    rank_in = _val(n.args[0]).dim()
+                    rank_in = node_value(n.args[0]).dim()
                     n.update_arg(1, [d % rank_in - rank_in for d in n.args[1]])
             for value in outputs:  # back to token order, just after the region computes it
                 readers = [u for u in value.users if u not in region]
-                features = [int(s) if isinstance(s, int) else -1 for s in _val(value).shape[2:]]
+                features = [int(s) if isinstance(s, int) else -1 for s in node_value(value).shape[2:]]
                 stack = value.meta.get("nn_module_stack", root_stack)  # the producer's: it returns token order
                 with graph.inserting_after(value):
                     rows = call(sparsify_ops.permute_rows.default, (value, inverse, order), stack)

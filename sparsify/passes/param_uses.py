@@ -14,6 +14,7 @@ import torch
 import torch.fx
 
 from sparsify.errors import describe_node
+from sparsify.passes import node_value
 from sparsify.ops.spec import SPECS, UseKind, use_kinds
 from sparsify.passes.norm_patterns import find_norms, norm_match
 from sparsify.passes.token_axes import TokenAxes, axes_from_tokens, find_token_axes, shape_env_of, size_exprs
@@ -71,10 +72,6 @@ class ParamUse:
         spelling = f" [{self.norm.spelling}]" if self.norm is not None else ""
         lifted = f"; {self.spec.lift}" if self.spec.lift and self.problem is None else ""
         return f"{self.kind} in {self.node.target}{spelling}{where}{lifted}"
-
-
-def _val(node):
-    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
 
 
 # -- norm-like values: decided from what a value is computed from, not from which ops sit nearby --------
@@ -208,7 +205,7 @@ def _token_source(use: ParamUse) -> torch.fx.Node:
 
 def _token_tensor(use: ParamUse):
     """The tensor whose token dims route this use, and how many leading dims the ids must cover."""
-    x = _val(_token_source(use))
+    x = node_value(_token_source(use))
     if x is None:
         return None, 0
     layout = use.spec.token_layout
@@ -266,13 +263,13 @@ def find_param_uses(
                     use = ParamUse(user, operand, "unsupported", chain,
                                    problem=f"the parameter is passed by keyword to {user.target}")
                 else:
-                    kind, problem = classify(user, operand, _val(value))
+                    kind, problem = classify(user, operand, node_value(value))
                     use = ParamUse(user, operand, kind, chain, problem=problem)
                 if use.problem is None:
                     axes, use.axes_from_sizes = _use_token_axes(use, token_dims)
                     if isinstance(axes, str):
                         use.problem = f"cannot find its token dims: {axes}"
-                    elif not _tokens_outside_param(use, axes, _val(value)):
+                    elif not _tokens_outside_param(use, axes, node_value(value)):
                         use.problem = (f"its tokens ({axes}) fall inside the dims the parameter covers; "
                                        "only per-token parameters can be routed")
                     else:

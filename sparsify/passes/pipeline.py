@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from sparsify.ops.backend import use_triton
 from sparsify.passes.hoist import HoistPass
 from sparsify.passes.lower import LowerPass
 from sparsify.passes.route import RoutePass
@@ -52,7 +53,7 @@ def _hoist_pays(c: RoutingContext) -> bool:
     # Where the routed ops group rows by sorting (the torch references): not in a decoding step (a handful of
     # rows, where the boundary copies cost more than they save), nor for the Triton kernels, which pick each
     # row's weights themselves.
-    return c.hoist and not c.eager_only and LowerPass(backend=c.backend, device=c.device).chosen == "torch"
+    return c.hoist and not c.eager_only and not use_triton(c.backend, c.device)
 
 
 ROUTING_PASSES = (

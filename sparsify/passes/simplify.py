@@ -23,17 +23,13 @@ import operator
 import torch
 import torch.fx
 
-from sparsify.passes import PassBase, PassResult
+from sparsify.passes import PassBase, PassResult, node_value
 from sparsify.passes.token_provenance import size_expr
 
 aten = torch.ops.aten
 SAME_SHAPE_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
                     aten.alias.default}
 INVERSES = {(aten.squeeze.dim, aten.unsqueeze.default), (aten.unsqueeze.default, aten.squeeze.dim)}
-
-
-def _val(node):
-    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
 
 
 def _same_shape(a, b) -> bool:
@@ -47,7 +43,7 @@ def _identity_of(node: torch.fx.Node):
     source = args[0] if args else None
     if not isinstance(source, torch.fx.Node):
         return None
-    out, src = _val(node), _val(source)
+    out, src = node_value(node), node_value(source)
     if target in SAME_SHAPE_VIEWS and _same_shape(out, src):
         return source
     if target == aten.slice.Tensor and (args[4] if len(args) > 4 else node.kwargs.get("step", 1)) == 1 \
@@ -63,7 +59,7 @@ def _identity_of(node: torch.fx.Node):
         rank = src.dim()
         if {d % rank for d in args[1:3]} == {d % rank for d in source.args[1:3]}:
             return inner
-    if (source.target, target) in INVERSES and _same_shape(out, _val(inner)):
+    if (source.target, target) in INVERSES and _same_shape(out, node_value(inner)):
         rank = max(out.dim(), src.dim())  # both dims index the tensor with the extra dim
         if args[1] % rank == source.args[1] % rank:
             return inner

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx
 
-from sparsify.passes import PassResult
+from sparsify.passes import PassResult, node_value
 
 aten = torch.ops.aten
 META_KEY = "sparsify_tokens"
@@ -68,10 +68,6 @@ def tokens_of(node) -> Tokens | None:
         return None
     value = node.meta.get(META_KEY)
     return value if isinstance(value, Tokens) else None
-
-
-def _val(node):
-    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
 
 
 def size_expr(size):
@@ -219,7 +215,7 @@ def _select(tokens: Tokens, dim: int, index) -> Tokens:
 def _slice(node, tokens: Tokens, token_sizes: dict) -> Tokens:
     args = list(node.args) + [None] * (5 - len(node.args))
     source, dim, start, end, step = args[:5]
-    in_value, out_value = _val(source), _val(node)
+    in_value, out_value = node_value(source), node_value(node)
     dim %= in_value.dim()
     name = tokens.labels[dim]
     if name is None:
@@ -292,7 +288,7 @@ def _einsum(equation: str, operands: list, out_value) -> Tokens | None:
 
 
 def _cat(node, inputs: list[Tokens | None], values: list) -> Tokens:
-    out_value = _val(node)
+    out_value = node_value(node)
     dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % out_value.dim()
     pairs = [(t, v) for t, v in zip(inputs, values) if t is not None and v.dim() == out_value.dim()]
     if not pairs:
@@ -317,7 +313,7 @@ def _split(tokens: Tokens, in_value, out_values: list, dim: int) -> list[Tokens]
 def _same_shape_input(node, out_value) -> Tokens | None:
     """An unknown op: the labels of an input of exactly the output's shape, if there is one."""
     for arg in node.all_input_nodes:
-        value, tokens = _val(arg), tokens_of(arg)
+        value, tokens = node_value(arg), tokens_of(arg)
         if isinstance(value, torch.Tensor) and tokens is not None and tokens.any and \
                 _hints(value) == _hints(out_value):
             return tokens
@@ -355,9 +351,9 @@ def _is_pointwise(target) -> bool:
 def _transfer(node: torch.fx.Node, token_sizes: dict):
     """Provenance of `node`'s value from its inputs' provenance."""
     target, args = node.target, node.args
-    out_value = _val(node)
+    out_value = node_value(node)
     first = tokens_of(args[0]) if args else None
-    first_value = _val(args[0]) if args else None
+    first_value = node_value(args[0]) if args else None
     if target is operator.getitem:
         source = args[0].meta.get(META_KEY) if isinstance(args[0], torch.fx.Node) else None
         return source[args[1]] if isinstance(source, list) and args[1] < len(source) else None
@@ -437,10 +433,10 @@ def _transfer(node: torch.fx.Node, token_sizes: dict):
         return _drop_dims(first, dims, keep)
     if target in (aten.cat.default, aten.concat.default, aten.stack.default):
         tensors = list(args[0])
-        inputs, values = [tokens_of(t) for t in tensors], [_val(t) for t in tensors]
+        inputs, values = [tokens_of(t) for t in tensors], [node_value(t) for t in tensors]
         if target == aten.stack.default:
             dim = (args[1] if len(args) > 1 else 0) % rank
-            merged = _broadcast(_val(tensors[0]), [(t, v) for t, v in zip(inputs, values) if t is not None]) \
+            merged = _broadcast(node_value(tensors[0]), [(t, v) for t, v in zip(inputs, values) if t is not None]) \
                 if any(inputs) else None
             if merged is None:
                 return None
@@ -452,14 +448,14 @@ def _transfer(node: torch.fx.Node, token_sizes: dict):
         return Tokens(first.labels[:-1] + (None,), first.position) if first else None
     if target in (aten.addmm.default, aten.baddbmm.default):
         a, b = tokens_of(args[1]), tokens_of(args[2])
-        return _matmul(a or _none(_val(args[1]).dim()), b or _none(_val(args[2]).dim()),
-                       _val(args[1]), _val(args[2]), out_value)
+        return _matmul(a or _none(node_value(args[1]).dim()), b or _none(node_value(args[2]).dim()),
+                       node_value(args[1]), node_value(args[2]), out_value)
     if target in MATMULS:
         a, b = tokens_of(args[0]), tokens_of(args[1])
         if a is None and b is None:
             return None
-        return _matmul(a or _none(first_value.dim()), b or _none(_val(args[1]).dim()),
-                       first_value, _val(args[1]), out_value)
+        return _matmul(a or _none(first_value.dim()), b or _none(node_value(args[1]).dim()),
+                       first_value, node_value(args[1]), out_value)
     if target == aten.einsum.default:
         return _einsum(args[0], [tokens_of(t) for t in args[1]], out_value)
     if target in ATTENTION:
@@ -479,7 +475,7 @@ def _transfer(node: torch.fx.Node, token_sizes: dict):
         dims = args[1] if target == aten.flip.default else (args[2] if len(args) > 2 else [])
         dims = {d % rank for d in ([dims] if isinstance(dims, int) else dims)}
         return Tokens(tuple(None if d in dims else n for d, n in enumerate(first.labels)), first.position)
-    tensor_inputs = [(tokens_of(a), _val(a)) for a in node.all_input_nodes if isinstance(_val(a), torch.Tensor)]
+    tensor_inputs = [(tokens_of(a), node_value(a)) for a in node.all_input_nodes if isinstance(node_value(a), torch.Tensor)]
     if _is_pointwise(target) or target in (aten.where.self,):
         known = [(t, v) for t, v in tensor_inputs if t is not None]
         return _broadcast(out_value, known) if known else None
@@ -491,7 +487,7 @@ def token_inputs(user_inputs: Sequence[torch.fx.Node], token_dims: tuple) -> dic
     every other input whose leading sizes are the same expressions (an attention mask, position ids)."""
     out: dict[torch.fx.Node, Tokens] = {}
     for node in user_inputs:
-        value = _val(node)
+        value = node_value(node)
         if not isinstance(value, torch.Tensor) or value.dim() < 2:
             continue
         leading = tuple(s.node.expr if isinstance(s, torch.SymInt) else int(s) for s in value.shape[:2])
@@ -505,7 +501,7 @@ def token_provenance(graph_module: torch.fx.GraphModule, user_inputs: Sequence[t
     """Annotate every node with its Tokens (node.meta["sparsify_tokens"]). Analysis only."""
     sources = token_inputs(user_inputs, token_dims)
     first = next(iter(sources), None)
-    hints = _hints(_val(first)) if first is not None else (None, None)
+    hints = _hints(node_value(first)) if first is not None else (None, None)
     token_sizes = {"B": hints[0], "T": hints[1]}
     for node in graph_module.graph.nodes:
         if node.op == "placeholder":
@@ -517,7 +513,7 @@ def token_provenance(graph_module: torch.fx.GraphModule, user_inputs: Sequence[t
                 # an op whose arguments this pass reads differently: it knows nothing, sizes decide later
                 node.meta[META_KEY] = None
             tokens = node.meta[META_KEY]
-            value = _val(node)
+            value = node_value(node)
             if isinstance(tokens, Tokens) and isinstance(value, torch.Tensor) and len(tokens.labels) != value.dim():
                 node.meta[META_KEY] = None  # a rule that got the rank wrong is not trusted
         else:

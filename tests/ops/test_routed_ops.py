@@ -267,7 +267,7 @@ def test_routed_linear_of_a_few_rows_as_decoding_steps_call_it(monkeypatch, toke
     as a decode graph's direct calls run it under generate's no_grad, the forward."""
     import importlib
 
-    from sparsify.ops.eager import routed_linear_direct
+    from sparsify.ops.routed_linear import routed_linear_direct
 
     module = importlib.import_module("sparsify.ops.routed_linear")
     transposed = []
