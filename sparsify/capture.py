@@ -20,8 +20,8 @@ import torch.utils._pytree as pytree
 from torch.export import Dim
 from torch.export.graph_signature import InputKind, OutputKind
 
-from sparsify.errors import CaptureError
-from sparsify import frontends
+from sparsify import forward_state, frontends
+from sparsify.errors import CaptureError, SparsifyError
 from sparsify.passes.canonicalize import canonicalize
 from sparsify.passes.token_provenance import size_expr
 
@@ -89,6 +89,8 @@ class CapturedGraph:
     _verdicts: dict = field(default_factory=dict, repr=False)
     # The parameter-use analysis of this graph (passes/param_uses.py) where the plan made one: route reuses it.
     param_uses: dict | None = field(default=None, repr=False)
+    # What the forward read and checkpointed while captured (forward_state.py): when this graph may run.
+    state: Any = field(default=None, repr=False)
 
     def user_input_nodes(self) -> list[torch.fx.Node]:
         """Placeholders of the model's own inputs, in order."""
@@ -202,8 +204,14 @@ def capture(module: torch.nn.Module, inputs: dict[str, Any], every_dim: bool = F
 
     dynamic_shapes = None if static else {name: pytree.tree_map(dynamic_spec, value) for name, value in inputs.items()}
     try:
-        with _inputs_as_named_parameters(module, list(inputs)), frontends.graph_forms():
+        # Without grad: a capture during a training step (a new shape class) must not reach the step's
+        # saved-tensor hooks (checkpointing, offloading) with fake tensors. The model's Python still sees the
+        # caller's grad mode through torch.is_grad_enabled() (forward_state.recorded).
+        with forward_state.recorded(module) as state, _inputs_as_named_parameters(module, list(inputs)), \
+                frontends.graph_forms(), torch.no_grad():
             exported = torch.export.export(module, (), dict(inputs), dynamic_shapes=dynamic_shapes, strict=False)
+    except SparsifyError:
+        raise
     except Exception as e:  # export raises many types; all mean "this model cannot be captured as is"
         raise CaptureError(
             f"torch.export could not capture {type(module).__name__}: {type(e).__name__}: {str(e).strip()[:2000]}\n"
@@ -212,7 +220,10 @@ def capture(module: torch.nn.Module, inputs: dict[str, Any], every_dim: bool = F
             "object: pass use_cache=False for Hugging Face models), or pass example_inputs that exercise "
             "the path you train."
         ) from e
-    return _from_exported(exported, token)
+    captured = _from_exported(exported, token)
+    state.guards = state.guards.settled()
+    captured.state = state
+    return captured
 
 
 @contextmanager

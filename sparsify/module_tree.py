@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import types
 from contextlib import contextmanager
 from typing import Any, Callable
@@ -101,9 +102,10 @@ def module_forwards(program: ExportedProgram, owner: nn.Module, tag: str) -> dic
             if node.op in ("get_attr", "call_module") and not _has(target, node.target):
                 region = module.get_submodule(node.target) if node.op == "call_module" else \
                     _get(module, node.target)
-                unique = f"_sparsify_{tag}_{node.target.replace('.', '_')}"
-                target.__dict__[unique] = region  # plain attribute: not a submodule, not in state_dict
-                node.target = unique
+                unique = f"g{tag}_{node.target.replace('.', '_')}"
+                regions = target.__dict__.setdefault(REGIONS, Regions())  # plain attribute: not a submodule
+                setattr(regions, unique, region)
+                node.target = f"{REGIONS}.{unique}"
         # Only the generated code is kept: bound to the dense module, its `self.<name>` reads resolve there.
         forwards[fqn] = type(torch.fx.GraphModule(target, graph)).forward
     return forwards
@@ -174,6 +176,18 @@ def without_wrappers(root: nn.Module):
             parent._modules[name] = child
 
 
+REGIONS = "_sparsify_regions"
+
+
+class Regions:
+    """Where a module keeps the graphs of its regions (autocast, no_grad) for the routed graphs it runs: not
+    submodules (not in state_dict, not moved or sharded) and not pickled (graphs are captured again after a
+    routed model is unpickled)."""
+
+    def __reduce__(self):
+        return Regions, ()
+
+
 def _has(module: nn.Module, path: str) -> bool:
     try:
         _get(module, path)
@@ -203,7 +217,21 @@ def routed_forward(module: nn.Module, *args: Any, **kwargs: Any):
     if forward is None:
         raise SparsifyError(f"module '{fqn}' is not called by the captured forward of the model, so it has no "
                             "routed subgraph; sparsify runs modules only as the model's forward calls them")
+    checkpoint = entry.routed.state.checkpointed.get(fqn) if entry.routed.state is not None else None
+    if checkpoint is not None and torch.is_grad_enabled():  # the dense forward checkpointed this module
+        return checkpoint.run(functools.partial(forward, module, **kwargs), *args)
     return forward(module, *args, **kwargs)
+
+
+class RoutedForward:
+    """The instance `forward` of a module in a routed model: routed_forward bound to the module. A class, not
+    a bound method, so a routed model pickles (pickle looks a bound method up by name on its object)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        return routed_forward(self.module, *args, **kwargs)
 
 
 def install(routed: nn.Module, fqns) -> None:
@@ -216,4 +244,4 @@ def install(routed: nn.Module, fqns) -> None:
         if module.__dict__.get("_sparsify_root") is not routed:
             module.__dict__["_sparsify_root"] = routed
             module.__dict__["_sparsify_fqn"] = fqn
-            module.forward = types.MethodType(routed_forward, module)
+            module.forward = RoutedForward(module)

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from sparsify import module_tree
+from sparsify import forward_state, module_tree
 from sparsify.capture import CapturedGraph, bind_call, capture, primary_tensor
 from sparsify.errors import SparsifyError
 from sparsify.frontends import CACHE_ARGS
@@ -80,6 +80,14 @@ class RoutedModel(nn.Module):
             if dense is None:
                 raise
             return getattr(dense, name)
+
+    def __getstate__(self):
+        """Pickled (torch.save(routed)) without its graphs: code generated at capture does not pickle, and the
+        unpickled model captures again at its first call. sparsify.save writes a smaller, code-free checkpoint."""
+        state = dict(self.__dict__)
+        state["_graphs"] = {}
+        state.pop("_running", None)
+        return state
 
     def extra_repr(self) -> str:
         return f"modalities={self.plan.modalities}, routed={len(self.plan.params)} parameters"
@@ -187,20 +195,26 @@ class RoutedModel(nn.Module):
         params = frozenset((p.dtype, p.device) for p in self.parameters() if not _is_sharded(p))
         # A decoding step's graphs (generation.py) are keyed by the shapes of the cache they hold.
         cache = step.cache_signature() if step is not None else None
-        return (self.training, self.backend, self.hoist, str(spec), leaves, params, cache)
+        return (self.training, self.backend, self.hoist, str(spec), leaves, params, forward_state.ambient_state(),
+                cache)
 
     def graph_for(self, inputs: dict[str, Any], step: nn.Module | None = None) -> tuple[GraphEntry, list]:
         """The routed graph for these inputs, capturing and routing a new one if none accepts them. `step`: a
         decoding step module (generation.py) to capture instead of the dense model."""
         flat, spec = pytree.tree_flatten(((), inputs))
         key = self._cache_key(flat, spec, step)
-        entries = self._graphs.setdefault(key, [])
-        for entry in entries:
-            if entry.routed.accepts(flat):
+        for entry in self._graphs.get(key, ()):
+            if entry.routed.accepts(flat) and entry.routed.state.guards.holds():
                 return entry, flat
+        return self._new_graph(key, inputs, step), flat
+
+    @torch.compiler.disable
+    def _new_graph(self, key: tuple, inputs: dict[str, Any], step: nn.Module | None) -> GraphEntry:
+        """Capture, route and cache a graph. Never compiled: under torch.compile the call graph-breaks here
+        once, the capture runs eagerly, and the recompiled frame finds the graph cached."""
         entry = self._capture(inputs, step)
-        entries.append(entry)
-        return entry, flat
+        self._graphs.setdefault(key, []).append(entry)
+        return entry
 
     @contextmanager
     def dense_view(self, modality: int = 0):
@@ -265,7 +279,8 @@ class RoutedModel(nn.Module):
         context = RoutingContext(
             param_fqns=param_fqns, user_inputs=user_inputs, token_dims=captured.token_dims, uses=captured.param_uses,
             routed=frozenset(self.plan.routed), modalities=self.plan.modalities, backend=self.backend,
-            device=next(self.parameters()).device, hoist=self.hoist, eager_only=eager_only)
+            device=next(self.parameters()).device, hoist=self.hoist, eager_only=eager_only,
+            autocast=any(enabled for _, enabled, _ in forward_state.ambient_state()))
         passes = routing_passes(context)
         captured.graph_module = run_passes(captured.graph_module, passes)
         captured.param_uses = None  # it described the dense graph
@@ -286,6 +301,12 @@ class RoutedModel(nn.Module):
             entry.module_forwards = module_tree.module_forwards(program, self, tag)
         except Exception as e:  # unflatten refuses some programs; the flat graph is still exact
             entry.tree_problem = f"{type(e).__name__}: {e}"
+            checkpointed = sorted(entry.routed.state.checkpointed) if entry.routed.state is not None else []
+            if checkpointed:
+                raise SparsifyError(
+                    f"the model checkpoints modules ({', '.join(checkpointed[:3])}) but this routed graph cannot be "
+                    f"split per module ({entry.tree_problem}), so they cannot be recomputed in backward. Disable "
+                    "checkpointing (model.gradient_checkpointing_disable()) or report this model.") from e
             warnings.warn(f"sparsify: this routed graph runs as one flat graph, not per module (hooks on "
                           f"submodules, FSDP2 per block and per-block checkpointing need the split): "
                           f"{entry.tree_problem}", stacklevel=3)

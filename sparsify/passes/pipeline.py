@@ -35,6 +35,7 @@ class RoutingContext:
     device: torch.device
     hoist: bool                  # the routed model's switch
     eager_only: bool             # a decoding step: run as it is, a handful of rows
+    autocast: bool = False       # captured under torch.autocast: routed ops cast operands as the ops they replace
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class Stage:
 
 def _route(c: RoutingContext) -> RoutePass:
     return RoutePass(param_fqns=c.param_fqns, routed=set(c.routed), modalities=c.modalities,
-                     token_dims=c.token_dims, user_inputs=c.user_inputs, uses=c.uses)
+                     token_dims=c.token_dims, user_inputs=c.user_inputs, uses=c.uses, autocast=c.autocast)
 
 
 def _hoist_pays(c: RoutingContext) -> bool:

@@ -45,8 +45,8 @@ class RoutePass(PassBase):
     name = "route"
 
     def __init__(self, *, param_fqns: dict[str, str], routed: set[str], modalities: int, token_dims: tuple,
-                 user_inputs: list[str], uses: dict | None = None):
-        self.param_fqns, self.routed, self.modalities = param_fqns, routed, modalities
+                 user_inputs: list[str], uses: dict | None = None, autocast: bool = False):
+        self.param_fqns, self.routed, self.modalities, self.autocast = param_fqns, routed, modalities, autocast
         self.token_dims, self.user_inputs, self.uses = token_dims, user_inputs, uses
         self._before: dict = {}
         self._reshaped: set = set()
@@ -82,7 +82,7 @@ class RoutePass(PassBase):
 
         with graph.inserting_after(placeholders[-1]):
             modality_ids = graph.placeholder(MODALITY_IDS)
-        rewriter = Rewriter(graph, modality_ids, self.modalities)
+        rewriter = Rewriter(graph, modality_ids, self.modalities, self.autocast)
         stacked: set[torch.fx.Node] = set(param_nodes)
         uses_by_node: dict[torch.fx.Node, list[ParamUse]] = defaultdict(list)
         for node_uses in uses.values():
@@ -169,8 +169,9 @@ class Rewriter:
     modality ids laid out as a tensor's token dims, operands as stacked [M, ...] tensors, per-token copies,
     a norm fused into one op, and the map of replaced nodes."""
 
-    def __init__(self, graph: torch.fx.Graph, modality_ids: torch.fx.Node, modalities: int):
+    def __init__(self, graph: torch.fx.Graph, modality_ids: torch.fx.Node, modalities: int, autocast: bool = False):
         self.graph = graph
+        self.autocast = autocast
         self.modality_ids = modality_ids
         self.modalities = modalities
         self._id_layouts: dict[tuple, torch.fx.Node] = {}
@@ -255,9 +256,37 @@ class Rewriter:
             return  # a norm's weight and bias are two uses of one match: fused once, at the first
         self.stack = node.meta.get("nn_module_stack") or self.root_stack
         with self.graph.inserting_before(node):
-            new = uses[0].spec.rewrite(self, node, uses, list(node.args), stacked)
+            args = self.as_autocast_ran(node, list(node.args), stacked) if self.autocast else list(node.args)
+            new = uses[0].spec.rewrite(self, node, uses, args, stacked)
         if new is not None:
             self.replace(node, new)
+
+    def as_autocast_ran(self, node: torch.fx.Node, args: list, stacked: set) -> list:
+        """`args` cast as autocast cast them for `node`, in a graph captured under torch.autocast: the graph's
+        dense ops are cast again by autocast when they run, a routed op is not. An op whose output dtype is not
+        its floating operands' promoted dtype (a linear computing in bf16 from fp32 operands; a layer_norm in
+        fp32 from bf16 on CUDA) ran with its floating operands cast to its output dtype."""
+        out = node.meta.get("val")
+        floating = [a for a in args if isinstance(a, torch.fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)
+                    and a.meta["val"].dtype.is_floating_point]
+        if not isinstance(out, torch.Tensor) or not floating:
+            return args
+        promoted = floating[0].meta["val"].dtype
+        for a in floating[1:]:
+            promoted = torch.promote_types(promoted, a.meta["val"].dtype)
+        if promoted == out.dtype:
+            return args
+        cast_args = []
+        for a in args:
+            if a in floating and a.meta["val"].dtype != out.dtype:
+                cast = self.call(aten._to_copy.default, a)
+                cast.kwargs = {"dtype": out.dtype}
+                cast.meta["val"] = a.meta["val"].to(out.dtype)
+                if a in stacked:  # a routed parameter cast is still the stacked parameter
+                    stacked.add(cast)
+                a = cast
+            cast_args.append(a)
+        return cast_args
 
     def replace(self, node: torch.fx.Node, new: torch.fx.Node, meta_from: torch.fx.Node | None = None) -> None:
         """`new` computes what `node` did: it takes node's uses (and `meta_from`'s metadata, default node's)."""
