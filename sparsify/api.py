@@ -271,17 +271,22 @@ def save(routed: RoutedModel, path, *, overwrite: bool = False,
     """Write a routed checkpoint directory (see sparsify.checkpoint); nothing is left behind on failure."""
     if not isinstance(routed, RoutedModel):
         raise SparsifyError(f"save() takes a RoutedModel (from sparsify.convert), got {type(routed).__name__}")
-    dense = routed._dense
-    metadata = checkpoint.make_metadata(routed.plan, checkpoint.describe_model(dense), routed.call_defaults,
-                                        checkpoint.single_dtype(routed))
     path = Path(path)
     with checkpoint.staged_directory(path, overwrite) as staging:
         write_checkpoint(staging, checkpoint.module_tensors(routed), max_shard_bytes)
-        checkpoint.write_metadata(staging, metadata)
-        frontend = frontends.for_model(dense)
-        if frontend is not None:
-            frontend.write_files(dense, staging)
+        write_description(routed, staging)
     return path
+
+
+def write_description(routed: RoutedModel, directory: Path) -> None:
+    """Everything of a sparsify checkpoint but the tensors: sparsify.json (plan, versions) and the model's own
+    files (config.json for a Hugging Face model)."""
+    dense = routed._dense
+    checkpoint.write_metadata(directory, checkpoint.make_metadata(
+        routed.plan, checkpoint.describe_model(dense), routed.call_defaults, checkpoint.single_dtype(routed)))
+    frontend = frontends.for_model(dense)
+    if frontend is not None:
+        frontend.write_files(dense, directory)
 
 
 @reported("sparsify.consolidate")

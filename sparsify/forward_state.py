@@ -10,7 +10,8 @@ would no longer take:
 - ambient state that changes what ops compute without the model reading it: autocast (enabled and dtype, per
   device type), always part of the key (`ambient_state`);
 - what the forward read: attributes of its modules (recorded while capturing by giving each module a
-  recording subclass, as FSDP2 gives each module its FSDP subclass), the plain objects those attributes hold
+  recording subclass, as FSDP2 gives each module its FSDP subclass), which module each submodule it called
+  was (a LoRA layer put in a linear's place needs a new graph), the plain objects those attributes hold
   (a config: guarded on every scalar it holds, as the reads inside it are not recorded), and
   `torch.is_grad_enabled()` where the model calls it (`Guards`);
 - what the forward did with `torch.utils.checkpoint`: which module's forward it recomputes in backward, with
@@ -131,6 +132,13 @@ class Recording:
         elif _plain_object(value) and id(value) not in self._objects:
             self._guard_scalars_of(value, depth=2)
 
+    def read_child(self, module: nn.Module, name: str, child: nn.Module) -> None:
+        """A submodule the forward called or read: the graph holds its code, so it must still be that module (not
+        one a tool put in its place since, as PEFT's LoRA layer)."""
+        if (id(module), name) not in self._seen:
+            self._seen.add((id(module), name))
+            self.guards.reads.append((module, name, child))
+
     def _guard_scalars_of(self, obj, depth: int) -> None:
         self._objects.add(id(obj))
         for name, value in list(vars(obj).items()):
@@ -182,8 +190,15 @@ def _recording_class(cls: type) -> type:
             if _active:
                 _active[-1].read(self, name, value)
             return value
-        sub = type(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "__module__": cls.__module__,
-                                          "__qualname__": cls.__qualname__, "_sparsify_recording": True})
+
+        def __getattr__(self, name):  # parameters, buffers and submodules (nn.Module.__getattr__)
+            value = super(sub, self).__getattr__(name)
+            if _active and isinstance(value, nn.Module):
+                _active[-1].read_child(self, name, value)
+            return value
+        sub = type(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "__getattr__": __getattr__,
+                                          "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                                          "_sparsify_recording": True})
         _recording_classes[cls] = sub
     return sub
 

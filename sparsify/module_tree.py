@@ -206,14 +206,17 @@ def routed_forward(module: nn.Module, *args: Any, **kwargs: Any):
     """The instance `forward` of a dense module inside a routed model: runs the module's routed subgraph
     for the graph the routed model's current (or last, for activation checkpointing's recomputation)
     call uses. A method bound to the module, so copies and wrappers of the module keep working."""
-    root, fqn = module.__dict__["_sparsify_root"], module.__dict__["_sparsify_fqn"]
+    root = module.__dict__["_sparsify_root"]
     if root.__dict__.get("_capturing"):  # capturing a new graph traces the dense forward
         return type(module).forward(module, *args, **kwargs)
     entry = root.__dict__.get("_running")
     if entry is None:
-        raise SparsifyError(f"module '{fqn}' of a routed model runs only inside the routed model's forward "
-                            "(its routed subgraph needs the call's modality_ids): call the routed model")
-    forward = entry.module_forwards.get(fqn)
+        raise SparsifyError(f"module '{module.__dict__['_sparsify_fqn']}' of a routed model runs only inside the "
+                            "routed model's forward (its routed subgraph needs the call's modality_ids): call the "
+                            "routed model")
+    # By the module object, not a path: a tool may have moved the module since (PEFT's LoRA layer holds a
+    # linear as `base_layer`), and each graph knows the tree it was captured from.
+    fqn, forward = entry.module_runs.get(module, (module.__dict__["_sparsify_fqn"], None))
     if forward is None:
         raise SparsifyError(f"module '{fqn}' is not called by the captured forward of the model, so it has no "
                             "routed subgraph; sparsify runs modules only as the model's forward calls them")

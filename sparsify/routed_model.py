@@ -11,6 +11,7 @@ parameters, the way torch.compile recompiles.
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from sparsify.ops._grouping import owned
 from sparsify.passes import run_passes
 from sparsify.passes.direct_calls import direct_calls
 from sparsify.passes.pipeline import RoutingContext, routing_passes
+from sparsify.passes.route import MODALITY_IDS
 from sparsify.plan import RoutingPlan
 
 
@@ -39,9 +41,29 @@ class GraphEntry:
     # The routed graph split per module (module_tree.py): {module FQN ("" = root): forward code}. None
     # where the split is not possible; the flat graph then runs and `tree_problem` says why.
     module_forwards: dict | None = None
+    module_runs: dict | None = None    # {module: (its FQN in this graph, forward)}: what routed_forward runs
     tree_problem: str | None = None
     # For a graph only ever run as it is (route_captured's eager_only): the routed graph with direct op calls.
     direct: torch.fx.GraphModule | None = None
+
+
+class ForwardWithSignature:
+    """RoutedModel.forward bound to one routed model, with the signature of its dense model's forward plus
+    `modality_ids` (a bound method's signature is its class function's, the same for every dense model)."""
+
+    def __init__(self, routed: "RoutedModel"):
+        self.routed = routed
+
+    def __call__(self, *args, **kwargs):
+        return RoutedModel.forward(self.routed, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        dense = inspect.signature(self.routed._dense.forward)
+        params = [p for p in dense.parameters.values() if p.name != MODALITY_IDS]
+        ids = inspect.Parameter(MODALITY_IDS, inspect.Parameter.KEYWORD_ONLY, default=None)
+        at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+        return dense.replace(parameters=params[:at] + [ids] + params[at:])
 
 
 def _is_sharded(param) -> bool:
@@ -70,6 +92,14 @@ class RoutedModel(nn.Module):
         # builds its ids itself may turn it off; an id out of range then fails inside a kernel instead.
         self.check_id_range = True
         self._graphs: dict[tuple, list[GraphEntry]] = {}
+        # What inspect.signature(routed.forward) says: the dense forward's parameters and modality_ids (tools
+        # that pick a batch's fields by the signature, as Hugging Face's Trainer, keep the right ones).
+        self.forward = ForwardWithSignature(self)
+        # The module owning each routed parameter, by the path the plan names it under: a tool that wraps a
+        # module after conversion (PEFT's LoRA layer holds the linear as `base_layer`) moves the parameter to
+        # another FQN, and routed_fqns() finds it there.
+        self._routed_owners = {owner: dense.get_submodule(owner)
+                               for owner in {fqn.rpartition(".")[0] for fqn in plan.routed}}
 
     def __getattr__(self, name: str):
         try:
@@ -216,12 +246,24 @@ class RoutedModel(nn.Module):
         self._graphs.setdefault(key, []).append(entry)
         return entry
 
+    def routed_fqns(self) -> dict[str, str]:
+        """{FQN in the plan: the FQN that parameter has in the module tree now}."""
+        paths: dict[int, str] = {}
+        for path, module in self.named_modules(remove_duplicate=False):
+            paths.setdefault(id(module), path)
+        out = {}
+        for fqn in self.plan.routed:
+            owner, _, name = fqn.rpartition(".")
+            path = paths.get(id(self._routed_owners.get(owner)), owner)
+            out[fqn] = f"{path}.{name}" if path else name
+        return out
+
     @contextmanager
     def dense_view(self, modality: int = 0):
         """Temporarily give each routed parameter its dense shape (a view of one modality's copy)."""
         views: dict[int, nn.Parameter] = {}
         swapped = []
-        for fqn in self.plan.routed:
+        for fqn in self.routed_fqns().values():
             owner_name, _, name = fqn.rpartition(".")
             owner = self.get_submodule(owner_name)
             stacked = owner._parameters[name]
@@ -278,7 +320,7 @@ class RoutedModel(nn.Module):
 
         context = RoutingContext(
             param_fqns=param_fqns, user_inputs=user_inputs, token_dims=captured.token_dims, uses=captured.param_uses,
-            routed=frozenset(self.plan.routed), modalities=self.plan.modalities, backend=self.backend,
+            routed=frozenset(self.routed_fqns().values()), modalities=self.plan.modalities, backend=self.backend,
             device=next(self.parameters()).device, hoist=self.hoist, eager_only=eager_only,
             autocast=any(enabled for _, enabled, _ in forward_state.ambient_state()))
         passes = routing_passes(context)
@@ -299,6 +341,8 @@ class RoutedModel(nn.Module):
         try:
             program = module_tree.routed_program(entry.routed, self._tensor)
             entry.module_forwards = module_tree.module_forwards(program, self, tag)
+            entry.module_runs = {module_tree.dense_module(self, fqn): (fqn, forward)
+                                 for fqn, forward in entry.module_forwards.items() if fqn}
         except Exception as e:  # unflatten refuses some programs; the flat graph is still exact
             entry.tree_problem = f"{type(e).__name__}: {e}"
             checkpointed = sorted(entry.routed.state.checkpointed) if entry.routed.state is not None else []
