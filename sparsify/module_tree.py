@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import types
 from contextlib import contextmanager
 from typing import Any, Callable
 

@@ -191,8 +191,13 @@ def _selected(policy: str, role: str, block: str | None, attention_blocks: set[s
 
 
 def _compile(pattern, what):
+    """A regex, or a list of them (as PEFT's target_modules) meaning any of them."""
     if pattern is None:
         return None
+    if isinstance(pattern, (list, tuple)) and all(isinstance(p, str) for p in pattern):
+        pattern = "|".join(f"(?:{p})" for p in pattern)
+    if not isinstance(pattern, str):
+        raise SparsifyError(f"{what}= takes a regular expression or a list of them, got {type(pattern).__name__}")
     try:
         return re.compile(pattern)
     except re.error as e:
