@@ -182,7 +182,7 @@ class SizeConditions:
 
 
 def capture(module: torch.nn.Module, inputs: dict[str, Any], every_dim: bool = False,
-            static: bool = False) -> CapturedGraph:
+            static: bool = False, state_of: torch.nn.Module | None = None) -> CapturedGraph:
     """Export `module(**inputs)` with the batch and sequence dims of token-shaped inputs marked dynamic
     (`every_dim`: every dim of every tensor input, for a decoding step whose masks are shaped by the query
     and cache lengths in model-specific ways; `static`: no dim dynamic, a graph for these shapes only, which
@@ -190,7 +190,8 @@ def capture(module: torch.nn.Module, inputs: dict[str, Any], every_dim: bool = F
 
     Dim.AUTO lets export keep a dim dynamic where the model allows and specialise
     it where the model's code does (a size of 1 always specialises: a decode step of one token gets its
-    own graph); the caller re-captures for shapes a specialised graph does not accept.
+    own graph); the caller re-captures for shapes a specialised graph does not accept. `state_of`: the
+    module tree whose reads key the graph (forward_state.py), `module` by default.
     """
     token = primary_tensor(inputs)
     batch, seq = token.shape[0], token.shape[1]
@@ -207,7 +208,7 @@ def capture(module: torch.nn.Module, inputs: dict[str, Any], every_dim: bool = F
         # Without grad: a capture during a training step (a new shape class) must not reach the step's
         # saved-tensor hooks (checkpointing, offloading) with fake tensors. The model's Python still sees the
         # caller's grad mode through torch.is_grad_enabled() (forward_state.recorded).
-        with forward_state.recorded(module) as state, _inputs_as_named_parameters(module, list(inputs)), \
+        with forward_state.recorded(state_of or module) as state, _inputs_as_named_parameters(module, list(inputs)), \
                 frontends.graph_forms(), torch.no_grad():
             exported = torch.export.export(module, (), dict(inputs), dynamic_shapes=dynamic_shapes, strict=False)
     except SparsifyError:

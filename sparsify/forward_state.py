@@ -87,12 +87,20 @@ class Guards:
     def holds(self) -> bool:
         if self.grad_enabled is not None and torch.is_grad_enabled() != self.grad_enabled:
             return False
-        return all(_same(getattr(obj, name, _MISSING), value) for obj, name, value in self.reads)
+        return all(_same(_value(obj, name), value) for obj, name, value in self.reads)
+
+    def changed(self) -> list[str]:
+        """The reads that no longer hold, as 'Class.attribute: captured with X, now Y'."""
+        out = [f"{type(obj).__name__}.{name}: captured with {value!r}, now {_value(obj, name)!r}"
+               for obj, name, value in self.reads if not _same(_value(obj, name), value)]
+        if self.grad_enabled is not None and torch.is_grad_enabled() != self.grad_enabled:
+            out.append(f"torch.is_grad_enabled(): captured with {self.grad_enabled}, now {not self.grad_enabled}")
+        return out
 
     def settled(self) -> "Guards":
         """These guards less the reads the forward itself changed (a counter it increments): warned about,
         as a graph cannot depend on them (export took the value it read)."""
-        changed = [(obj, name) for obj, name, value in self.reads if not _same(getattr(obj, name, _MISSING), value)]
+        changed = [(obj, name) for obj, name, value in self.reads if not _same(_value(obj, name), value)]
         if not changed:
             return self
         warnings.warn(f"sparsify: the model's forward changes {', '.join(f'{type(o).__name__}.{n}' for o, n in changed[:5])} "
@@ -100,6 +108,14 @@ class Guards:
                       "it changes", stacklevel=4)
         changed_ids = {(id(o), n) for o, n in changed}
         return Guards([r for r in self.reads if (id(r[0]), r[1]) not in changed_ids], self.grad_enabled)
+
+
+def _value(obj, name: str):
+    """What `obj.name` is now. Modules through getattr (as the forward read them); other objects through their
+    __dict__ (what was guarded: a config's own getattr may refuse a global read, as Gemma 4's per-layer one)."""
+    if isinstance(obj, nn.Module):
+        return getattr(obj, name, _MISSING)
+    return vars(obj).get(name, _MISSING)
 
 
 @dataclass

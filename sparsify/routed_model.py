@@ -174,13 +174,15 @@ class RoutedModel(nn.Module):
     def precapture(self, *args, param_dtype: torch.dtype | None = None, **kwargs) -> None:
         """Capture and cache the graph a call like this one needs, now: before `fully_shard` (export
         cannot capture sharded parameters). `param_dtype` is the dtype a FSDP2 MixedPrecisionPolicy will
-        give the parameters in forward (buffers keep theirs, as under FSDP2); the model is left as it was."""
+        give the parameters in forward (buffers keep theirs, as under FSDP2); the model is left as it was.
+        The graph is keyed by the state around this call (train/eval, autocast, config flags: see
+        forward_state.py), so precapture in the state you will train in; nothing runs but the capture."""
+        kwargs.pop("modality_ids", None)  # the graph's key does not depend on the ids' values
         saved = [(p, p.data) for p in self.parameters()] if param_dtype is not None else []
         try:
             for param, data in saved:
                 param.data = data.to(param_dtype)
-            with torch.no_grad():
-                self(*args, **kwargs)
+            self.graph_for(self.bind_inputs(args, kwargs))
         finally:
             for param, data in saved:
                 param.data = data
@@ -280,18 +282,22 @@ class RoutedModel(nn.Module):
     def _capture(self, inputs: dict[str, Any], step: nn.Module | None = None) -> GraphEntry:
         sharded = [name for name, p in self.named_parameters() if _is_sharded(p)]
         if sharded:
+            changed = [c for entries in self._graphs.values() for e in entries
+                       for c in e.routed.state.guards.changed()][:3]
             raise SparsifyError(
-                f"this call needs a new graph (a new shape class, mode, dtype or input structure), but parameters "
-                f"are sharded (e.g. {sharded[0]}: FSDP2), and torch.export cannot capture sharded parameters. Before "
-                "fully_shard, capture each mode and shape class you train with: routed.train(); "
-                "routed.precapture(batch, modality_ids=ids, param_dtype=<your MixedPrecisionPolicy's or None>).")
+                f"this call needs a new graph (a new shape class, mode, dtype, autocast or input structure"
+                + (f"; or state the forward reads changed since capture: {'; '.join(changed)}" if changed else "")
+                + f"), but parameters are sharded (e.g. {sharded[0]}: FSDP2), and torch.export cannot capture "
+                "sharded parameters. Before fully_shard, capture each mode, shape class and autocast state you train "
+                "with: routed.train(); routed.precapture(batch, modality_ids=ids, param_dtype=<your "
+                "MixedPrecisionPolicy's or None>), inside the same torch.autocast if you use one.")
         self._dense.training = self.training  # children share the flag already; the root does not
         with self.dense_forwards():
             if step is None:
                 captured = capture(self._dense, inputs)
             else:  # the step prepares its cache (dense forwards) and is captured in the state that leaves
-                with step.prepared():
-                    captured = capture(step, inputs, every_dim=True)
+                with step.prepared():  # guarded on what the model read, not on the step's per-call cache
+                    captured = capture(step, inputs, every_dim=True, state_of=self._dense)
         return self.route_captured(captured, eager_only=step is not None)
 
     @contextmanager
@@ -318,9 +324,11 @@ class RoutedModel(nn.Module):
         param_fqns = {n.name: t for n, (k, t) in zip(placeholders, captured.placeholders) if k == "parameter"}
         user_inputs = [n.name for n in captured.user_input_nodes()]
 
+        with module_tree.without_wrappers(self):  # the names the capture saw
+            routed_fqns = self.routed_fqns().values()
         context = RoutingContext(
             param_fqns=param_fqns, user_inputs=user_inputs, token_dims=captured.token_dims, uses=captured.param_uses,
-            routed=frozenset(self.routed_fqns().values()), modalities=self.plan.modalities, backend=self.backend,
+            routed=frozenset(routed_fqns), modalities=self.plan.modalities, backend=self.backend,
             device=next(self.parameters()).device, hoist=self.hoist, eager_only=eager_only,
             autocast=any(enabled for _, enabled, _ in forward_state.ambient_state()))
         passes = routing_passes(context)
