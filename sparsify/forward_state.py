@@ -20,6 +20,7 @@ would no longer take:
 """
 from __future__ import annotations
 
+import copy
 import enum
 import functools
 import sys
@@ -38,7 +39,8 @@ from sparsify.errors import SparsifyError
 _SCALARS = (bool, int, float, str, type(None), torch.dtype, torch.device, enum.Enum)
 _MISSING = object()
 # Read by export, by nn.Module's own machinery or by sparsify while capturing, not by the model's code.
-_NOT_STATE = {"forward", "__dict__", "__class__", "_compiled_call_impl", "call_super_init"}
+_NOT_STATE = ({"forward", "__dict__", "__class__", "call_super_init", "_compiled_call_impl"}
+              | set(vars(nn.Module())) - {"training"})  # nn.Module's hooks and registries: FSDP2 adds hooks
 AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
@@ -51,9 +53,17 @@ def ambient_state() -> tuple:
 
 
 def _guardable(value) -> bool:
+    """A value a graph can be guarded on by equality: scalars, and tuples, lists and str-keyed dicts of them
+    (a config's rope_scaling); lists and dicts are guarded on a copy, as the model may change them in place."""
     if isinstance(value, _SCALARS):
         return True
-    return isinstance(value, tuple) and all(_guardable(v) for v in value)
+    if type(value) in (tuple, list):
+        return all(_guardable(v) for v in value)
+    return type(value) is dict and all(isinstance(k, str) and _guardable(v) for k, v in value.items())
+
+
+def _snapshot(value):
+    return copy.deepcopy(value) if isinstance(value, (list, dict)) else value
 
 
 def _same(a, b) -> bool:
@@ -144,7 +154,7 @@ class Recording:
                                  and name in object.__getattribute__(obj, "__dict__")):
             # a scalar, or a function the instance holds (HF's _gradient_checkpointing_func), not a method
             self._seen.add((id(obj), name))
-            self.guards.reads.append((obj, name, value))
+            self.guards.reads.append((obj, name, _snapshot(value)))
         elif _plain_object(value) and id(value) not in self._objects:
             self._guard_scalars_of(value, depth=2)
 
@@ -160,7 +170,7 @@ class Recording:
         for name, value in list(vars(obj).items()):
             if _guardable(value):
                 self._seen.add((id(obj), name))
-                self.guards.reads.append((obj, name, value))
+                self.guards.reads.append((obj, name, _snapshot(value)))
             elif depth > 1 and _plain_object(value) and id(value) not in self._objects:
                 self._guard_scalars_of(value, depth - 1)
 

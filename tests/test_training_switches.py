@@ -159,6 +159,27 @@ def test_a_config_flag_the_forward_reads_picks_its_own_graph():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     routed.config.output_hidden_states = False
     assert routed(x, modality_ids=ids).hidden_states is None
+    graphs = sum(len(entries) for entries in routed._graphs.values())
+    routed(x, modality_ids=ids)
+    assert sum(len(entries) for entries in routed._graphs.values()) == graphs   # the same state: no new graph
+
+
+def test_a_list_attribute_changed_in_place_is_a_new_state():
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.proj = nn.Embedding(50, 8), nn.Linear(8, 8)
+            self.scales = [1.0, 1.0]   # read by the forward, changed in place by the user
+
+        def forward(self, tokens):
+            return self.proj(self.embed(tokens)) * self.scales[0]
+
+    torch.manual_seed(0)
+    dense = Gated().eval()
+    x, ids = tokens((2, 8))
+    routed = sparsify.convert(copy.deepcopy(dense), modalities=M, example_inputs=(x % 50,))
+    dense.scales[0] = routed.scales[0] = 3.0
+    torch.testing.assert_close(routed(x % 50, modality_ids=ids), dense(x % 50), rtol=1e-6, atol=1e-6)
 
 
 # -- PEFT ----------------------------------------------------------------------------------------------------
