@@ -7,10 +7,11 @@ from sparsify.errors import CaptureError, InternalError, RoutingError, SparsifyE
 from sparsify.passes.verify import VerifyReport
 from sparsify.plan import RoutingPlan
 from sparsify.routed_model import RoutedModel
+from sparsify.sharding import fully_shard
 
 _mamba_ssm_frontend.install()  # `import mamba_ssm` works without its CUDA extension (see the module)
 
 __all__ = [
     "CaptureError", "InternalError", "RoutedModel", "RoutingError", "RoutingPlan", "SparsifyError", "VerificationError",
-    "VerifyReport", "consolidate", "convert", "export", "extract", "load", "ops", "save", "verify",
+    "VerifyReport", "consolidate", "convert", "export", "extract", "fully_shard", "load", "ops", "save", "verify",
 ]

@@ -124,7 +124,11 @@ def _value(obj, name: str):
     """What `obj.name` is now. Modules through getattr (as the forward read them); other objects through their
     __dict__ (what was guarded: a config's own getattr may refuse a global read, as Gemma 4's per-layer one)."""
     if isinstance(obj, nn.Module):
-        return getattr(obj, name, _MISSING)
+        value = getattr(obj, name, _MISSING)
+        if isinstance(value, nn.Module):  # an activation-checkpoint wrapper added since stands for what it wraps
+            from sparsify.module_tree import dense_module
+            value = dense_module(value, "")
+        return value
     return vars(obj).get(name, _MISSING)
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from sparsify import forward_state, module_tree
+from sparsify import forward_state, module_tree, sharding
 from sparsify.capture import CapturedGraph, bind_call, capture, primary_tensor
 from sparsify.errors import SparsifyError
 from sparsify.frontends import CACHE_ARGS
@@ -128,6 +128,13 @@ class RoutedModel(nn.Module):
         inputs = bind_call(self._dense, args, kwargs)
         missing = {k: v for k, v in self.call_defaults.items() if k not in inputs}
         return bind_call(self._dense, (), {**inputs, **missing}) if missing else inputs
+
+    def __call__(self, *args, **kwargs):
+        # Before the call's hooks: FSDP2's pre-forward hook shows the parameters unsharded, not their placement.
+        if not self.__dict__.get("_placement_checked") and self._stacked_sharded():
+            self.__dict__["_placement_checked"] = True
+            sharding.check_placements(self)
+        return super().__call__(*args, **kwargs)
 
     def forward(self, *args, modality_ids=None, **kwargs):
         if modality_ids is None:
@@ -247,6 +254,14 @@ class RoutedModel(nn.Module):
         entry = self._capture(inputs, step)
         self._graphs.setdefault(key, []).append(entry)
         return entry
+
+    def _stacked_sharded(self) -> bool:
+        """Whether a stacked parameter is sharded (FSDP2) now: one looked at, the one every plan has first."""
+        fqn = next(iter(self.plan.routed), None)
+        if fqn is None:
+            return False
+        owner, _, name = fqn.rpartition(".")
+        return _is_sharded(self._routed_owners[owner]._parameters.get(name))
 
     def routed_fqns(self) -> dict[str, str]:
         """{FQN in the plan: the FQN that parameter has in the module tree now}."""
