@@ -1,7 +1,8 @@
 """Routed weights sharded over every rank past M (issue 29), on gloo processes: M = 3 modalities, world 4.
 
 One spawn of 4 processes runs the whole recipe at once (precapture, activation checkpointing per block,
-sparsify.fully_shard per block + root with bf16 parameters and fp32 reduction, three AdamW steps, DCP save),
+sparsify.fully_shard per block + root with bf16 parameters and fp32 reduction, torch.compile, three AdamW
+steps, DCP save),
 asserting each rank's local shard sizes; a spawn of 2 processes loads that checkpoint resharded; one process
 loads it again and consolidates it. A one-process run of the same steps (bf16 forward copies of fp32 master
 weights, as FSDP2's mixed precision) is the reference.
@@ -86,10 +87,11 @@ def _recipe(rank, world, directory):
             name = name.replace("._checkpoint_wrapped_module", "")
             if name in stacked:   # every rank holds a quarter of every routed weight
                 assert param.to_local().numel() * world == full_sizes[name], name
+        model = torch.compile(routed)
         optimizer = torch.optim.AdamW(routed.parameters(), lr=1e-2)
         losses = []
         for tokens, ids in data:
-            loss = lm_loss(routed, tokens[mine], ids[mine])
+            loss = lm_loss(model, tokens[mine], ids[mine])
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
