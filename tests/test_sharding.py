@@ -140,10 +140,11 @@ def recipe_run():
 
 
 def test_the_whole_recipe_at_world_4_equals_one_process(recipe_run):
-    """Observed: losses within 1e-3 relative of the one-process run's (bf16 parameters in forward)."""
+    """Observed: losses within 7.3e-5 relative of the one-process run's (bf16 parameters in forward; bf16 eps
+    is 7.8e-3), over three AdamW steps."""
     reference, _ = one_process_losses()
     for got, want in zip(recipe_run["losses"], reference):
-        assert abs(got - want) <= 1e-2 * abs(want), (recipe_run["losses"], reference)
+        assert abs(got - want) <= 5e-3 * abs(want), (recipe_run["losses"], reference)
 
 
 def test_a_checkpoint_saved_at_world_4_loads_at_world_2_and_1(recipe_run):
