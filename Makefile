@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo train-demo test bench clean
+.PHONY: demo train-demo train-distributed-demo test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 # Dense vs MoT vs MoM on a mixed-modality corpus (~15 min on 2 CPU cores); curves in demos/out/.
 train-demo: $(STAMP)
 	$(PY) demos/train_multimodal.py
+
+# The FSDP2 recipe under torchrun on 2 CPU processes (gloo): 20 steps, DCP checkpoints every 5 (--resume continues).
+train-distributed-demo: $(STAMP)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 demos/train_distributed.py --steps 20
 
 # One worker per core (pytest-xdist), a test file per worker so module fixtures are built once: most of the
 # suite is single-threaded tracing and subprocess start, so two workers on two cores halve its time. At most
