@@ -4,9 +4,10 @@ It owns the dense model's module tree, with each routed parameter replaced by a
 stacked [M, *S] parameter under the same FQN, and runs captured-and-routed
 graphs, split per module so each dense module runs its own routed subgraph
 (module_tree.py). A graph is valid for one
-train/eval mode, one dtype/device and one input structure, and for the shapes
-export kept dynamic; other calls capture again (cached), binding the same
-parameters, the way torch.compile recompiles.
+train/eval mode, one dtype/device, one autocast state and one input structure,
+for the shapes export kept dynamic, and while what the dense forward read at
+capture still holds (forward_state.py); other calls capture again (cached),
+binding the same parameters, the way torch.compile recompiles.
 """
 from __future__ import annotations
 
