@@ -82,11 +82,23 @@ def run(args) -> int:
         from sparsify.plan import RoutingPlan
 
         if (Path(args.path) / METADATA_FILE).exists():
+            from sparsify.safetensors_io import read_checkpoint_dir
+
             metadata = read_metadata(args.path)
             plan = RoutingPlan.from_dict(metadata["plan"])
             versions = ", ".join(f"{k} {v}" for k, v in sorted(metadata.get("versions", {}).items()))
             print(f"{args.path}: routed {metadata['model'].get('class', '?')}, written with {versions}")
             print(plan.summary())
+            # The tensors too, headers only: a truncated or half-copied checkpoint is not a routed checkpoint.
+            entries = read_checkpoint_dir(Path(args.path))
+            for p in plan.params:
+                want = [plan.modalities, *p.shape]
+                if p.fqn not in entries or list(entries[p.fqn].shape) != want:
+                    found = list(entries[p.fqn].shape) if p.fqn in entries else "missing"
+                    raise SparsifyError(f"{args.path}: routed parameter {p.fqn!r} should be {want} in the "
+                                        f"checkpoint's tensors but is {found}; the checkpoint does not match its "
+                                        "sparsify.json (rewrite it with sparsify.save or sparsify convert)")
+            print(f"tensors: {len(entries)}, every routed one [{plan.modalities}, ...] as the plan says")
             if args.graph:
                 import sparsify
                 from sparsify.api import example_call

@@ -4,12 +4,14 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
 import torch
 
 import sparsify
@@ -125,6 +127,13 @@ def test_inspect_dense_and_routed_and_verify(tmp_path):
     assert cli("convert", src, "-o", dst, "--modalities", 2, "--no-verify", "--quiet").returncode == 0
     result = cli("inspect", dst)
     assert result.returncode == 0 and "2 modalities" in result.stdout and "LlamaForCausalLM" in result.stdout
+    assert "every routed one [2, ...]" in result.stdout
+    broken = tmp_path / "truncated"
+    shutil.copytree(dst, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])   # a copy cut short
+    result = cli("inspect", broken)
+    assert result.returncode == 2 and "truncated" in result.stderr, (result.stdout, result.stderr)
     assert "per modality:" in result.stdout and "compute per token unchanged" in result.stdout
     svg = tmp_path / "routed.svg"
     result = cli("inspect", dst, "--graph", svg)
