@@ -42,6 +42,9 @@ _MISSING = object()
 _NOT_STATE = ({"forward", "__dict__", "__class__", "call_super_init", "_compiled_call_impl"}
               | set(vars(nn.Module())) - {"training"})  # nn.Module's hooks and registries: FSDP2 adds hooks
 AUTOCAST_DEVICES = ("cpu", "cuda")
+# Where torch's CheckpointWrapper keeps the module it wraps (module_tree.WRAPPED; not imported from there,
+# which imports the routing passes: this runs in the per-forward guard check).
+CHECKPOINT_WRAPPED = "_checkpoint_wrapped_module"
 
 
 def ambient_state() -> tuple:
@@ -99,10 +102,13 @@ class Guards:
             return False
         return all(_same(_value(obj, name), value) for obj, name, value in self.reads)
 
+    def _mismatched(self) -> list[tuple[Any, str, Any]]:
+        return [(obj, name, value) for obj, name, value in self.reads if not _same(_value(obj, name), value)]
+
     def changed(self) -> list[str]:
         """The reads that no longer hold, as 'Class.attribute: captured with X, now Y'."""
         out = [f"{type(obj).__name__}.{name}: captured with {value!r}, now {_value(obj, name)!r}"
-               for obj, name, value in self.reads if not _same(_value(obj, name), value)]
+               for obj, name, value in self._mismatched()]
         if self.grad_enabled is not None and torch.is_grad_enabled() != self.grad_enabled:
             out.append(f"torch.is_grad_enabled(): captured with {self.grad_enabled}, now {not self.grad_enabled}")
         return out
@@ -110,13 +116,13 @@ class Guards:
     def settled(self) -> "Guards":
         """These guards less the reads the forward itself changed (a counter it increments): warned about,
         as a graph cannot depend on them (export took the value it read)."""
-        changed = [(obj, name) for obj, name, value in self.reads if not _same(_value(obj, name), value)]
+        changed = self._mismatched()
         if not changed:
             return self
-        warnings.warn(f"sparsify: the model's forward changes {', '.join(f'{type(o).__name__}.{n}' for o, n in changed[:5])} "
+        warnings.warn(f"sparsify: the model's forward changes {', '.join(f'{type(o).__name__}.{n}' for o, n, _ in changed[:5])} "
                       "while it runs; the captured graph used the value read first and is not captured again when "
                       "it changes", stacklevel=4)
-        changed_ids = {(id(o), n) for o, n in changed}
+        changed_ids = {(id(o), n) for o, n, _ in changed}
         return Guards([r for r in self.reads if (id(r[0]), r[1]) not in changed_ids], self.grad_enabled)
 
 
@@ -125,9 +131,8 @@ def _value(obj, name: str):
     __dict__ (what was guarded: a config's own getattr may refuse a global read, as Gemma 4's per-layer one)."""
     if isinstance(obj, nn.Module):
         value = getattr(obj, name, _MISSING)
-        if isinstance(value, nn.Module):  # an activation-checkpoint wrapper added since stands for what it wraps
-            from sparsify.module_tree import dense_module
-            value = dense_module(value, "")
+        while isinstance(getattr(value, CHECKPOINT_WRAPPED, None), nn.Module):  # an activation-checkpoint
+            value = getattr(value, CHECKPOINT_WRAPPED)   # wrapper added since stands for what it wraps
         return value
     return vars(obj).get(name, _MISSING)
 

@@ -28,6 +28,7 @@ from torch.export.exported_program import ExportedProgram, ModuleCallEntry, Modu
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
 from torch.export.unflatten import InterpreterModule
 
+from sparsify import forward_state
 from sparsify.errors import SparsifyError
 from sparsify.ops.eager import eager_form_of
 from sparsify.passes.route import MODALITY_IDS
@@ -147,7 +148,7 @@ def _repeated_calls_inlined(program: ExportedProgram):
 
 # Wrappers that PyTorch's tools put around a module (activation checkpointing's CheckpointWrapper) keep
 # the wrapped module under this attribute; the routed subgraph belongs to the wrapped module.
-WRAPPED = "_checkpoint_wrapped_module"
+WRAPPED = forward_state.CHECKPOINT_WRAPPED
 
 
 def dense_module(root: nn.Module, fqn: str) -> nn.Module:
