@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from sparsify import checkpoint
+from sparsify import checkpoint, modality_split
 from sparsify.capture import bind_call, capture, primary_tensor
 from sparsify.errors import CaptureError, SparsifyError, VerificationError, reported
 from sparsify import frontends
@@ -115,8 +115,10 @@ def convert(
     verify: bool = True,
     inplace: bool = False,
     hoist: bool = True,
+    frozen=None,
 ) -> RoutedModel:
-    """Turn a dense model into a modality-routed one. See README for the arguments."""
+    """Turn a dense model into a modality-routed one. See README for the arguments. `frozen`: modalities (an int
+    or a list) whose copies do not train, as RoutedModel.freeze (upcycling: the pretrained modality's)."""
     if not isinstance(model, nn.Module):
         raise SparsifyError(f"convert() takes an nn.Module, got {type(model).__name__}")
     if isinstance(model, RoutedModel):
@@ -126,6 +128,8 @@ def convert(
             f"{type(model).__name__} has parameters on the meta device: convert needs their values (it runs the "
             "model to capture and verify it). Load the weights first (to_empty() then load_state_dict), or convert "
             "the saved checkpoint with `sparsify convert SRC -o DST`, which plans on meta and streams the tensors.")
+    if frozen is not None:
+        modality_split.check_modalities(modalities, frozen)  # before any work
     dense = model if inplace else copy.deepcopy(model)
     inputs = _example_inputs(dense, example_inputs, example_kwargs)
     # inputs a frontend made up: it checks the capture agrees with its guess
@@ -165,6 +169,8 @@ def convert(
         routed.verify_report = report
         if not report.ok:
             raise VerificationError(f"the routed model does not match the dense one: {report}", report)
+    if frozen is not None:
+        routed.freeze(frozen)
     return routed
 
 
@@ -283,7 +289,8 @@ def write_description(routed: RoutedModel, directory: Path) -> None:
     files (config.json for a Hugging Face model)."""
     dense = routed._dense
     checkpoint.write_metadata(directory, checkpoint.make_metadata(
-        routed.plan, checkpoint.describe_model(dense), routed.call_defaults, checkpoint.single_dtype(routed)))
+        routed.plan, checkpoint.describe_model(dense), routed.call_defaults, checkpoint.single_dtype(routed),
+        routed.frozen_modalities))
     frontend = frontends.for_model(dense)
     if frontend is not None:
         frontend.write_files(dense, directory)
@@ -330,4 +337,6 @@ def load(path, model: nn.Module | Callable[[], nn.Module] | None = None) -> Rout
     if metadata.get("dtype"):
         routed.to(getattr(torch, metadata["dtype"]))
     checkpoint.load_weights(routed, path)
+    if metadata.get("frozen_modalities"):
+        routed.freeze(metadata["frozen_modalities"])
     return routed.eval()  # as from_pretrained does: call .train() to train

@@ -53,7 +53,8 @@ def describe_model(dense: nn.Module) -> dict[str, Any]:
     return description or {"kind": "module", "class": f"{type(dense).__module__}:{type(dense).__qualname__}"}
 
 
-def make_metadata(plan: RoutingPlan, model: dict, call_defaults: dict, dtype: torch.dtype | None) -> dict:
+def make_metadata(plan: RoutingPlan, model: dict, call_defaults: dict, dtype: torch.dtype | None,
+                  frozen: list[int] = ()) -> dict:
     return {
         "format": "sparsify",
         "format_version": FORMAT_VERSION,
@@ -63,6 +64,7 @@ def make_metadata(plan: RoutingPlan, model: dict, call_defaults: dict, dtype: to
         "model": model,
         "call_defaults": call_defaults,
         "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
+        "frozen_modalities": list(frozen),  # RoutedModel.freeze; absent in checkpoints written before it
     }
 
 

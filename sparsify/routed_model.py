@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from sparsify import forward_state, module_tree, sharding
+from sparsify import forward_state, modality_split, module_tree, sharding
 from sparsify.capture import CapturedGraph, bind_call, capture, primary_tensor
 from sparsify.errors import SparsifyError
 from sparsify.frontends import CACHE_ARGS
@@ -101,6 +101,12 @@ class RoutedModel(nn.Module):
         # another FQN, and routed_fqns() finds it there.
         self._routed_owners = {owner: dense.get_submodule(owner)
                                for owner in {fqn.rpartition(".")[0] for fqn in plan.routed}}
+        # Modalities whose copies take no gradient (freeze / unfreeze). Freezing, or learning rates per modality,
+        # give each routed parameter one tensor per modality (modality_split.py); state dicts keep the stacked form.
+        self.frozen_modalities: list[int] = []
+        self.__dict__["_split"] = None
+        self._register_state_dict_hook(modality_split.stacked_state_dict_hook)
+        self._register_load_state_dict_pre_hook(modality_split.split_load_pre_hook, with_module=True)
 
     def __getattr__(self, name: str):
         try:
@@ -122,6 +128,33 @@ class RoutedModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"modalities={self.plan.modalities}, routed={len(self.plan.params)} parameters"
+
+    # -- modalities that train ------------------------------------------------------------------
+    def freeze(self, modalities) -> "RoutedModel":
+        """Freeze modality `modalities`' (an int or a list) copies of every routed parameter: they take no
+        gradient (the routed linear skips their weight-gradient GEMMs), so no optimizer moves them or keeps state
+        for them. The first call gives each routed parameter one tensor per modality (modality_split.py): build
+        the optimizer after it, and before fully_shard. Shared parameters are untouched (requires_grad_ them)."""
+        modality_split.set_frozen(self, modalities, frozen=True)
+        return self
+
+    def unfreeze(self, modalities) -> "RoutedModel":
+        """Let modality `modalities`' copies train again (see freeze)."""
+        modality_split.set_frozen(self, modalities, frozen=False)
+        return self
+
+    def param_groups(self, lr: dict | None = None, **group_options) -> list[dict]:
+        """Parameter groups for a torch optimizer, one per trainable modality and one for the shared parameters:
+        `torch.optim.AdamW(routed.param_groups(lr={0: 1e-5, 1: 3e-4, "shared": 1e-4}), lr=1e-4)`. Modalities
+        (and "shared") missing from `lr` take the optimizer's default; frozen copies are in no group. Splits the
+        model (see freeze)."""
+        return modality_split.param_groups(self, lr, **group_options)
+
+    def get_parameter(self, target: str) -> torch.Tensor:
+        """nn.Module.get_parameter, but a routed parameter of a split model (freeze, param_groups) is its [M, *S]
+        stack of the per-modality copies, as the routed graphs read it."""
+        return modality_split.parameter_at(self, target) if modality_split.is_split(self) else \
+            super().get_parameter(target)
 
     # -- calling ---------------------------------------------------------------------------
     def bind_inputs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -203,7 +236,8 @@ class RoutedModel(nn.Module):
         values = []
         for kind, target in graph.placeholders:
             if kind == "parameter":
-                values.append(params[target] if params and target in params else owner.get_parameter(target))
+                values.append(params[target] if params and target in params else
+                              modality_split.parameter_at(owner, target))
             elif kind == "buffer":
                 values.append(owner.get_buffer(target))
             elif kind == "constant":
@@ -262,7 +296,10 @@ class RoutedModel(nn.Module):
         if fqn is None:
             return False
         owner, _, name = fqn.rpartition(".")
-        return _is_sharded(self._routed_owners[owner]._parameters.get(name))
+        module = self._routed_owners[owner]
+        if modality_split.is_split(self):
+            return _is_sharded(module.parametrizations[name].original0)
+        return _is_sharded(module._parameters.get(name))
 
     def routed_fqns(self) -> dict[str, str]:
         """{FQN in the plan: the FQN that parameter has in the module tree now}."""
@@ -279,6 +316,10 @@ class RoutedModel(nn.Module):
     @contextmanager
     def dense_view(self, modality: int = 0):
         """Temporarily give each routed parameter its dense shape (a view of one modality's copy)."""
+        if modality_split.is_split(self):
+            with modality_split.dense_view(self, modality):
+                yield
+            return
         views: dict[int, nn.Parameter] = {}
         swapped = []
         for fqn in self.routed_fqns().values():
@@ -382,8 +423,11 @@ class RoutedModel(nn.Module):
         module_tree.install(self, entry.module_forwards)
 
     def _tensor(self, fqn: str) -> torch.Tensor:
+        """A parameter or buffer by FQN, as a program's state dict holds it: a split routed parameter's stack
+        as a Parameter of its values (module_tree.routed_program)."""
         try:
-            return self.get_parameter(fqn)
+            tensor = modality_split.parameter_at(self, fqn)
+            return tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor.detach(), requires_grad=False)
         except AttributeError:
             return self.get_buffer(fqn)
 

@@ -20,8 +20,12 @@ from sparsify.errors import SparsifyError
 
 
 def stacked_parameters(routed: nn.Module) -> dict[int, str]:
-    """{id(parameter): FQN} of the routed model's stacked parameters, tied aliases once."""
+    """{id(parameter): FQN} of the routed model's stacked parameters, tied aliases once. None in a model split
+    into per-modality copies (freeze): those are dense-shaped, and FSDP2's default dim 0 shards them over every
+    rank."""
     out: dict[int, str] = {}
+    if routed.__dict__.get("_split"):
+        return out
     for fqn in routed.routed_fqns().values():
         out.setdefault(id(routed.get_parameter(fqn)), fqn)
     return out

@@ -230,7 +230,10 @@ def row_splits(rows: int, n_out: int, n_in: int, modalities: int, device: torch.
     return max(1, min(wanted // tiles, rows // (512 * modalities)))
 
 
-def routed_linear_backward(grad, x, modality_ids, weight, has_bias: bool, splits: int | None = None):
+def routed_linear_backward(grad, x, modality_ids, weight, has_bias: bool, splits: int | None = None,
+                           frozen: list[int] | None = None):
+    """(dx, dweight, dbias); the `frozen` modalities' weight gradients are zero, their GEMMs skipped (their
+    groups count no rows in the weight-gradient kernel)."""
     x_rows = x.reshape(-1, x.shape[-1])
     grad_rows = grad.reshape(-1, weight.shape[1]).contiguous()
     flat_ids = modality_ids.reshape(-1)
@@ -246,6 +249,9 @@ def routed_linear_backward(grad, x, modality_ids, weight, has_bias: bool, splits
                                                        dtype=torch.float32)
     if launch:
         order, starts, counts = grouping
+        if frozen:
+            counts = counts.clone()
+            counts[list(frozen)] = 0
 
         def grid(meta):
             return (triton.cdiv(n_out, meta["BLOCK_M"]), triton.cdiv(n_in, meta["BLOCK_N"]), splits * modalities)
@@ -260,6 +266,8 @@ def routed_linear_backward(grad, x, modality_ids, weight, has_bias: bool, splits
     if has_bias:
         dbias = torch.zeros(modalities, n_out, device=grad.device, dtype=torch.float32)
         dbias.index_add_(0, flat_ids, grad_rows.float())
+        if frozen:
+            dbias[list(frozen)] = 0
         dbias = dbias.to(weight.dtype)
     else:
         dbias = grad.new_zeros((0,), dtype=weight.dtype)

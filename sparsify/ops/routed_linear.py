@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparsify.ops._grouping import accumulation_dtype, groups_of, scratch_buffer
+from sparsify.modality_split import frozen_modalities_of
 from sparsify.ops.backend import use_triton
 from sparsify.ops.spec import RoutedOpSpec, UseKind, register
 from sparsify.passes import node_value
@@ -111,8 +112,11 @@ def _matmul_into(out: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor] = Non
             out.copy_(product)
 
 
-def routed_linear_backward_ref(grad: Tensor, x: Tensor, modality_ids: Tensor, weight: Tensor, has_bias: bool):
-    """Gradients (dx, dweight, dbias) of routed_linear_ref; dbias is empty when has_bias is False."""
+def routed_linear_backward_ref(grad: Tensor, x: Tensor, modality_ids: Tensor, weight: Tensor, has_bias: bool,
+                               frozen: Optional[list[int]] = None):
+    """Gradients (dx, dweight, dbias) of routed_linear_ref; dbias is empty when has_bias is False. The `frozen`
+    modalities' weight and bias gradients are not computed (their GEMMs skipped): zero in dweight and dbias."""
+    frozen = set(frozen or ())
     groups = groups_of(modality_ids, weight.shape[0])
     x_rows = groups.to_sorted(x.reshape(-1, x.shape[-1]), scratch="rows_in")
     grad_rows = groups.to_sorted(grad.reshape(-1, weight.shape[1]), scratch="rows_grad")
@@ -129,11 +133,13 @@ def routed_linear_backward_ref(grad: Tensor, x: Tensor, modality_ids: Tensor, we
                                      dx.split_with_sizes(sizes)):
         # a modality may own several runs: its gradients accumulate
         _matmul_into(dx_slice, g, weights[m], same_dtype=same_dtype)
+        if m in frozen:
+            continue
         _matmul_into(dweights[m], g.t(), x_slice, accumulate=m in seen, same_dtype=same_dtype)
         seen.add(m)
         if has_bias:
             dbias[m] += g.sum(0, dtype=acc)
-    for m in set(range(weight.shape[0])) - seen:  # a modality without rows gets exactly zero
+    for m in set(range(weight.shape[0])) - seen:  # a modality without rows (or frozen) gets exactly zero
         dweight[m].zero_()
     return groups.from_sorted(dx).reshape(x.shape), dweight, dbias.to(weight.dtype)
 
@@ -156,17 +162,18 @@ def _(x, modality_ids, weight, bias=None, backend="auto"):
 
 @torch.library.custom_op("sparsify::routed_linear_backward", mutates_args=())
 def routed_linear_backward(
-    grad: Tensor, x: Tensor, modality_ids: Tensor, weight: Tensor, has_bias: bool, backend: str = "auto"
+    grad: Tensor, x: Tensor, modality_ids: Tensor, weight: Tensor, has_bias: bool, backend: str = "auto",
+    frozen: Optional[list[int]] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if use_triton(backend, x.device):
         from sparsify.kernels.routed_linear import routed_linear_backward as triton_backward
 
-        return triton_backward(grad, x, modality_ids, weight, has_bias)
-    return routed_linear_backward_ref(grad, x, modality_ids, weight, has_bias)
+        return triton_backward(grad, x, modality_ids, weight, has_bias, frozen=frozen)
+    return routed_linear_backward_ref(grad, x, modality_ids, weight, has_bias, frozen)
 
 
 @routed_linear_backward.register_fake
-def _(grad, x, modality_ids, weight, has_bias, backend="auto"):
+def _(grad, x, modality_ids, weight, has_bias, backend="auto", frozen=None):
     dbias_shape = (weight.shape[0], weight.shape[1]) if has_bias else (0,)
     return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(dbias_shape)
 
@@ -176,16 +183,21 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, modality_ids, weight)
     ctx.has_bias = bias is not None
     ctx.backend = backend
+    # Modalities whose copies of the weight are frozen (modality_split.py): their dW is not computed. Known where
+    # the weight is the stack of a split model's copies as it is (not transposed, not traced).
+    ctx.frozen = list(frozen_modalities_of(weight))
 
 
 def _backward(ctx, grad, direct: bool = False):
     """`direct`: call the reference backward itself rather than the backward op (ops/eager.py)."""
     x, modality_ids, weight = ctx.saved_tensors
+    frozen = ctx.frozen or None
     if direct:
-        dx, dweight, dbias = routed_linear_backward_ref(grad.contiguous(), x, modality_ids, weight, ctx.has_bias)
+        dx, dweight, dbias = routed_linear_backward_ref(grad.contiguous(), x, modality_ids, weight, ctx.has_bias,
+                                                        frozen)
     else:
         dx, dweight, dbias = torch.ops.sparsify.routed_linear_backward(
-            grad.contiguous(), x, modality_ids, weight, ctx.has_bias, ctx.backend)
+            grad.contiguous(), x, modality_ids, weight, ctx.has_bias, ctx.backend, frozen)
     return dx, None, dweight, (dbias if ctx.has_bias else None), None
 
 
