@@ -1,7 +1,9 @@
 """sparsify: compile dense transformer and Mamba models into modality-routed ones."""
 from sparsify import ops
 from sparsify.frontends import mamba_ssm as _mamba_ssm_frontend
+from sparsify.add_modality import add_modality
 from sparsify.after_training import export, extract
+from sparsify.drift import Drift, drift
 from sparsify.api import consolidate, convert, load, save, verify
 from sparsify.errors import CaptureError, InternalError, RoutingError, SparsifyError, VerificationError
 from sparsify.passes.verify import VerifyReport
@@ -12,6 +14,7 @@ from sparsify.sharding import fully_shard
 _mamba_ssm_frontend.install()  # `import mamba_ssm` works without its CUDA extension (see the module)
 
 __all__ = [
-    "CaptureError", "InternalError", "RoutedModel", "RoutingError", "RoutingPlan", "SparsifyError", "VerificationError",
-    "VerifyReport", "consolidate", "convert", "export", "extract", "fully_shard", "load", "ops", "save", "verify",
+    "CaptureError", "Drift", "InternalError", "RoutedModel", "RoutingError", "RoutingPlan", "SparsifyError",
+    "VerificationError", "VerifyReport", "add_modality", "consolidate", "convert", "drift", "export", "extract",
+    "fully_shard", "load", "ops", "save", "verify",
 ]

@@ -38,6 +38,17 @@ def _regex(text: str) -> str:
     return text
 
 
+def _image_path(text: str) -> str:
+    """An image to write, checked when the arguments are parsed: a suffix matplotlib writes, a directory that exists."""
+    import os
+
+    if os.path.splitext(text)[1].lower() not in (".png", ".svg", ".pdf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: write the heatmap as .png, .svg or .pdf")
+    if not os.path.isdir(os.path.dirname(text) or "."):
+        raise argparse.ArgumentTypeError(f"{text!r}: the directory {os.path.dirname(text)!r} does not exist")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsify", description="Modality-routed models from dense checkpoints.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +77,20 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("path")
     routing_options(inspect, modalities_required=False)
     inspect.add_argument("--graph", metavar="OUT.svg", help="a routed checkpoint: draw its routed graph (networkx)")
+    inspect.add_argument("--drift", metavar="OUT.png", type=_image_path,
+                         help="a routed checkpoint: draw how far each modality's copies are apart (heatmap)")
+    inspect.add_argument("--reference", metavar="DENSE",
+                         help="with --drift: the dense checkpoint converted from, for the cosines of the updates")
+
+    add = commands.add_parser("add-modality", help="a routed checkpoint with one more modality")
+    add.add_argument("routed", help="routed checkpoint directory (sparsify.save or sparsify convert)")
+    add.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
+    start = add.add_mutually_exclusive_group()
+    start.add_argument("--copy-from", type=int, default=0, metavar="K",
+                       help="the new modality starts as modality K's copies (default 0)")
+    start.add_argument("--independent", action="store_true", help="re-initialise the new modality's copies")
+    add.add_argument("--model", help="package.module:factory building the dense module (non-Hugging Face models)")
+    add.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
     verify = commands.add_parser("verify", help="compare a routed checkpoint with its dense one")
     verify.add_argument("dense")
@@ -108,9 +133,19 @@ def run(args) -> int:
                 routed = sparsify.load(args.path, model=load_factory(args.model) if args.model else None)
                 entry, _ = routed.graph_for(example_call(routed))
                 print(f"wrote {draw(entry.routed.graph_module, args.graph)}")
-        elif args.graph:
-            raise SparsifyError("--graph draws a routed checkpoint's graph; convert the checkpoint first "
-                                "(sparsify convert SRC -o OUT), then inspect OUT --graph out.svg")
+            if args.drift:
+                import sparsify
+                from sparsify.convert_checkpoint import load_factory, materialize, open_source
+
+                factory = load_factory(args.model) if args.model else None
+                routed = sparsify.load(args.path, model=factory)
+                reference = materialize(open_source(args.reference), factory)[0] if args.reference else None
+                result = sparsify.drift(routed, reference)
+                print(result.table())
+                print(f"wrote {result.plot(args.drift, title=Path(args.path).name)}")
+        elif args.graph or args.drift:
+            raise SparsifyError("--graph and --drift draw a routed checkpoint; convert the checkpoint first "
+                                "(sparsify convert SRC -o OUT), then inspect OUT --graph out.svg / --drift drift.png")
         else:
             from sparsify.convert_checkpoint import describe_source
 
@@ -139,6 +174,24 @@ def run(args) -> int:
         report = sparsify.verify(dense, routed, example_inputs=example)
         print(report)
         return EXIT_OK if report.ok else EXIT_VERIFY_FAILED
+
+    if args.command == "add-modality":
+        from sparsify.checkpoint import check_new_path
+
+        check_new_path(args.output, args.overwrite)
+        import sparsify
+        from sparsify.convert_checkpoint import load_factory
+
+        routed = sparsify.load(args.routed, model=load_factory(args.model) if args.model else None)
+        before = routed.plan.modalities
+        if args.independent:
+            sparsify.add_modality(routed, init="independent")
+        else:
+            sparsify.add_modality(routed, copy_from=args.copy_from)
+        sparsify.save(routed, args.output, overwrite=args.overwrite)
+        how = "re-initialised" if args.independent else f"copied from modality {args.copy_from}"
+        print(f"wrote {args.output}: {before} -> {routed.plan.modalities} modalities, modality {before} {how}")
+        return EXIT_OK
 
     from sparsify.checkpoint import check_new_path
     from sparsify.convert_checkpoint import convert_checkpoint
