@@ -55,6 +55,25 @@ def check(fn, inputs, dtype, atol, seed=0):
         assert kernel_err <= 2 * ref_err + atol * max(scale, 1.0), (name, kernel_err, ref_err)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_routed_linear_backward_skips_frozen_modalities(splits):
+    """Frozen modalities' weight and bias gradients are zero in the kernel and the reference alike; dx and the
+    other modalities' gradients are as without freezing."""
+    from sparsify.kernels.routed_linear import routed_linear_backward
+    from sparsify.ops.routed_linear import routed_linear_backward_ref
+
+    ids, g = tokens((2, 40), 3, 11)
+    x, w, grad = rand(g, 2, 40, 19), rand(g, 3, 21, 19, scale=0.3), rand(g, 2, 40, 21)
+    full = routed_linear_backward_ref(grad, x, ids, w, True)
+    for got in (routed_linear_backward(grad.float(), x.float(), ids, w.float(), True, splits=splits, frozen=[0, 2]),
+                routed_linear_backward_ref(grad, x, ids, w, True, frozen=[0, 2])):
+        dx, dweight, dbias = (t.double() for t in got)
+        torch.testing.assert_close(dx, full[0], rtol=1e-5, atol=1e-5)
+        assert not dweight[[0, 2]].any() and not dbias[[0, 2]].any()
+        torch.testing.assert_close(dweight[1], full[1][1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dbias[1], full[2][1], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype,atol", DTYPES)
 @pytest.mark.parametrize("shape,modalities", SHAPES)
 @pytest.mark.parametrize("with_bias", [True, False])
