@@ -1,6 +1,6 @@
 """Dense vs Mixture-of-Transformers vs Mixture-of-Mamba on a mixed-modality corpus, on a laptop.
 
-    python demos/train_multimodal.py [--steps 600] [--seed 0] [--device cpu] [--init independent|copy]
+    python demos/train_multimodal.py [--steps 600] [--seed 0] [--seeds 1] [--device cpu] [--init independent|copy]
 
 The corpus uses nothing that has to be downloaded:
 - text:   bytes of the docstrings of Python's own standard library (256 tokens),
@@ -16,7 +16,9 @@ From one seed and on the same batches it trains a dense Llama-style transformer 
 case). Routing adds no FLOPs per token. It evaluates on held-out data per modality (next-token loss,
 grouped by the modality of the predicted token), prints, per modality, the step at which each routed
 model first reaches its dense model's final held-out loss as a fraction of the dense model's steps, and
-writes the curves as CSV and PNG.
+writes the curves as CSV and PNG. `--seeds N` repeats the whole run for seeds seed .. seed + N - 1 (corpus
+split, batches, initialisation) and reports the mean and the spread (min-max) over them, so that a difference
+can be told from seed noise.
 """
 from __future__ import annotations
 
@@ -202,7 +204,8 @@ PAIRS = (("transformer", "MoT"), ("mamba", "MoM"))
 
 
 def steps_to_match(curve: list[dict], dense: str, routed: str, steps: int) -> dict[str, float | None]:
-    """Per modality: the first step at which `routed` reaches `dense`'s final held-out loss, / dense steps."""
+    """Per modality: the first step at which `routed` reaches `dense`'s final held-out loss, / dense steps
+    (one seed's curve)."""
     out = {}
     for modality in MODALITIES:
         target = next(r["loss"] for r in curve if r["model"] == dense and r["modality"] == modality
@@ -213,19 +216,39 @@ def steps_to_match(curve: list[dict], dense: str, routed: str, steps: int) -> di
     return out
 
 
+def seeds_of(curve: list[dict]) -> list[int]:
+    return sorted({r.get("seed", 0) for r in curve})
+
+
+def spread(values: list[float], percent: bool = False) -> str:
+    """mean [min, max] over seeds (the mean alone for one seed)."""
+    show = (lambda v: f"{v:.0%}") if percent else (lambda v: f"{v:.3f}")
+    mean = sum(values) / len(values)
+    return show(mean) if len(values) == 1 else f"{show(mean)} [{show(min(values))}, {show(max(values))}]"
+
+
 def report(curve: list[dict], steps: int) -> str:
-    lines = ["held-out loss at the end (lower is better), and the fraction of the dense model's steps the routed "
-             "model needed to reach the dense model's final loss (< 1: the routed model is ahead):",
-             f"{'modality':10}" + "".join(f"{name:>13}" for pair in PAIRS for name in pair)
-             + "".join(f"{r + ' steps':>13}" for _, r in PAIRS)]
-    final = {(r["model"], r["modality"]): r["loss"] for r in curve if r["step"] == steps}
-    fractions = {routed: steps_to_match(curve, dense, routed, steps) for dense, routed in PAIRS}
+    """Markdown: final held-out loss per model and modality, and the routed models' steps to the dense models'
+    final loss, as mean [min, max] over the seeds (a seed where it was not reached counts as 'not reached')."""
+    seeds = seeds_of(curve)
+    lines = [f"held-out loss at the end (lower is better), mean [min, max] over {len(seeds)} seed(s), and the "
+             "fraction of the dense model's steps the routed model needed to reach the dense model's final loss "
+             "(< 100%: the routed model is ahead):", "",
+             "| modality | " + " | ".join(name for pair in PAIRS for name in pair) + " | "
+             + " | ".join(f"{r} steps to dense final" for _, r in PAIRS) + " |",
+             "|---" * (1 + 2 * len(PAIRS) + len(PAIRS)) + "|"]
+    final = {(r.get("seed", 0), r["model"], r["modality"]): r["loss"] for r in curve if r["step"] == steps}
+    per_seed = [[r for r in curve if r.get("seed", 0) == seed] for seed in seeds]
+    fractions = {routed: [steps_to_match(c, dense, routed, steps) for c in per_seed] for dense, routed in PAIRS}
     for modality in MODALITIES:
-        row = f"{modality:10}" + "".join(f"{final[(name, modality)]:13.3f}" for pair in PAIRS for name in pair)
+        cells = [spread([final[(seed, name, modality)] for seed in seeds]) for pair in PAIRS for name in pair]
         for _, routed in PAIRS:
-            fraction = fractions[routed][modality]
-            row += f"{'not reached' if fraction is None else f'{fraction:.0%}':>13}"
-        lines.append(row)
+            reached = [f[modality] for f in fractions[routed]]
+            missing = sum(v is None for v in reached)
+            cells.append("not reached" if missing == len(reached) else
+                         spread([v for v in reached if v is not None], percent=True)
+                         + (f" (not reached in {missing} of {len(reached)})" if missing else ""))
+        lines.append(f"| {modality} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -238,22 +261,32 @@ def write_outputs(curve: list[dict], out: Path, args) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = out / "train_multimodal.csv", out / "train_multimodal.png"
     with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["model", "step", "modality", "loss"])
+        writer = csv.DictWriter(f, fieldnames=["seed", "model", "step", "modality", "loss"])
         writer.writeheader()
         writer.writerows(curve)
     figure, axes = plt.subplots(1, len(MODALITIES), figsize=(4.2 * len(MODALITIES), 3.6), sharex=True)
     styles = {"transformer": ("tab:blue", "--"), "MoT": ("tab:blue", "-"), "mamba": ("tab:orange", "--"),
               "MoM": ("tab:orange", "-")}
+    seeds = seeds_of(curve)
     for axis, modality in zip(axes, MODALITIES):
         for model, (color, line) in styles.items():
-            points = [(r["step"], r["loss"]) for r in curve if r["model"] == model and r["modality"] == modality]
-            axis.plot(*zip(*points), color=color, linestyle=line, label=model)
+            by_step: dict[int, list[float]] = {}
+            for r in curve:
+                if r["model"] == model and r["modality"] == modality:
+                    by_step.setdefault(r["step"], []).append(r["loss"])
+            steps = sorted(by_step)
+            axis.plot(steps, [sum(by_step[s]) / len(by_step[s]) for s in steps], color=color, linestyle=line,
+                      label=model)
+            if len(seeds) > 1:  # the spread over seeds
+                axis.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
+                                  color=color, alpha=0.15, linewidth=0)
         axis.set_title(f"{modality}: held-out loss")
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("next-token cross-entropy")
     axes[-1].legend()
-    figure.suptitle(f"dense (dashed) vs routed (solid), init={args.init}, seed {args.seed}, {args.steps} steps")
+    seed_text = f"seed {args.seed}" if len(seeds) == 1 else f"mean and min-max of {len(seeds)} seeds"
+    figure.suptitle(f"dense (dashed) vs routed (solid), init={args.init}, {seed_text}, {args.steps} steps")
     figure.tight_layout()
     figure.savefig(png_path, dpi=110)
     plt.close(figure)
@@ -264,6 +297,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=1, help="repeat for seeds seed .. seed + N - 1")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--init", choices=("independent", "copy"), default="independent")
     parser.add_argument("--batch", type=int, default=16)
@@ -276,11 +310,11 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    train_pools, test_pools = split_pools(args.seed)
+def run_seed(seed: int, args, bar) -> tuple[list[dict], dict[str, list[float]]]:
+    """Corpus split, batches, models and training for one seed: (curve rows, training losses per model)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    train_pools, test_pools = split_pools(seed)
     batches = [sequences(train_pools, args.batch, args.length, rng) for _ in range(args.steps)]
     held_out = sequences(test_pools, 4 * args.batch, args.length, rng)
     dense = dense_models(args.size, args.length)
@@ -291,17 +325,30 @@ def main(argv=None) -> dict:
         routed = sparsify.convert(copy.deepcopy(dense[family]), modalities=len(MODALITIES), init=args.init,
                                   example_inputs=example, example_kwargs={"use_cache": False})
         models[routed_name] = (routed, True)
-    for name, (model, _) in models.items():
-        count = sum(p.numel() for p in model.parameters())
-        print(f"{name:12} {count:>9,} parameters")
+    if seed == args.seed:
+        for name, (model, _) in models.items():
+            count = sum(p.numel() for p in model.parameters())
+            bar.write(f"{name:12} {count:>9,} parameters")
+    curve, train_losses = [], {}
+    for name, (model, routed) in models.items():
+        points, losses = train(name, model, routed, batches, held_out, args, bar)
+        curve += [{"seed": seed, **point} for point in points]
+        train_losses[name] = losses
+    return curve, train_losses
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    seeds = list(range(args.seed, args.seed + args.seeds))
     curve, train_losses = [], {}
     started = time.perf_counter()
-    with tqdm(total=args.steps * len(models), desc="training", file=sys.stdout, mininterval=2) as bar:
-        for name, (model, routed) in models.items():
-            points, losses = train(name, model, routed, batches, held_out, args, bar)
+    with tqdm(total=args.steps * 2 * len(PAIRS) * len(seeds), desc="training", file=sys.stdout,
+              mininterval=2) as bar:
+        for seed in seeds:
+            points, losses = run_seed(seed, args, bar)
             curve += points
-            train_losses[name] = losses
-    print(f"trained 4 models x {args.steps} steps in {time.perf_counter() - started:.0f} s")
+            train_losses.update(losses if len(seeds) == 1 else {f"{name} seed {seed}": v for name, v in losses.items()})
+    print(f"trained 4 models x {args.steps} steps x {len(seeds)} seed(s) in {time.perf_counter() - started:.0f} s")
     print(report(curve, args.steps))
     csv_path, png_path = write_outputs(curve, args.out, args)
     print(f"wrote {csv_path} and {png_path}")

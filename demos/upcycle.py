@@ -71,12 +71,12 @@ def held_out(model, tokens, ids) -> list[float]:
     return [float(losses[ids[:, 1:] == m].mean()) for m in range(len(MODALITIES))]
 
 
-def fit(model, parameters, batches, steps: int, lr: float, warmup: int) -> list[float]:
-    """AdamW with weight decay, warmup and cosine decay; the wall time of each step."""
+def fit(model, parameters, batches, steps: int, lr: float, warmup: int) -> tuple[list[float], list[float]]:
+    """AdamW with weight decay, warmup and cosine decay: (training loss, wall time) of each step."""
     model.train()
     optimizer = torch.optim.AdamW(parameters, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    times = []
+    losses, times = [], []
     for step in range(steps):
         started = time.perf_counter()
         for group in optimizer.param_groups:
@@ -88,7 +88,8 @@ def fit(model, parameters, batches, steps: int, lr: float, warmup: int) -> list[
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         times.append(time.perf_counter() - started)
-    return times
+        losses.append(float(loss.detach()))
+    return losses, times
 
 
 def upcycled(pretrained, example, frozen: bool):
@@ -115,13 +116,14 @@ def run_seed(seed: int, args) -> dict:
     for arm in ARMS:
         model = copy.deepcopy(pretrained) if arm == "dense" else upcycled(pretrained, example, arm == "frozen")
         text_before = held_out(model, *text_test)[0]
-        times = fit(model, model.parameters(), mixed_batches, args.steps, args.finetune_lr, args.warmup)
+        losses, times = fit(model, model.parameters(), mixed_batches, args.steps, args.finetune_lr, args.warmup)
         text_after = held_out(model, *text_test)[0]
         after = held_out(model, *mixed_test)
         result[arm] = {"text_before": text_before, "text_after": text_after, "forgetting": text_after - text_before,
                        "held_out": dict(zip(MODALITIES, after)),
                        "step_ms": 1000 * statistics.median(times[args.warmup:] or times),
-                       "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+                       "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                       "train_losses": losses}
         if arm == "frozen" and result[arm]["forgetting"] != 0.0:
             raise AssertionError(f"seed {seed}: the frozen text modality's loss changed by "
                                  f"{result[arm]['forgetting']!r}; it must be exactly 0")
@@ -215,7 +217,7 @@ def main(argv=None) -> dict:
     drift_png = results[0]["drift"].plot(args.out / "upcycle_drift.png",
                                          title="(c) all trainable, seed 0: distance between modalities' copies")
     with open(args.out / "upcycle.json", "w") as f:
-        json.dump([{k: v for k, v in r.items() if k != "drift"} for r in results], f, indent=1)
+        json.dump([{k: v for k, v in r.items() if k != "drift"} for r in results], f)
     (args.out / "upcycle.md").write_text(table + "\n")
     print(f"wrote {png}, {drift_png}, {args.out / 'upcycle.md'} ({time.perf_counter() - started:.0f} s)")
     return {"results": results, "table": table, "png": png, "drift_png": drift_png}

@@ -121,6 +121,10 @@ class RoutedModel(nn.Module):
     def __getstate__(self):
         """Pickled (torch.save(routed)) without its graphs: code generated at capture does not pickle, and the
         unpickled model captures again at its first call. sparsify.save writes a smaller, code-free checkpoint."""
+        if modality_split.is_split(self):  # torch's parametrize refuses to pickle (modality_split.py)
+            raise SparsifyError("this routed model holds per-modality copies (freeze / param_groups), which torch's "
+                                "parametrize cannot pickle: save it with sparsify.save(routed, path) (frozen "
+                                "modalities included) or torch.save(routed.state_dict(), path)")
         state = dict(self.__dict__)
         state["_graphs"] = {}
         state.pop("_running", None)
@@ -342,7 +346,7 @@ class RoutedModel(nn.Module):
             changed = [c for entries in self._graphs.values() for e in entries
                        for c in e.routed.state.guards.changed()][:3]
             raise SparsifyError(
-                f"this call needs a new graph (a new shape class, mode, dtype, autocast or input structure"
+                "this call needs a new graph (a new shape class, mode, dtype, autocast or input structure"
                 + (f"; or state the forward reads changed since capture: {'; '.join(changed)}" if changed else "")
                 + f"), but parameters are sharded (e.g. {sharded[0]}: FSDP2), and torch.export cannot capture "
                 "sharded parameters. Before fully_shard, capture each mode, shape class and autocast state you train "

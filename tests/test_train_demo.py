@@ -68,3 +68,16 @@ def test_init_copy_starts_every_routed_model_at_its_dense_model(tmp_path):
         for modality in demo.MODALITIES:
             a, b = held_out[(dense, modality, 0)], held_out[(routed, modality, 0)]
             assert abs(a - b) <= 1e-5 * abs(a), (dense, routed, modality, a, b)
+
+
+def test_seeds_report_mean_and_spread(tmp_path):
+    demo = load_demo()
+    result = demo.main(["--steps", "2", "--seeds", "2", "--size", "tiny", "--batch", "2", "--length", "32",
+                        "--eval-every", "2", "--out", str(tmp_path)])
+    rows = list(csv.DictReader(open(result["csv"])))
+    assert {r["seed"] for r in rows} == {"0", "1"} and len(rows) == 2 * 4 * 3 * 2
+    table = demo.report(result["curve"], 2)
+    assert "over 2 seed(s)" in table
+    final = [float(r["loss"]) for r in rows if r["model"] == "MoT" and r["modality"] == "text" and r["step"] == "2"]
+    mean = sum(final) / 2
+    assert f"{mean:.3f} [{min(final):.3f}, {max(final):.3f}]" in table  # the text row's MoT cell

@@ -297,3 +297,36 @@ def test_inspect_drift_cli(tmp_path):
     assert DOWN in result.stdout and "0.6667" in result.stdout
     bad = cli("inspect", tmp_path / "routed", "--drift", tmp_path / "drift.txt")
     assert bad.returncode == 2 and ".png, .svg or .pdf" in bad.stderr
+
+
+def test_upcycle_demo_on_a_tiny_config(tmp_path):
+    """demos/upcycle.py end to end: (b)'s text forgetting exactly 0 (the demo checks it too), finite falling
+    training losses for all three arms, the table, the PNGs."""
+    import importlib.util
+    import math
+    import sys
+    from pathlib import Path
+
+    demos = Path(__file__).parents[1] / "demos"
+    sys.path.insert(0, str(demos))
+    try:
+        spec = importlib.util.spec_from_file_location("upcycle", demos / "upcycle.py")
+        demo = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(demo)
+        result = demo.main(["--seeds", "2", "--pretrain-steps", "30", "--steps", "16", "--batch", "4", "--length",
+                            "32", "--hidden", "32", "--layers", "1", "--warmup", "2", "--finetune-lr", "3e-3",
+                            "--out", str(tmp_path)])
+    finally:
+        sys.path.remove(str(demos))
+    for seed_result in result["results"]:
+        frozen = seed_result["frozen"]
+        assert frozen["forgetting"] == 0.0 and frozen["text_after"] == frozen["text_before"]
+        assert seed_result["trained"]["forgetting"] != 0.0  # the same model with text trainable moves
+        for arm in ("dense", "frozen", "trained"):
+            losses = seed_result[arm]["train_losses"]
+            assert len(losses) == 16 and all(math.isfinite(x) for x in losses), arm
+            assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, f"{arm}: training loss did not fall: {losses}"
+        assert seed_result["frozen"]["trainable"] < seed_result["trained"]["trainable"]
+    assert "text forgetting" in result["table"] and "over 2 seeds" in result["table"]
+    for png in (result["png"], result["drift_png"]):
+        assert Path(png).read_bytes().startswith(b"\x89PNG") and Path(png).stat().st_size > 10_000
