@@ -1,6 +1,6 @@
 """Upcycling a pretrained language model into a multi-modal one, three ways, on a laptop.
 
-    python demos/upcycle.py [--seeds 3] [--pretrain-steps 300] [--steps 200] [--out demos/out]
+    python demos/upcycle.py [--seeds 3] [--pretrain-steps 600] [--steps 200] [--out demos/out]
 
 For each seed: pretrain a dense Llama-style model on the text stream of the training demo's corpus (Python's
 docstrings as bytes), then add image and signal tokens (the same corpus: digits and speech-like signals, each
@@ -190,7 +190,7 @@ def plot(results: list[dict], out: Path) -> Path:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--pretrain-steps", type=int, default=300)
+    parser.add_argument("--pretrain-steps", type=int, default=600)
     parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps per arm")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=96)
