@@ -330,3 +330,25 @@ def test_upcycle_demo_on_a_tiny_config(tmp_path):
     assert "text forgetting" in result["table"] and "over 2 seeds" in result["table"]
     for png in (result["png"], result["drift_png"]):
         assert Path(png).read_bytes().startswith(b"\x89PNG") and Path(png).stat().st_size > 10_000
+
+
+def test_frozen_model_under_torch_compile():
+    """torch.compile of a model with a frozen modality: one graph, no break; the same loss and gradients as
+    eager, and still no gradient for the frozen copies."""
+    compiled_model = sparsify.convert(tiny_llama(), modalities=M, frozen=[0]).train()
+    eager_model = sparsify.convert(tiny_llama(), modalities=M, frozen=[0]).train()
+    tokens, ids = batch(3)
+    compiled = torch.compile(compiled_model)
+    for _ in range(2):  # the first call captures (one break, by design); the second runs compiled
+        compiled_model.zero_grad()
+        loss = lm_loss(compiled, tokens, ids)
+        loss.backward()
+    want = lm_loss(eager_model, tokens, ids)
+    want.backward()
+    assert torch.allclose(loss, want, rtol=1e-6)
+    got_copies = compiled_model.model.layers[0].mlp.down_proj.parametrizations.weight
+    want_copies = eager_model.model.layers[0].mlp.down_proj.parametrizations.weight
+    assert got_copies.original0.grad is None
+    assert torch.allclose(got_copies.original2.grad, want_copies.original2.grad, rtol=1e-5, atol=1e-7)
+    explained = torch._dynamo.explain(compiled_model)(tokens, modality_ids=ids)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
