@@ -54,11 +54,16 @@ DOC_MODULES = ("argparse", "asyncio", "bisect", "collections", "contextlib", "cs
 
 # -- the corpus ------------------------------------------------------------------------------------------
 def text_documents() -> list[bytes]:
+    """Docstrings of the modules and of the classes and functions they define. Only what a module defines: its
+    attributes also hold submodules and names that other imports add (which other imports happen depends on
+    what ran before in the process), and the corpus must be the same in every run."""
     docs = []
     for name in DOC_MODULES:
         module = importlib.import_module(name)
-        for _, member in [("", module)] + sorted(inspect.getmembers(module), key=lambda m: m[0]):
-            doc = inspect.getdoc(member) if not isinstance(member, (str, int, float, bytes)) else None
+        defined = [m for _, m in sorted(inspect.getmembers(module), key=lambda m: m[0])
+                   if (inspect.isclass(m) or inspect.isfunction(m)) and getattr(m, "__module__", None) == name]
+        for member in [module] + defined:
+            doc = inspect.getdoc(member)
             if doc and len(doc) >= 80:
                 docs.append(doc.encode("utf-8"))
     return sorted(set(docs))

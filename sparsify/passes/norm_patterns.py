@@ -142,8 +142,12 @@ def _export_separately(fns, arities) -> list[torch.fx.Graph]:
     """The ATen graph of each pattern function, as capture traces models. One torch.export of all of them,
     then each output's ancestors copied into a graph of its own: an export costs ~35 ms before it traces
     anything, and every capture in a process needs the ~50 patterns."""
-    example = [t for arity in arities for t in [torch.randn(2, 3, TRACE_DIM)] +
-               [torch.randn(TRACE_DIM) for _ in range(arity - 1)]]
+    # A generator of its own: the first capture in a process traces the patterns, and drawing from the global
+    # one would make a later init="independent" (or the user's own random numbers) depend on whether an
+    # earlier convert ran in the same process.
+    generator = torch.Generator().manual_seed(0)
+    example = [t for arity in arities for t in [torch.randn(2, 3, TRACE_DIM, generator=generator)] +
+               [torch.randn(TRACE_DIM, generator=generator) for _ in range(arity - 1)]]
     exported = torch.export.export(_Patterns(fns, arities), tuple(example), strict=False).graph_module
     together = canonicalize(exported).graph_module.graph  # as capture leaves a model's graph
     outputs = together.output_node().args[0]
