@@ -228,3 +228,35 @@ def test_verify_with_its_arguments_swapped_says_so(tmp_path):
     result = cli("verify", dst, src, "--model", "tests.cli_factories:toy")
     assert result.returncode == 2 and "arguments are swapped" in result.stderr, result.stderr
     assert f"sparsify verify {src} {dst}" in result.stderr
+
+
+def test_help_and_bad_arguments_answer_without_importing_torch(tmp_path):
+    """The installed command's module parses and checks its arguments before importing the package: --help,
+    a bad choice, a bad regex, a bad image suffix, an existing output and a missing input each exit with
+    torch never imported (what made them take 4 s)."""
+    existing = tmp_path / "out"
+    existing.mkdir()
+    cases = [(["--help"], 0), (["convert", "--help"], 0),
+             (["convert", str(tmp_path), "-o", str(tmp_path / "new"), "--modalities", "3", "--policy", "bogus"], 2),
+             (["convert", str(tmp_path), "-o", str(tmp_path / "new"), "--modalities", "3", "--include", "("], 2),
+             (["inspect", str(tmp_path), "--drift", "drift.txt"], 2),
+             (["convert", str(tmp_path), "-o", str(existing), "--modalities", "3"], 2),
+             (["verify", str(tmp_path / "missing"), str(tmp_path)], 2)]
+    script = ("import contextlib, io, json, sys, sparsify_cli\n"
+              "out = []\n"
+              "for argv, _ in json.loads(sys.argv[1]):\n"
+              "    err = io.StringIO()\n"
+              "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):\n"
+              "        code = sparsify_cli.main(argv)\n"
+              "    out.append([code, err.getvalue()])\n"
+              "print(json.dumps([out, 'torch' in sys.modules, 'sparsify' in sys.modules]))\n")
+    result = subprocess.run([sys.executable, "-c", script, json.dumps(cases)], capture_output=True, text=True,
+                            cwd=REPO, timeout=60)
+    assert result.returncode == 0, result.stderr
+    outcomes, torch_imported, package_imported = json.loads(result.stdout)
+    assert not torch_imported and not package_imported
+    assert [code for code, _ in outcomes] == [expected for _, expected in cases]
+    messages = [err for _, err in outcomes]
+    assert "invalid choice: 'bogus'" in messages[2] and "not a valid regular expression" in messages[3]
+    assert ".png, .svg or .pdf" in messages[4] and "already exists" in messages[5]
+    assert "missing does not exist" in messages[6]
