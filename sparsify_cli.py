@@ -18,6 +18,7 @@ EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 POLICIES = ("auto", "mot", "mom", "all", "none")
 INIT_MODES = ("copy", "independent")
 DTYPES = ("keep", "float32", "bfloat16", "float16")
+MAX_MODALITIES = 64  # api.MAX_MODALITIES
 
 
 def _size(text: str) -> int:
@@ -56,7 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def routing_options(p, modalities_required):
-        p.add_argument("--modalities", type=int, required=modalities_required, default=3)
+        p.add_argument("--modalities", type=int, required=modalities_required, default=3,
+                       help=f"how many modalities (at most {MAX_MODALITIES} unless --allow-many-modalities)")
+        p.add_argument("--allow-many-modalities", action="store_true",
+                       help=f"allow more than {MAX_MODALITIES} modalities (every routed weight copied that often)")
         p.add_argument("--policy", default="auto", choices=POLICIES, help="which parameters to route (default auto)")
         p.add_argument("--include", type=_regex, help="regex: also route parameters whose FQN matches")
         p.add_argument("--exclude", type=_regex, help="regex: keep parameters whose FQN matches shared")
@@ -104,6 +108,12 @@ def _parser() -> argparse.ArgumentParser:
 def check_before_work(args) -> str | None:
     """What the arguments say that is wrong and needs no model to tell (an output directory that exists), or
     None."""
+    modalities = getattr(args, "modalities", None)
+    if modalities is not None and modalities < 1:
+        return f"--modalities must be a positive int (e.g. 3 for text, image, speech), got {modalities}"
+    if modalities is not None and modalities > MAX_MODALITIES and not args.allow_many_modalities:
+        return (f"--modalities {modalities} would make {modalities} copies of every routed parameter; more than "
+                f"{MAX_MODALITIES} needs --allow-many-modalities")
     output = getattr(args, "output", None)
     if output is not None and os.path.exists(output) and not args.overwrite:
         return f"{output} already exists; choose a new path or pass overwrite (--overwrite)"

@@ -21,6 +21,7 @@ from sparsify.safetensors_io import write_checkpoint
 
 
 MANY_MODALITIES = 16  # more than this is warned about (the papers route 2-3)
+MAX_MODALITIES = 64  # more than this needs allow_many_modalities=True: likely a typo, and a big allocation
 
 
 def _example_inputs(model: nn.Module, example_inputs, example_kwargs) -> dict[str, Any]:
@@ -116,6 +117,7 @@ def convert(
     inplace: bool = False,
     hoist: bool = True,
     frozen=None,
+    allow_many_modalities: bool = False,
 ) -> RoutedModel:
     """Turn a dense model into a modality-routed one. See README for the arguments. `frozen`: modalities (an int
     or a list) whose copies do not train, as RoutedModel.freeze (upcycling: the pretrained modality's)."""
@@ -128,6 +130,7 @@ def convert(
             f"{type(model).__name__} has parameters on the meta device: convert needs their values (it runs the "
             "model to capture and verify it). Load the weights first (to_empty() then load_state_dict), or convert "
             "the saved checkpoint with `sparsify convert SRC -o DST`, which plans on meta and streams the tensors.")
+    check_modality_count(modalities, allow_many_modalities)
     if frozen is not None:
         modality_split.check_modalities(modalities, frozen)  # before any work
     dense = model if inplace else copy.deepcopy(model)
@@ -172,6 +175,16 @@ def convert(
     if frozen is not None:
         routed.freeze(frozen)
     return routed
+
+
+def check_modality_count(modalities, allow_many: bool) -> None:
+    """Before any work: more than MAX_MODALITIES copies of every routed weight only when asked for."""
+    if isinstance(modalities, int) and not isinstance(modalities, bool) and modalities > MAX_MODALITIES \
+            and not allow_many:
+        raise SparsifyError(
+            f"modalities={modalities} would make {modalities} copies of every routed parameter (the papers route 2-3 "
+            f"modalities); more than {MAX_MODALITIES} needs allow_many_modalities=True (the CLI: "
+            "--allow-many-modalities)")
 
 
 def _random_like(inputs: dict[str, Any], seed: int) -> dict[str, Any]:

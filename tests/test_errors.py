@@ -262,6 +262,15 @@ def test_many_modalities_are_warned_about():
         sparsify.convert(ToyLM(), 20, example_inputs=(torch.randint(0, 50, (2, 7)),), verify=False)
 
 
+def test_more_than_64_modalities_need_an_explicit_opt_in():
+    with pytest.raises(sparsify.SparsifyError, match="modalities=300 would make 300 copies.*allow_many_modalities"):
+        sparsify.convert(ToyLM(), 300, example_inputs=(torch.randint(0, 50, (2, 7)),))
+    with pytest.warns(UserWarning, match="modalities=65 makes 65 copies"):
+        routed = sparsify.convert(ToyLM(), 65, example_inputs=(torch.randint(0, 50, (2, 7)),), verify=False,
+                                  allow_many_modalities=True)
+    assert routed.plan.modalities == 65
+
+
 def test_triton_backend_on_cpu_without_the_interpreter_says_what_to_do(toy_routed, monkeypatch):
     _, routed = toy_routed
     routed = copy.deepcopy(routed)
