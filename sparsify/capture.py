@@ -8,6 +8,7 @@ signature, dtype, device, train/eval mode) binds the same parameter objects.
 from __future__ import annotations
 
 import inspect
+import logging
 import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -209,7 +210,7 @@ def capture(module: torch.nn.Module, inputs: dict[str, Any], every_dim: bool = F
         # saved-tensor hooks (checkpointing, offloading) with fake tensors. The model's Python still sees the
         # caller's grad mode through torch.is_grad_enabled() (forward_state.recorded).
         with forward_state.recorded(state_of or module) as state, _inputs_as_named_parameters(module, list(inputs)), \
-                frontends.graph_forms(), torch.no_grad():
+                frontends.graph_forms(), torch.no_grad(), _quiet_specialisation():
             exported = torch.export.export(module, (), dict(inputs), dynamic_shapes=dynamic_shapes, strict=False)
     except SparsifyError:
         raise
@@ -225,6 +226,23 @@ def capture(module: torch.nn.Module, inputs: dict[str, Any], every_dim: bool = F
     state.guards = state.guards.settled()
     captured.state = state
     return captured
+
+
+# torch.export logs a warning for every Dim.AUTO dim it specialises ("dimension ... 0/1 specialized"): here that
+# is expected (a decoding step's batch of 1, a dim the model's code fixes) and handled, since a graph records
+# which shapes it accepts and the caller captures again for others.
+_SPECIALISATION_LOGGER = "torch._export.non_strict_utils"
+
+
+@contextmanager
+def _quiet_specialisation():
+    logger = logging.getLogger(_SPECIALISATION_LOGGER)
+    level = logger.level
+    logger.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @contextmanager
