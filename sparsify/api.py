@@ -119,8 +119,31 @@ def convert(
     frozen=None,
     allow_many_modalities: bool = False,
 ) -> RoutedModel:
-    """Turn a dense model into a modality-routed one. See README for the arguments. `frozen`: modalities (an int
-    or a list) whose copies do not train, as RoutedModel.freeze (upcycling: the pretrained modality's)."""
+    """Turn a dense model into a modality-routed one.
+
+    Args:
+        model: the dense module (a Hugging Face causal LM, a mamba_ssm model, any traceable nn.Module).
+        modalities: M, the number of modalities; each routed parameter gets M copies (more than 64 needs
+            allow_many_modalities=True).
+        example_inputs: positional inputs of one call, for capture; Hugging Face models and models that show a
+            vocabulary need none. The first input tensor with >= 2 dims carries the tokens in its (batch, seq).
+        example_kwargs: keyword inputs of that call.
+        policy: which parameters to route: "auto" (per block: "mot" with attention, else "mom"), "mot" (block
+            linears and norms), "mom" (block linears), "all" (every routable parameter) or "none".
+        include: regex (re.search on parameter FQNs): also route these.
+        exclude: regex: keep these shared.
+        init: "copy" (every copy starts as the dense weight: equal to dense at init) or "independent" (each copy
+            re-initialised as the model initialises itself).
+        verify: compare the routed graph with the dense one on random inputs and modality ids (raises
+            VerificationError on a mismatch; the report is `routed.verify_report`).
+        inplace: reuse `model`'s module tree instead of a deep copy (saves memory; `model` is then routed).
+        hoist: sort tokens by modality once per token-wise region of a block rather than in every routed op.
+        frozen: modalities (an int or a list) whose copies do not train, as RoutedModel.freeze (upcycling).
+        allow_many_modalities: allow modalities > 64.
+
+    Returns:
+        A RoutedModel: call it as the dense model with `modality_ids=` (LongTensor [batch, seq]) added.
+    """
     if not isinstance(model, nn.Module):
         raise SparsifyError(f"convert() takes an nn.Module, got {type(model).__name__}")
     if isinstance(model, RoutedModel):
