@@ -107,7 +107,7 @@ def convert(
     model: nn.Module,
     modalities: int = 3,
     *,
-    example_inputs=None,
+    example_inputs: tuple | torch.Tensor | None = None,
     example_kwargs: dict | None = None,
     policy: str = "auto",
     include: str | None = None,
@@ -116,7 +116,7 @@ def convert(
     verify: bool = True,
     inplace: bool = False,
     hoist: bool = True,
-    frozen=None,
+    frozen: int | list[int] | None = None,
     allow_many_modalities: bool = False,
 ) -> RoutedModel:
     """Turn a dense model into a modality-routed one.
