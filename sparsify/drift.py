@@ -78,7 +78,8 @@ class Drift:
         return any(e.cosine is not None for e in self.entries)
 
     def plot(self, path, title: str | None = None) -> Path:
-        """Write the distances as a heatmap (PNG, SVG or PDF by the suffix): one panel per modality pair."""
+        """Write the distances as heatmaps (PNG, SVG or PDF by the suffix): blocks down, parameter roles across,
+        one panel per modality pair, one colour scale; values written in the cells of small grids."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -88,19 +89,27 @@ class Drift:
         pairs = self.pairs
         blocks, roles, _ = self.matrix(pairs[0])
         high = max((e.distance for e in self.entries), default=0.0) or 1.0
-        width = 1.6 + 0.45 * len(roles)
-        fig, axes = plt.subplots(1, len(pairs), figsize=(width * len(pairs) + 1.2, 1.6 + 0.3 * len(blocks)),
+        annotate = len(blocks) * len(roles) <= 400
+        panel_height = 0.9 + 0.32 * len(blocks)
+        fig, axes = plt.subplots(len(pairs), 1, figsize=(3.2 + 0.55 * len(roles), 1.6 + panel_height * len(pairs)),
                                  squeeze=False, constrained_layout=True)
         image = None
-        for ax, pair in zip(axes[0], pairs):
+        for ax, pair in zip(axes[:, 0], pairs):
             _, _, grid = self.matrix(pair)
             image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=high)
-            ax.set_title(f"modality {pair[0]} vs {pair[1]}")
-            ax.set_xticks(range(len(roles)), roles, rotation=60, ha="right", fontsize=7)
+            ax.set_title(f"modality {pair[0]} vs {pair[1]}", fontsize=9)
             ax.set_yticks(range(len(blocks)), blocks, fontsize=7)
-        fig.colorbar(image, ax=axes[0].tolist(), label="relative Frobenius distance")
+            ax.set_xticks(range(len(roles)), roles if ax is axes[-1, 0] else [], rotation=45, ha="right",
+                          fontsize=7)
+            if annotate:
+                for row, values in enumerate(grid):
+                    for col, value in enumerate(values):
+                        if value == value:  # not NaN: a block that has this role
+                            ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                                    color="white" if value < 0.6 * high else "black")
+        fig.colorbar(image, ax=axes[:, 0].tolist(), label="relative Frobenius distance", shrink=0.9)
         if title:
-            fig.suptitle(title)
+            fig.suptitle(title, fontsize=10)
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return path
