@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo train-demo train-distributed-demo upcycle-demo test docs bench clean
+.PHONY: demo train-demo train-distributed-demo upcycle-demo test docs bench bench-report clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ docs: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_routed_ops.py
+
+# Every benchmark at its default size (~15-20 min on 2 CPU cores): docs/benchmarks.md and the README's table.
+bench-report: $(STAMP)
+	$(PY) benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) build site *.egg-info

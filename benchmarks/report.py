@@ -1,0 +1,165 @@
+"""Run every benchmark at its default size and write docs/benchmarks.md, and the README's results table from it.
+
+    python benchmarks/report.py [--only bench_frozen.py ...] [--out docs/benchmarks.md]    (make bench-report)
+
+Each benchmark runs as its own process, as a user would run it. docs/benchmarks.md gets the machine, the date,
+the versions, every line of every benchmark's output that states a ratio (with its quartiles where the script
+measured them in turns: benchmarks/_interleaved.py), and each output in full. The README's table between its
+`<!-- bench-report -->` markers is rewritten from the same run: one row per HEADLINE below, the ratio read
+from the line that matched. A benchmark that fails is reported as failed (its last lines), not skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# (script, arguments): every benchmark at its default sizes, the variants the docs quote included.
+RUNS = [
+    ("bench_model.py", []),
+    ("bench_generate.py", []),
+    ("bench_generate.py", ["--mamba"]),
+    ("bench_routed_ops.py", []),
+    ("bench_routed_ops.py", ["--backward"]),
+    ("bench_checkpointing.py", []),
+    ("bench_frozen.py", []),
+    ("bench_sharding.py", []),
+    ("bench_convert.py", []),
+]
+# The README's rows: (label, run, a regex finding the line, a regex for the ratio within it).
+HEADLINES = [
+    ("training step, Llama 4 layers x 256, 4 x 256 tokens, routed / dense", ("bench_model.py", []),
+     r"^\s*routed .*", r"\d+\.\d+x(?: \(\d+\.\d+-\d+\.\d+\))?"),
+    ("decode, Llama, tokens/s dense / routed (one modality; 3 modalities)", ("bench_generate.py", []),
+     r"^\s*routed .*", r"\d+\.\d+x(?: \(\d+\.\d+-\d+\.\d+\))?"),
+    ("routed linear fwd+bwd vs dense linear", ("bench_routed_ops.py", ["--backward"]),
+     r"routed", r"\d+\.\d+x(?: \(\d+\.\d+-\d+\.\d+\))?"),
+    ("routed linear backward, 1 of 2 modalities frozen / none", ("bench_frozen.py", []),
+     r"routed linear backward", r"\d+\.\d+x(?: \(\d+\.\d+-\d+\.\d+\))?"),
+    ("activation memory with checkpointing, routed / dense", ("bench_checkpointing.py", []),
+     r"routed / dense", r"checkpointed \d+\.\d+x|\d+\.\d+x"),
+    ("FSDP2 per-rank bytes, 7B, max / (M x dense), sparsify.fully_shard", ("bench_sharding.py", []),
+     r"sparsify", r"0\.\d{3}|1\.\d{3}"),
+    ("sparsify convert of a 1.2 GiB checkpoint: time / copying its bytes", ("bench_convert.py", []),
+     r"wall time", r"\d+\.\d+x"),
+]
+RATIO = re.compile(r"\d+\.\d+x")
+START, END = "<!-- bench-report -->", "<!-- /bench-report -->"
+
+
+def machine() -> list[str]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    memory = ""
+    try:
+        kib = int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal")))
+        memory = f", {kib / 2**20:.0f} GiB memory"
+    except (OSError, StopIteration, ValueError):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for package in ("transformers", "triton"):
+        try:
+            versions[package] = __import__(package).__version__
+        except ImportError:
+            pass
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    return [f"- machine: {cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads){memory}, {gpu}",
+            f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+            "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items())
+            + (f", sparsify {commit.stdout.strip()}" if commit.returncode == 0 else "")]
+
+
+def run(script: str, args: list[str]) -> dict:
+    started = time.perf_counter()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True,
+                            text=True, cwd=REPO, env=env)
+    return {"script": script, "args": args, "seconds": time.perf_counter() - started, "code": result.returncode,
+            "out": result.stdout.rstrip(), "err": result.stderr.rstrip()}
+
+
+def headline(results: list[dict], run_key, line_pattern: str, value_pattern: str) -> str:
+    for result in results:
+        if (result["script"], result["args"]) != run_key:
+            continue
+        if result["code"] != 0:
+            return "failed (see docs/benchmarks.md)"
+        values = [m.group(0) for line in result["out"].splitlines() if re.search(line_pattern, line)
+                  for m in [re.search(value_pattern, line)] if m]
+        return "; ".join(values) if values else "not found in the output"
+    return "not run"
+
+
+def write_report(results: list[dict], path: Path) -> None:
+    lines = ["# Benchmark results", "",
+             "Generated by `make bench-report` (`benchmarks/report.py`): every benchmark at its default size, each "
+             "in its own process. Ratios are against a baseline measured in the same run, in turns (median of the "
+             "paired ratios, quartiles in brackets). Older numbers are in the history of this file.", ""]
+    lines += machine() + ["", "## Every ratio", "", "| benchmark | line |", "|---|---|"]
+    for result in results:
+        command = " ".join([result["script"], *result["args"]])
+        if result["code"] != 0:
+            lines.append(f"| `{command}` | FAILED (exit {result['code']}) |")
+            continue
+        for line in result["out"].splitlines():
+            if RATIO.search(line) or line.startswith("| "):
+                cell = line.strip().strip("|").replace("|", "/")
+                lines.append(f"| `{command}` | {cell} |")
+    lines += ["", "## Outputs", ""]
+    for result in results:
+        command = " ".join(["python benchmarks/" + result["script"], *result["args"]])
+        status = "ok" if result["code"] == 0 else f"FAILED, exit {result['code']}"
+        lines += [f"### `{command}`", "", f"{result['seconds']:.0f} s, {status}", "", "```text", result["out"]]
+        if result["code"] != 0:
+            lines += ["--- stderr (last lines) ---", *result["err"].splitlines()[-15:]]
+        lines += ["```", ""]
+    path.write_text("\n".join(lines))
+
+
+def write_readme_table(results: list[dict], readme: Path) -> bool:
+    text = readme.read_text()
+    if START not in text or END not in text:
+        return False
+    rows = ["| benchmark (docs/benchmarks.md) | result |", "|---|---|"]
+    rows += [f"| {label} | {headline(results, run_key, line, value)} |" for label, run_key, line, value in HEADLINES]
+    before, rest = text.split(START, 1)
+    _, after = rest.split(END, 1)
+    readme.write_text(before + START + "\n" + "\n".join(rows) + "\n" + END + after)
+    return True
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", help="scripts to run (default: all)")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    parser.add_argument("--readme", type=Path, default=REPO / "README.md")
+    args = parser.parse_args(argv)
+    results = []
+    for script, script_args in RUNS:
+        if args.only and script not in args.only:
+            continue
+        print(f"running {script} {' '.join(script_args)}", flush=True)
+        results.append(run(script, script_args))
+        print(f"  {results[-1]['seconds']:.0f} s, exit {results[-1]['code']}", flush=True)
+    write_report(results, args.out)
+    wrote = [str(args.out)]
+    if not args.only and write_readme_table(results, args.readme):
+        wrote.append(str(args.readme))
+    print(f"wrote {', '.join(wrote)}")
+
+
+if __name__ == "__main__":
+    main()
