@@ -33,22 +33,53 @@ RUNS = [
     ("bench_sharding.py", []),
     ("bench_convert.py", []),
 ]
-# The README's rows: (label, run, a regex finding the line, a regex for the ratio within it).
+# The README's rows: (label, run, a function of its output lines giving the result).
+QUARTILED = re.compile(r"\d+\.\d+x(?: \(\d+\.\d+-\d+\.\d+\))?")
+
+
+def _ratios(line_pattern: str, join: str = " / "):
+    """The ratio (with quartiles) on each output line matching line_pattern, joined."""
+    def extract(lines: list[str]) -> str:
+        found = [m.group(0) for line in lines if re.search(line_pattern, line) for m in [QUARTILED.search(line)] if m]
+        return join.join(found)
+    return extract
+
+
+def _sharding(lines: list[str]) -> str:
+    """The range over every row sharded by sparsify.fully_shard of max / (M x dense) and max / min."""
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if "| sparsify |" in line]
+    if not rows:
+        return ""
+    header = next([c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| model"))
+    of_m, spread = header.index("max / (M x dense)"), header.index("max / min")
+    values_m, values_spread = [float(r[of_m]) for r in rows], [float(r[spread]) for r in rows]
+    return (f"{min(values_m):.3f}-{max(values_m):.3f} x M x dense, max / min {max(values_spread):.3f} "
+            f"({len(rows)} configurations)")
+
+
+def _pattern(pattern: str):
+    def extract(lines: list[str]) -> str:
+        return "; ".join(m.group(0) for line in lines for m in [re.search(pattern, line)] if m)
+    return extract
+
+
 HEADLINES = [
-    ("training step, Llama 4 layers x 256, 4 x 256 tokens, routed / dense", ("bench_model.py", []),
-     r"^\s*routed .*", r"\d+\.\d+x(?: \(\d+\.\d+-\d+\.\d+\))?"),
-    ("decode, Llama, tokens/s dense / routed (one modality; 3 modalities)", ("bench_generate.py", []),
-     r"^\s*routed .*", r"\d+\.\d+x(?: \(\d+\.\d+-\d+\.\d+\))?"),
-    ("routed linear fwd+bwd vs dense linear", ("bench_routed_ops.py", ["--backward"]),
-     r"routed", r"\d+\.\d+x(?: \(\d+\.\d+-\d+\.\d+\))?"),
-    ("routed linear backward, 1 of 2 modalities frozen / none", ("bench_frozen.py", []),
-     r"routed linear backward", r"\d+\.\d+x(?: \(\d+\.\d+-\d+\.\d+\))?"),
-    ("activation memory with checkpointing, routed / dense", ("bench_checkpointing.py", []),
-     r"routed / dense", r"checkpointed \d+\.\d+x|\d+\.\d+x"),
-    ("FSDP2 per-rank bytes, 7B, max / (M x dense), sparsify.fully_shard", ("bench_sharding.py", []),
-     r"sparsify", r"0\.\d{3}|1\.\d{3}"),
-    ("sparsify convert of a 1.2 GiB checkpoint: time / copying its bytes", ("bench_convert.py", []),
-     r"wall time", r"\d+\.\d+x"),
+    ("training step, routed / dense: Llama / HF Mamba / HF Mamba2 / mamba_ssm Mamba1 (4 layers x 256, "
+     "4 x 256 tokens, 3 modalities)", ("bench_model.py", []), _ratios(r"^\s*routed")),
+    ("decode, Llama, routed / dense tokens/s: new tokens of one modality / of 3 modalities",
+     ("bench_generate.py", []), _ratios(r"^\s*routed")),
+    ("decode, HF Mamba, the same", ("bench_generate.py", ["--mamba"]), _ratios(r"^\s*routed")),
+    ("routed linear op, 8192 x 1024 -> 2816, fwd / fwd+bwd, vs one dense linear",
+     ("bench_routed_ops.py", []), _ratios(r"routed_linear \(torch\)\s+\d")),
+    ("", ("bench_routed_ops.py", ["--backward"]), _ratios(r"routed_linear \(torch\)\s+\d")),
+    ("routed linear backward, 1 of 2 modalities frozen / none (dW skipped; 0.75x expected)",
+     ("bench_frozen.py", []), _ratios(r"routed linear backward")),
+    ("activation bytes saved for backward, routed / dense: plain, with per-block checkpointing",
+     ("bench_checkpointing.py", []), _pattern(r"plain \d+\.\d+x, checkpointed \d+\.\d+x")),
+    ("FSDP2 per-rank bytes, 7B-sized, M = 2-4, world 8-256 (fake process group), `sparsify.fully_shard`",
+     ("bench_sharding.py", []), _sharding),
+    ("`sparsify convert` of a 1.2 GiB checkpoint: time / copying the bytes it writes; peak RSS / its size",
+     ("bench_convert.py", []), _pattern(r"\d+\.\d+x \(target <= 2\)|\d+\.\d+x checkpoint size")),
 ]
 RATIO = re.compile(r"\d+\.\d+x")
 START, END = "<!-- bench-report -->", "<!-- /bench-report -->"
@@ -91,15 +122,13 @@ def run(script: str, args: list[str]) -> dict:
             "out": result.stdout.rstrip(), "err": result.stderr.rstrip()}
 
 
-def headline(results: list[dict], run_key, line_pattern: str, value_pattern: str) -> str:
+def headline(results: list[dict], run_key, extract) -> str:
     for result in results:
         if (result["script"], result["args"]) != run_key:
             continue
         if result["code"] != 0:
             return "failed (see docs/benchmarks.md)"
-        values = [m.group(0) for line in result["out"].splitlines() if re.search(line_pattern, line)
-                  for m in [re.search(value_pattern, line)] if m]
-        return "; ".join(values) if values else "not found in the output"
+        return extract(result["out"].splitlines()) or "not found in the output"
     return "not run"
 
 
@@ -134,11 +163,27 @@ def write_readme_table(results: list[dict], readme: Path) -> bool:
     if START not in text or END not in text:
         return False
     rows = ["| benchmark (docs/benchmarks.md) | result |", "|---|---|"]
-    rows += [f"| {label} | {headline(results, run_key, line, value)} |" for label, run_key, line, value in HEADLINES]
+    for label, run_key, extract in HEADLINES:
+        value = headline(results, run_key, extract)
+        if label:
+            rows.append(f"| {label} | {value} |")
+        else:  # a second run of the row above: its value in the same cell
+            rows[-1] = rows[-1][:-2] + f" / {value} |"
     before, rest = text.split(START, 1)
     _, after = rest.split(END, 1)
     readme.write_text(before + START + "\n" + "\n".join(rows) + "\n" + END + after)
     return True
+
+
+def read_report(path: Path) -> list[dict]:
+    """The runs a report holds (its Outputs section), to rewrite the README's table without running again."""
+    results = []
+    pattern = re.compile(r"### `python benchmarks/(\S+)((?: \S+)*)`\n\n\d+ s, (ok|FAILED[^\n]*)\n\n```text\n(.*?)\n```",
+                         re.S)
+    for script, args, status, out in pattern.findall(path.read_text()):
+        results.append({"script": script, "args": args.split(), "code": 0 if status == "ok" else 1,
+                        "out": out.split("\n--- stderr")[0], "err": "", "seconds": 0})
+    return results
 
 
 def main(argv=None) -> None:
@@ -146,7 +191,13 @@ def main(argv=None) -> None:
     parser.add_argument("--only", nargs="+", help="scripts to run (default: all)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     parser.add_argument("--readme", type=Path, default=REPO / "README.md")
+    parser.add_argument("--readme-only", action="store_true",
+                        help="rewrite the README's table from the existing report, running nothing")
     args = parser.parse_args(argv)
+    if args.readme_only:
+        write_readme_table(read_report(args.out), args.readme)
+        print(f"wrote {args.readme} from {args.out}")
+        return
     results = []
     for script, script_args in RUNS:
         if args.only and script not in args.only:

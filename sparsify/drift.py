@@ -3,7 +3,7 @@
 For every routed parameter and every pair of modalities (i, j):
 
     distance(i, j) = ||W_i - W_j||_F / ((||W_i||_F + ||W_j||_F) / 2)     0 for equal copies, 2 for opposite ones
-    cosine(i, j)   = <W_i - W_0, W_j - W_0> / (||W_i - W_0|| ||W_j - W_0||)  with W_0 a dense reference
+    cosine(i, j)   = <W_i - R, W_j - R> / (||W_i - R|| ||W_j - R||)          with R the dense reference's weight
 
 The cosine compares the update directions of two copies since a dense reference (the model upcycled from, or
 the checkpoint at conversion): 1 where they moved alike, 0 where independently; None where a copy did not move
