@@ -82,7 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="what a checkpoint routes (or would route), params before/after")
     inspect.add_argument("path")
     routing_options(inspect, modalities_required=False)
-    inspect.add_argument("--graph", metavar="OUT.svg", help="a routed checkpoint: draw its routed graph (networkx)")
+    inspect.add_argument("--graph", metavar="OUT.svg", type=_image_path,
+                         help="a routed checkpoint: draw its routed graph (.svg, .png or .pdf)")
     inspect.add_argument("--drift", metavar="OUT.png", type=_image_path,
                          help="a routed checkpoint: draw how far each modality's copies are apart (heatmap)")
     inspect.add_argument("--reference", metavar="DENSE",

@@ -48,7 +48,7 @@ def run(args) -> int:
 
                 routed = sparsify.load(args.path, model=load_factory(args.model) if args.model else None)
                 entry, _ = routed.graph_for(example_call(routed))
-                print(f"wrote {draw(entry.routed.graph_module, args.graph)}")
+                print(f"wrote {draw(entry.routed, args.graph)}")
             if args.drift:
                 import sparsify
                 from sparsify.convert_checkpoint import load_factory, materialize, open_source

@@ -139,6 +139,10 @@ def test_inspect_dense_and_routed_and_verify(tmp_path):
     assert result.returncode == 0, result.stderr
     drawing = svg.read_text()
     assert drawing.startswith("<?xml") and "routed_linear" in drawing and "model.layers.1" in drawing
+    assert "self_attn.q_proj weight (routed_linear)" in drawing  # routed ops named by the parameters they read
+    assert "token permutations of the hoist pass" in drawing     # counted apart from the routed ops
+    png = tmp_path / "routed.png"
+    assert cli("inspect", dst, "--graph", png).returncode == 0 and png.read_bytes().startswith(b"\x89PNG")
     result = cli("inspect", src, "--graph", svg)  # a dense source has no routed graph yet
     assert result.returncode == 2 and "convert the checkpoint first" in result.stderr
     result = cli("verify", src, dst)
