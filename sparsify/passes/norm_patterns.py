@@ -21,13 +21,17 @@ and a literal it must carry over (eps); route writes it from the NormMatch.
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.fx
 from torch.fx.passes.utils.matcher_utils import SubgraphMatcher
 
+from sparsify.passes import canonicalize as canonicalize_module
+from sparsify.passes import pattern_cache
 from sparsify.passes.canonicalize import METADATA_ASSERTS, canonicalize
 
 aten = torch.ops.aten
@@ -220,12 +224,42 @@ def _wildcards(kind: str, spelling: str, graph: torch.fx.Graph) -> _TracedPatter
 
 @functools.cache
 def traced_patterns() -> tuple[_TracedPattern, ...]:
-    """Every variant, traced once per process. Longer patterns first: a LayerNorm is not also an RMSNorm."""
+    """Every variant, traced once (read from the disk cache of an earlier process where it holds them: see
+    pattern_cache.py). Longer patterns first: a LayerNorm is not also an RMSNorm."""
+    try:
+        cache_key = pattern_cache.key(inspect.getsource(sys.modules[__name__]),
+                                      inspect.getsource(canonicalize_module))
+    except (OSError, TypeError):  # no source to key the cache by (a frozen install): trace, as before the cache
+        cache_key = None
+    cached = pattern_cache.load(CACHE_NAME, cache_key) if cache_key else None
+    if cached is not None:
+        try:
+            return tuple(_decoded(entry) for entry in cached)
+        except Exception:  # a cache written by other code: trace again
+            pass
     variants = [("layer", s, fn, 3) for s, fn in layer_norm_variants()]
     variants += [("rms", s, fn, 2) for s, fn in rms_norm_variants()]
     graphs = _export_separately([fn for _, _, fn, _ in variants], [arity for *_, arity in variants])
     patterns = [_wildcards(kind, spelling, graph) for (kind, spelling, _, _), graph in zip(variants, graphs)]
-    return tuple(sorted(patterns, key=lambda p: -len(p.graph.nodes)))
+    patterns = tuple(sorted(patterns, key=lambda p: -len(p.graph.nodes)))
+    if cache_key:
+        pattern_cache.save(CACHE_NAME, cache_key, [_encoded(p) for p in patterns])
+    return patterns
+
+
+CACHE_NAME = "norm_patterns"
+
+
+def _encoded(pattern: _TracedPattern) -> dict:
+    return {"kind": pattern.kind, "spelling": pattern.spelling, "graph": pattern_cache.encode_graph(pattern.graph),
+            "inputs": [n.name for n in pattern.inputs], "eps": pattern.eps.name,
+            "sizes": [n.name for n in pattern.sizes], "dtypes": [n.name for n in pattern.dtypes]}
+
+
+def _decoded(entry: dict) -> _TracedPattern:
+    graph, nodes = pattern_cache.decode_graph(entry["graph"])
+    return _TracedPattern(entry["kind"], entry["spelling"], graph, [nodes[n] for n in entry["inputs"]],
+                          nodes[entry["eps"]], [nodes[n] for n in entry["sizes"]], [nodes[n] for n in entry["dtypes"]])
 
 
 # -- the match filter ----------------------------------------------------------------------------------
