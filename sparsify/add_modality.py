@@ -36,9 +36,9 @@ def add_modality(routed: RoutedModel, copy_from: int | None = 0, init: str = "co
     was_split, frozen = modality_split.is_split(routed), list(routed.frozen_modalities)
     modality_split.merge(routed)
     new_copies = _copies_from(routed, copy_from) if init == "copy" else _independent_copies(routed)
+    fqns = routed.routed_fqns()
     with torch.no_grad():
         for p in routed.plan.params:
-            fqns = routed.routed_fqns()
             stacked = routed.get_parameter(fqns[p.fqn])
             grown = nn.Parameter(torch.cat([stacked.detach(), new_copies[p.fqn].unsqueeze(0).to(stacked)]),
                                  requires_grad=stacked.requires_grad)
@@ -57,8 +57,8 @@ def add_modality(routed: RoutedModel, copy_from: int | None = 0, init: str = "co
 
 
 def _copies_from(routed: RoutedModel, modality: int) -> dict[str, torch.Tensor]:
-    return {p.fqn: routed.get_parameter(routed.routed_fqns()[p.fqn])[modality].detach().clone()
-            for p in routed.plan.params}
+    fqns = routed.routed_fqns()
+    return {p.fqn: routed.get_parameter(fqns[p.fqn])[modality].detach().clone() for p in routed.plan.params}
 
 
 def _independent_copies(routed: RoutedModel) -> dict[str, torch.Tensor]:

@@ -77,16 +77,16 @@ def is_split(routed) -> bool:
 
 
 def _owners(routed):
-    """(owner module, attribute name) of each routed tensor once (tied aliases: the plan's first name)."""
+    """(plan FQN, owner module, attribute name, FQN now) of each routed tensor once (tied aliases: refused)."""
+    fqns = routed.routed_fqns()
     for p in routed.plan.params:
         if p.aliases:
             raise SparsifyError(
                 f"routed parameter {p.fqn!r} is tied to {', '.join(p.aliases)}: per-modality tensors (frozen "
                 "modalities, per-modality learning rates) are not supported for tied routed parameters; route it "
                 "untied (exclude=...) or keep it shared")
-        fqn = routed.routed_fqns()[p.fqn]
-        owner, _, name = fqn.rpartition(".")
-        yield p.fqn, routed.get_submodule(owner), name
+        owner, _, name = fqns[p.fqn].rpartition(".")
+        yield p.fqn, routed.get_submodule(owner), name, fqns[p.fqn]
 
 
 def split(routed) -> None:
@@ -98,7 +98,7 @@ def split(routed) -> None:
         raise SparsifyError("freeze / per-modality learning rates on a model already sharded with fully_shard: "
                             "call routed.freeze(...) (or convert(..., frozen=[...])) before fully_shard")
     copies = {}
-    for fqn, owner, name in _owners(routed):
+    for fqn, owner, name, _ in _owners(routed):
         requires_grad = owner._parameters[name].requires_grad
         parametrize.register_parametrization(owner, name, ModalityCopies(), unsafe=True)
         originals = _copies(owner.parametrizations[name])
@@ -112,7 +112,7 @@ def merge(routed) -> None:
     """Back to one stacked parameter per routed tensor (its requires_grad: whether any copy trains)."""
     if not is_split(routed):
         return
-    for fqn, owner, name in _owners(routed):
+    for _, owner, name, _ in _owners(routed):
         requires_grad = any(c.requires_grad for c in _copies(owner.parametrizations[name]))
         parametrize.remove_parametrizations(owner, name, leave_parametrized=True)
         owner._parameters[name].requires_grad_(requires_grad)
@@ -174,8 +174,7 @@ def param_groups(routed, lr: dict | None = None, **group_options) -> list[dict]:
 def _original_keys(routed, prefix: str) -> dict[str, tuple[str, int]]:
     """{state-dict key of a copy: (key of its stacked tensor, modality)} for a split model."""
     out = {}
-    for fqn, owner, name in _owners(routed):
-        path = routed.routed_fqns()[fqn]
+    for _, owner, name, path in _owners(routed):
         owner_path = path.rpartition(".")[0]
         base = f"{prefix}{owner_path + '.' if owner_path else ''}parametrizations.{name}.original"
         for m in range(owner.parametrizations[name].ntensors):
@@ -230,7 +229,7 @@ def dense_view(routed, modality: int):
     module export captures, under the dense FQNs (RoutedModel.dense_view)."""
     swapped = []
     try:
-        for _, owner, name in _owners(routed):
+        for _, owner, name, _ in _owners(routed):
             if owner in (s[0] for s in swapped):
                 continue  # a second routed parameter of the same owner is swapped with the first
             parametrized_class, parametrizations = type(owner), owner._modules["parametrizations"]
