@@ -41,6 +41,15 @@ def _regex(text: str) -> str:
     return text
 
 
+def _factory(text: str) -> str:
+    """--model's form, checked when parsed (importing it is the command's work): package.module:factory."""
+    module, _, attr = text.partition(":")
+    if not module or not attr or not all(part.isidentifier() for part in [*module.split("."), *attr.split(".")]):
+        raise argparse.ArgumentTypeError(f"{text!r} must look like package.module:factory (a module importable "
+                                         "from here and the function in it that builds the dense model)")
+    return text
+
+
 def _image_path(text: str) -> str:
     """An image to write, checked when the arguments are parsed: a suffix matplotlib writes, a directory that exists."""
     import os
@@ -64,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--policy", default="auto", choices=POLICIES, help="which parameters to route (default auto)")
         p.add_argument("--include", type=_regex, help="regex: also route parameters whose FQN matches")
         p.add_argument("--exclude", type=_regex, help="regex: keep parameters whose FQN matches shared")
-        p.add_argument("--model", help="package.module:factory building the dense module (state-dict checkpoints); "
+        p.add_argument("--model", type=_factory, help="package.module:factory building the dense module (state-dict checkpoints); "
                                        "it may return (module, example_inputs)")
 
     convert = commands.add_parser("convert", help="convert a dense checkpoint into a routed one")
@@ -96,13 +105,13 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--copy-from", type=int, default=0, metavar="K",
                        help="the new modality starts as modality K's copies (default 0)")
     start.add_argument("--independent", action="store_true", help="re-initialise the new modality's copies")
-    add.add_argument("--model", help="package.module:factory building the dense module (non-Hugging Face models)")
+    add.add_argument("--model", type=_factory, help="package.module:factory building the dense module (non-Hugging Face models)")
     add.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
     verify = commands.add_parser("verify", help="compare a routed checkpoint with its dense one")
     verify.add_argument("dense")
     verify.add_argument("routed")
-    verify.add_argument("--model", help="package.module:factory, for state-dict checkpoints")
+    verify.add_argument("--model", type=_factory, help="package.module:factory, for state-dict checkpoints")
     return parser
 
 

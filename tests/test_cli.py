@@ -246,7 +246,8 @@ def test_help_and_bad_arguments_answer_without_importing_torch(tmp_path):
              (["inspect", str(tmp_path), "--drift", "drift.txt"], 2),
              (["convert", str(tmp_path), "-o", str(existing), "--modalities", "3"], 2),
              (["verify", str(tmp_path / "missing"), str(tmp_path)], 2),
-             (["convert", str(tmp_path), "-o", str(tmp_path / "new"), "--modalities", "300"], 2)]
+             (["convert", str(tmp_path), "-o", str(tmp_path / "new"), "--modalities", "300"], 2),
+             (["convert", str(tmp_path), "-o", str(tmp_path / "new"), "--modalities", "3", "--model", "toy"], 2)]
     script = ("import contextlib, io, json, sys, sparsify_cli\n"
               "out = []\n"
               "for argv, _ in json.loads(sys.argv[1]):\n"
@@ -265,3 +266,4 @@ def test_help_and_bad_arguments_answer_without_importing_torch(tmp_path):
     assert "invalid choice: 'bogus'" in messages[2] and "not a valid regular expression" in messages[3]
     assert ".png, .svg or .pdf" in messages[4] and "already exists" in messages[5]
     assert "missing does not exist" in messages[6] and "--allow-many-modalities" in messages[7]
+    assert "must look like package.module:factory" in messages[8]
