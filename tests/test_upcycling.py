@@ -164,6 +164,9 @@ def test_freeze_rejects_bad_modalities():
 
 
 def _fsdp_frozen(rank, world, directory, results):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
     dist.init_process_group("gloo", init_method=f"file://{directory}/init", rank=rank, world_size=world)
     try:
         routed = sparsify.convert(tiny_llama(), modalities=M, frozen=[0]).train()
@@ -184,13 +187,17 @@ def _fsdp_frozen(rank, world, directory, results):
         unchanged = [[torch.equal(full[fqn][m], before[fqn][m]) for m in range(M)] for fqn in routed.plan.routed]
         frozen_with_state = sum(1 for p in optimizer.state if not p.requires_grad)
         results[rank] = (local_rows, unchanged, frozen_with_state)
+        if rank == 0:
+            torch.save(full, f"{directory}/full.pt")
+        dcp.save({"model": get_model_state_dict(routed)}, checkpoint_id=f"{directory}/ckpt")  # stacked keys
     finally:
         dist.destroy_process_group()
 
 
 def test_frozen_copies_unchanged_under_fsdp2():
     """2 gloo processes: each per-modality copy [64, 32]-sized down_proj sharded over both ranks on its dim 0; the
-    frozen copies bitwise unchanged after three AdamW steps with weight decay, no optimizer state for them."""
+    frozen copies bitwise unchanged after three AdamW steps with weight decay, no optimizer state for them. The
+    DCP checkpoint of the split, sharded model consolidates into a split template and loads back exactly."""
     directory = tempfile.mkdtemp()
     results = mp.Manager().dict()
     mp.spawn(_fsdp_frozen, args=(2, directory, results), nprocs=2)
@@ -199,6 +206,12 @@ def test_frozen_copies_unchanged_under_fsdp2():
         assert local_rows == [16, 16]  # down_proj's copies are [32, 64]: half the rows on each rank
         assert all(row[0] for row in unchanged) and not any(row[1] or row[2] for row in unchanged)
         assert frozen_with_state == 0
+    template = sparsify.convert(tiny_llama(), modalities=M, frozen=[0])  # split: loads through the state-dict hook
+    out = sparsify.consolidate(f"{directory}/ckpt", template, f"{directory}/routed")
+    loaded, full = sparsify.load(out), torch.load(f"{directory}/full.pt")
+    assert loaded.frozen_modalities == [0]
+    state = loaded.state_dict()
+    assert set(state) == set(full) and all(torch.equal(state[k], full[k]) for k in full)
 
 
 # -- add_modality -----------------------------------------------------------------------------------------------
