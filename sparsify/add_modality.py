@@ -29,7 +29,9 @@ def add_modality(routed: RoutedModel, copy_from: int | None = 0, init: str = "co
         raise SparsifyError(f"init is 'copy' (the new modality starts as modality copy_from) or 'independent' "
                             f"(re-initialised), got {init!r}")
     if init == "copy":
-        copy_from = modality_split.check_modalities(modalities, copy_from)[0]
+        if isinstance(copy_from, bool) or not isinstance(copy_from, int):
+            raise SparsifyError(f"copy_from is one modality (an int in [0, {modalities})), got {copy_from!r}")
+        modality_split.check_modalities(modalities, copy_from)
     if routed._stacked_sharded():
         raise SparsifyError("add_modality on a model sharded with fully_shard: add the modality first (or to the "
                             "consolidated checkpoint: `sparsify add-modality ROUTED -o OUT`), then shard")

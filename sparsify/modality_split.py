@@ -76,6 +76,12 @@ def is_split(routed) -> bool:
     return bool(routed.__dict__.get("_split"))
 
 
+def _all_copies(routed) -> dict[str, list[nn.Parameter]]:
+    """{plan FQN: its per-modality Parameters} of a split model, read from the module tree as it is now (FSDP2
+    replaces each Parameter with a sharded one: a list kept from splitting would hold the old ones)."""
+    return {fqn: _copies(owner.parametrizations[name]) for fqn, owner, name, _ in _owners(routed)}
+
+
 def _owners(routed):
     """(plan FQN, owner module, attribute name, FQN now) of each routed tensor once (tied aliases: refused)."""
     fqns = routed.routed_fqns()
@@ -97,15 +103,12 @@ def split(routed) -> None:
     if routed._stacked_sharded():
         raise SparsifyError("freeze / per-modality learning rates on a model already sharded with fully_shard: "
                             "call routed.freeze(...) (or convert(..., frozen=[...])) before fully_shard")
-    copies = {}
-    for fqn, owner, name, _ in _owners(routed):
+    for _, owner, name, _ in _owners(routed):
         requires_grad = owner._parameters[name].requires_grad
         parametrize.register_parametrization(owner, name, ModalityCopies(), unsafe=True)
-        originals = _copies(owner.parametrizations[name])
-        for copy in originals:
+        for copy in _copies(owner.parametrizations[name]):
             copy.requires_grad_(requires_grad)
-        copies[fqn] = originals
-    routed.__dict__["_split"] = copies
+    routed.__dict__["_split"] = True
 
 
 def merge(routed) -> None:
@@ -116,22 +119,32 @@ def merge(routed) -> None:
         requires_grad = any(c.requires_grad for c in _copies(owner.parametrizations[name]))
         parametrize.remove_parametrizations(owner, name, leave_parametrized=True)
         owner._parameters[name].requires_grad_(requires_grad)
-    routed.__dict__["_split"] = None
+    routed.__dict__["_split"] = False
 
 
 def copies_of(routed, modality: int) -> list[nn.Parameter]:
     """Modality `modality`'s copy of every routed parameter (the model split)."""
-    return [originals[modality] for originals in routed.__dict__["_split"].values()]
+    return [originals[modality] for originals in _all_copies(routed).values()]
+
+
+def frozen_modalities(routed) -> list[int]:
+    """The modalities none of whose copies takes a gradient: read from requires_grad, the one place it is kept
+    (so a requires_grad_ of the user's own counts too)."""
+    if not is_split(routed):
+        return []
+    copies = list(_all_copies(routed).values())
+    return [m for m in range(routed.plan.modalities) if copies and not any(c[m].requires_grad for c in copies)]
 
 
 def set_frozen(routed, modalities, frozen: bool) -> None:
     modalities = check_modalities(routed.plan.modalities, modalities)
+    if routed._stacked_sharded():  # FSDP2 fixed which parameters reduce gradients when it sharded them
+        raise SparsifyError("freeze / unfreeze on a model already sharded with fully_shard: freeze before "
+                            "fully_shard (convert(..., frozen=[...]) or routed.freeze(...)), then shard")
     split(routed)
     for m in modalities:
         for copy in copies_of(routed, m):
             copy.requires_grad_(not frozen)
-    current = set(routed.frozen_modalities)
-    routed.frozen_modalities = sorted(current | set(modalities) if frozen else current - set(modalities))
 
 
 def check_modalities(count: int, modalities) -> list[int]:
@@ -157,7 +170,7 @@ def param_groups(routed, lr: dict | None = None, **group_options) -> list[dict]:
     if unknown:
         raise SparsifyError(f"lr keys are modalities in [0, {routed.plan.modalities}) or 'shared'; got {unknown}")
     split(routed)
-    routed_ids = {id(c) for originals in routed.__dict__["_split"].values() for c in originals}
+    routed_ids = {id(c) for originals in _all_copies(routed).values() for c in originals}
     groups = []
     shared = [p for p in routed.parameters() if id(p) not in routed_ids and p.requires_grad]
     if shared:
@@ -206,10 +219,11 @@ def split_load_pre_hook(routed, state_dict, prefix, *args):
     """load_state_dict(): a stacked routed tensor fills each modality's copy."""
     if not is_split(routed):
         return
-    for key, (stacked_key, m) in _original_keys(routed, prefix).items():
+    copies = _original_keys(routed, prefix)
+    for key, (stacked_key, m) in copies.items():
         if stacked_key in state_dict and key not in state_dict:
             state_dict[key] = state_dict[stacked_key][m]
-    for _, (stacked_key, _) in _original_keys(routed, prefix).items():
+    for stacked_key, _ in copies.values():
         state_dict.pop(stacked_key, None)
 
 

@@ -103,8 +103,7 @@ class RoutedModel(nn.Module):
                                for owner in {fqn.rpartition(".")[0] for fqn in plan.routed}}
         # Modalities whose copies take no gradient (freeze / unfreeze). Freezing, or learning rates per modality,
         # give each routed parameter one tensor per modality (modality_split.py); state dicts keep the stacked form.
-        self.frozen_modalities: list[int] = []
-        self.__dict__["_split"] = None
+        self.__dict__["_split"] = False
         self._register_state_dict_hook(modality_split.stacked_state_dict_hook)
         self._register_load_state_dict_pre_hook(modality_split.split_load_pre_hook, with_module=True)
 
@@ -134,6 +133,11 @@ class RoutedModel(nn.Module):
         return f"modalities={self.plan.modalities}, routed={len(self.plan.params)} parameters"
 
     # -- modalities that train ------------------------------------------------------------------
+    @property
+    def frozen_modalities(self) -> list[int]:
+        """The modalities whose copies take no gradient (freeze / unfreeze; recorded by sparsify.save)."""
+        return modality_split.frozen_modalities(self)
+
     def freeze(self, modalities) -> "RoutedModel":
         """Freeze modality `modalities`' (an int or a list) copies of every routed parameter: they take no
         gradient (the routed linear skips their weight-gradient GEMMs), so no optimizer moves them or keeps state

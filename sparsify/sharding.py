@@ -16,6 +16,7 @@ import warnings
 
 import torch.nn as nn
 
+from sparsify import modality_split
 from sparsify.errors import SparsifyError
 
 
@@ -24,7 +25,7 @@ def stacked_parameters(routed: nn.Module) -> dict[int, str]:
     into per-modality copies (freeze): those are dense-shaped, and FSDP2's default dim 0 shards them over every
     rank."""
     out: dict[int, str] = {}
-    if routed.__dict__.get("_split"):
+    if modality_split.is_split(routed):
         return out
     for fqn in routed.routed_fqns().values():
         out.setdefault(id(routed.get_parameter(fqn)), fqn)

@@ -80,6 +80,10 @@ def test_split_model_computes_what_the_stacked_one_does_and_unfreeze_trains_agai
     assert torch.allclose(copies.original2.grad, grad[2], rtol=1e-6, atol=1e-7)
     split.unfreeze(1)
     assert split.frozen_modalities == [] and copies.original1.requires_grad
+    copies.original1.requires_grad_(False)  # frozen_modalities is read from the copies, not kept beside them
+    assert split.frozen_modalities == []  # modality 1's copy of one weight alone: the modality still trains
+    assert split.requires_grad_(False).frozen_modalities == [0, 1, 2]
+    split.requires_grad_(True)
     split.zero_grad()
     lm_loss(split, tokens, ids).backward()
     assert torch.allclose(copies.original1.grad, grad[1], rtol=1e-6, atol=1e-7)
@@ -176,7 +180,18 @@ def _fsdp_frozen(rank, world, directory, results):
         for block in routed.model.layers:
             sparsify.fully_shard(block)
         sparsify.fully_shard(routed)
-        optimizer = torch.optim.AdamW(routed.parameters(), lr=1e-2, weight_decay=0.1)
+        # param_groups after sharding: the sharded copies FSDP2 put in the tree, not the ones split made
+        groups = routed.param_groups(weight_decay=0.1)
+        live = {id(p) for p in routed.parameters()}
+        in_groups = [p for g in groups for p in g["params"]]
+        assert all(id(p) in live and type(p.data).__name__ == "DTensor" for p in in_groups)
+        assert len(in_groups) == sum(1 for p in routed.parameters() if p.requires_grad)
+        try:
+            routed.freeze(1)
+            raise AssertionError("freeze after fully_shard was accepted")
+        except SparsifyError as e:
+            assert "before fully_shard" in str(e)
+        optimizer = torch.optim.AdamW(groups, lr=1e-2)
         for _ in range(3):
             lm_loss(routed, tokens, ids).backward()
             optimizer.step()
@@ -255,6 +270,8 @@ def test_add_modality_independent_reinitialises_only_the_new_copy():
         assert torch.equal(after[name], before[name])
     with pytest.raises(SparsifyError, match=r"ints in \[0, 3\)"):
         sparsify.add_modality(routed, copy_from=5)
+    with pytest.raises(SparsifyError, match="copy_from is one modality"):
+        sparsify.add_modality(routed, copy_from=[0, 1])
 
 
 def test_add_modality_cli(tmp_path):
