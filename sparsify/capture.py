@@ -83,7 +83,7 @@ class CapturedGraph:
     token_dims: tuple[SizeExpr, SizeExpr]
     # Shape expressions of every tensor user input, and the allowed range of each symbol.
     input_shapes: list[tuple[SizeExpr, ...] | None]
-    ranges: dict[sympy.Symbol, tuple[int, float]] = field(default_factory=dict)
+    ranges: dict[sympy.Symbol, tuple[float, float]] = field(default_factory=dict)
     size_conditions: "SizeConditions" = field(default_factory=lambda: SizeConditions())
     # The ExportedProgram whose graph_module this is (its signature, module call graph and ranges).
     exported: Any = field(default=None, repr=False)
@@ -323,7 +323,9 @@ def _from_exported(exported: torch.export.ExportedProgram, token: torch.Tensor) 
     token_shape = next(s for s in input_shapes if s is not None and len(s) >= 2)
     ranges = {}
     for symbol, value_range in exported.range_constraints.items():
-        ranges[symbol] = (int(value_range.lower), float(value_range.upper))
+        # float, not int: an unbacked symbol (a count read from a tensor, as a static cache's length) is unbounded
+        # below (-oo), which has no int.
+        ranges[symbol] = (float(value_range.lower), float(value_range.upper))
     input_symbols = {sym for shape in input_shapes if shape for size in shape
                      if isinstance(size, sympy.Expr) for sym in size.free_symbols}
     return CapturedGraph(

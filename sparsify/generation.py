@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import warnings
 from collections.abc import Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -64,6 +65,14 @@ def _cache_slots(cache) -> list[tuple[str, dict, Any]]:
     return slots
 
 
+def _slot_signature(cache) -> list:
+    return [(name, tuple(where[key].shape), where[key].dtype) for name, where, key in _cache_slots(cache)]
+
+
+class StepNotRoutable(SparsifyError):
+    """The model's forward with a static cache could not be captured or routed (generate falls back to no cache)."""
+
+
 class DecodingStep(nn.Module):
     """The dense model's forward with a cache held as buffers: `step(**model_inputs) -> logits`.
 
@@ -88,28 +97,40 @@ class DecodingStep(nn.Module):
 
     def allocate(self, batch: int) -> None:
         """Allocate the cache's tensors (transformers allocates them lazily, in the first forward): a graph's
-        buffers must exist before it is captured. By transformers' own eager allocation where every layer of
-        the cache supports it (its export recipes' early_initialization: attention layers), else by one dense
-        forward on dummy tokens, emptied again (a Mamba's states: ~2% of a short generate call)."""
+        buffers must exist before it is captured. By one dense forward on dummy tokens, emptied again (~2% of a
+        short generate call); or, once that has shown that transformers' own eager allocation (its export
+        recipes' early_initialization) gives the same tensors for this model and kind of cache, by that. Not
+        trusted unseen: it sizes every layer from the config's head counts, which a model may not use (Falcon's
+        multi-query attention keeps one key head, GPT-BigCode likewise)."""
         self.batch = batch
-        if not self._early_initialize():
+        key = (type(self.cache), tuple(type(layer) for layer in getattr(self.cache, "layers", ())))
+        verdicts = self._routed.__dict__.setdefault("_early_cache_allocation", {})
+        if verdicts.get(key):
+            self._early_initialize(self.cache)
+        else:
+            early = copy.deepcopy(self.cache)
             self._feed_dummy(self.cache)
             self.cache.reset()
+            verdicts[key] = self._early_initialize(early) and _slot_signature(early) == _slot_signature(self.cache)
         self._use(self.cache)
 
-    def _early_initialize(self) -> bool:
-        layers = getattr(self.cache, "layers", None)
+    def _early_initialize(self, cache) -> bool:
+        """transformers' eager allocation of a static cache where the model and every layer of the cache offer
+        it; False where not."""
+        layers = getattr(cache, "layers", None)
         dense = self._routed._dense
         shape_of = getattr(dense, "_get_static_cache_init_shape", None)
-        supported = all(getattr(layer, "supports_early_init", False) for layer in layers or ())
-        if not layers or shape_of is None or not supported:
+        if not layers or shape_of is None or not all(getattr(layer, "supports_early_init", False) for layer in layers):
             return False
-        shape = shape_of()  # (heads, head_dim) from the config, None where transformers cannot tell
+        try:  # a config without attention heads or with layers it cannot size: allocate by a forward
+            shape = shape_of()  # (heads, head_dim) from the config, None where transformers cannot tell
+        except (AttributeError, TypeError, ValueError):
+            return False
         if shape is None:
             return False
         parameter = next(dense.parameters())
-        self.cache.early_initialization(batch_size=self.batch, num_heads=shape[0], head_dim=shape[1],
-                                        dtype=parameter.dtype, device=parameter.device)
+        cache.early_initialization(batch_size=self.batch, num_heads=shape[0], head_dim=shape[1],
+                                   dtype=parameter.dtype, device=parameter.device)
         return all(layer.is_initialized for layer in layers)
 
     def _feed_dummy(self, cache) -> None:
@@ -190,7 +211,10 @@ class DecodingStep(nn.Module):
         key = (self.phase, shapes)
         bound = self._bound.get(key)
         if bound is None:
-            entry, flat = routed.graph_for(inputs, self)
+            try:
+                entry, flat = routed.graph_for(inputs, self)
+            except SparsifyError as error:
+                raise StepNotRoutable(f"{type(error).__name__}: {error}") from error
             graph = entry.routed
             args = routed.graph_args(graph, flat, owner=self)
             inputs_at = [(i, target) for i, (kind, target) in enumerate(graph.placeholders) if kind == "input"]
@@ -338,14 +362,51 @@ def generate(routed, input_ids: torch.Tensor, modality_ids: torch.Tensor | None 
     signature = inspect.signature(dense.forward)
     cache_arg = next((name for name in CACHE_ARGS if name in signature.parameters), None)
     use_cache = kwargs.get("use_cache", dense.generation_config.use_cache) and cache_arg is not None
+    if use_cache and hasattr(dense, "_reorder_cache") and kwargs.get("num_beams", dense.generation_config.num_beams or 1) > 1:
+        raise SparsifyError(f"{type(dense).__name__} reorders its cache for beam search with its own "
+                            "_reorder_cache, which sparsify cannot follow into the routed graphs' cache buffers: "
+                            "pass use_cache=False with num_beams > 1")
+    rule = modality_rule(next_modality, modalities)
+    if use_cache and "_uncached_generation" not in routed.__dict__:
+        random_state = _random_state()
+        try:
+            return _generate(routed, input_ids, ModalityTracker(input_ids, modality_ids, rule), cache_arg, kwargs)
+        except StepNotRoutable as error:
+            # Remembered per routed model: the same forward fails the same way in the next call.
+            lines = str(error).splitlines()  # a RoutingError's first line is a heading; its first item says what
+            routed.__dict__["_uncached_generation"] = " ".join(lines[:2])[:400]
+            _random_state(random_state)  # the new tokens drawn as if the first attempt had not been made
+    if use_cache:
+        warnings.warn(
+            f"sparsify could not route {type(dense).__name__}'s forward with a cache "
+            f"({routed.__dict__['_uncached_generation']}); generating without one: each new token runs the routed "
+            "model on the whole sequence so far (the same tokens, more work per token for long outputs). Pass "
+            "use_cache=False to generate this way without the attempt.", stacklevel=3)
+    return _generate(routed, input_ids, ModalityTracker(input_ids, modality_ids, rule), None, kwargs)
+
+
+def _random_state(state=None):
+    """torch's generators' state (CPU, and CUDA where it is in use), or restore one."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if state is None:
+        return torch.random.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None
+    torch.random.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
+def _generate(routed, input_ids: torch.Tensor, tracker: "ModalityTracker", cache_arg: str | None, kwargs: dict):
+    """One `dense.generate` call with the forward replaced by the routed one: with the cache argument
+    `cache_arg` in the routed step graphs, or without a cache where it is None."""
+    dense = routed._dense
+    signature = inspect.signature(dense.forward)
+    kwargs = dict(kwargs)
+    use_cache = cache_arg is not None
     if use_cache:
         # transformers builds a StaticCache sized for this call (batch after expansion, max length).
         kwargs["cache_implementation"] = "static"
-        if hasattr(dense, "_reorder_cache") and kwargs.get("num_beams", dense.generation_config.num_beams or 1) > 1:
-            raise SparsifyError(f"{type(dense).__name__} reorders its cache for beam search with its own "
-                                "_reorder_cache, which sparsify cannot follow into the routed graphs' cache buffers: "
-                                "pass use_cache=False with num_beams > 1")
-    tracker = ModalityTracker(input_ids, modality_ids, modality_rule(next_modality, modalities))
+    else:
+        kwargs["use_cache"] = False
     step_output = _model_output()
     state: dict[str, DecodingStep] = {}
     hooks = ExitStack()  # on the cache object, for this call only (transformers may reuse the object in the next)
@@ -363,7 +424,7 @@ def generate(routed, input_ids: torch.Tensor, modality_ids: torch.Tensor | None 
         tokens = model_inputs["input_ids"]
         ids = tracker.ids_for(tokens, cached=use_cache)
         if not use_cache:
-            model_inputs = {k: v for k, v in model_inputs.items() if k not in CACHE_ARGS}
+            model_inputs = {k: v for k, v in model_inputs.items() if k not in CACHE_ARGS and k != "use_cache"}
             with forward_replaced(dense, type(dense).forward.__get__(dense)):
                 return routed(**model_inputs, modality_ids=ids)
         cache = model_inputs.pop(cache_arg)
@@ -383,6 +444,12 @@ def generate(routed, input_ids: torch.Tensor, modality_ids: torch.Tensor | None 
             raise SparsifyError("internal: generate passed a different cache object mid-generation")
         inputs = {"input_ids": tokens, **{k: v for k, v in model_inputs.items()
                                           if k not in ("input_ids", "use_cache", "return_dict")}}
+        if inputs.get("attention_mask") is None and state["mask_length"] and "attention_mask" in signature.parameters:
+            # transformers drops a mask of all ones. Without one, many models (RoFormer, BioGPT, GIT, ...) take the
+            # tokens so far from the cache (get_seq_length), which a static attention cache's tensors give only as a
+            # data-dependent count that a graph can neither size a tensor by nor branch on. The mask says it as a
+            # shape. (Only for an attention cache: a recurrent layer's decode step reads no mask.)
+            inputs["attention_mask"] = torch.ones(tokens.shape[0], tracker.fed, dtype=torch.long, device=tokens.device)
         mask = inputs.get("attention_mask")
         if step.phase == "decode" and isinstance(mask, torch.Tensor) and mask.dim() == 2 \
                 and mask.shape[-1] < state["mask_length"]:

@@ -14,7 +14,11 @@ COMMON = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_l
               hidden_size_per_layer_input=8, num_kv_shared_layers=0, laurel_rank=4, altup_num_inputs=2,
               sliding_window=16, intermediate_size_mlp=64, num_local_experts=2, num_experts=2, n_routed_experts=2,
               num_experts_per_tok=1, moe_intermediate_size=16, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4,
-              qk_nope_head_dim=4, v_head_dim=8, first_k_dense_replace=1)
+              qk_nope_head_dim=4, v_head_dim=8, first_k_dense_replace=1, rotary_dim=4, n_group=1, topk_group=1,
+              num_experts_per_token=1, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8,
+              mamba_chunk_size=4, encoder_attention_heads=4, decoder_attention_heads=4, encoder_layers=LAYERS,
+              decoder_layers=LAYERS, encoder_ffn_dim=64, decoder_ffn_dim=64, num_expert_group=1, attn_layer_period=2,
+              attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1)
 SUB_CONFIGS = ("text_config", "language_config", "llm_config")
 EXTRA = {"llama4_text": dict(interleave_moe_layer_step=1)}
 
@@ -23,12 +27,35 @@ def _overrides(defaults: dict) -> dict:
     layers = defaults.get("num_hidden_layers") or defaults.get("n_layer") or defaults.get("num_layers")
     out = {k: v for k, v in COMMON.items() if k in defaults}
     for key, value in defaults.items():
-        if key in out or not isinstance(value, list) or not layers or len(value) != layers:
+        if key in out or not layers:
             continue
-        per_layer = value[:LAYERS]  # per-layer lists (layer types, sizes, patterns) follow the layer count
+        if isinstance(value, dict) and value and all(str(k).isdigit() for k in value):  # settings by layer index
+            out[key] = {k: v for k, v in value.items() if int(k) < LAYERS}
+        if not isinstance(value, list):
+            continue
+        if len(value) > LAYERS and len(set(map(str, value))) > 1 and all(isinstance(v, str) for v in value):
+            # layer kinds, per layer or a repeating pattern: one layer of each kind first (a hybrid's first
+            # layers may all be of one kind), in the family's order, so the tiny model has attention,
+            # recurrent, sliding... layers as the full one does
+            kinds = list(dict.fromkeys(value))
+            per_layer = sorted((kinds + [v for v in value if v not in kinds[:LAYERS]])[:LAYERS], key=value.index)
+        elif len(value) == layers:
+            per_layer = value[:LAYERS]  # per-layer lists (sizes, patterns) follow the layer count
+        else:
+            continue
         if key in COMMON:
             per_layer = [COMMON[key]] * LAYERS
         out[key] = per_layer
+    heads, kv_heads = defaults.get("num_attention_heads"), defaults.get("num_key_value_heads")
+    if "num_key_value_heads" in out and heads and kv_heads in (1, heads):
+        # keep the family's kind of attention: multi-head (every head its own keys, as multi-head latent
+        # attention's decompressed keys are) or multi-query; grouped-query otherwise
+        out["num_key_value_heads"] = 1 if kv_heads == 1 else COMMON["num_attention_heads"]
+    if "head_dim" in out and defaults.get("head_dim") == defaults.get("qk_rope_head_dim"):
+        out["head_dim"] = COMMON["qk_rope_head_dim"]  # multi-head latent attention: the rotary part's size
+    if {"num_heads", "expand", "head_dim"} <= set(defaults) and "hidden_size" in out:
+        # a Mamba2 mixer: its heads tile the expanded width
+        out["num_heads"] = out["hidden_size"] * defaults["expand"] // out.get("head_dim", defaults["head_dim"])
     if isinstance(defaults.get("intermediate_size"), list):
         out["intermediate_size"] = [COMMON["intermediate_size"]] * LAYERS
     return out
@@ -49,8 +76,12 @@ def tiny_config(model_type: str, **overrides):
 
 def tiny_causal_lm(model_type: str, seed: int = 0, **overrides):
     """An eval-mode tiny model of `model_type` (a key of MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    if "is_decoder" in AutoConfig.for_model(model_type).to_dict():
+        # An encoder family's causal-LM head (BertLMHeadModel, ...) is a decoder only when asked (transformers
+        # warns otherwise): causal attention and a cache, as anyone generating with it sets.
+        overrides = {"is_decoder": True, **overrides}
     config = tiny_config(model_type, **overrides)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).eval()

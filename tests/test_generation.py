@@ -55,8 +55,9 @@ def test_greedy_generation_equals_dense_at_init(converted, use_cache):
 
 def test_repeated_generation_allocates_its_cache_without_a_dense_forward_where_that_matches(converted, monkeypatch):
     """A generate call allocates the static cache by transformers' eager allocation where every cache layer
-    supports it (an attention-only cache: yes), else by a dense forward (a Mamba's state cache or a hybrid's
-    attention + state cache). Either way generation equals dense, call after call."""
+    supports it (an attention-only cache: yes) and the first call's dense forward showed that it gives the same
+    tensors, else by a dense forward (a Mamba's state cache or a hybrid's attention + state cache). Either way
+    generation equals dense, call after call."""
     from sparsify.generation import DecodingStep
 
     dense, routed = converted
@@ -390,3 +391,46 @@ def test_a_cache_from_elsewhere_is_refused():
         routed.generate(ids, max_new_tokens=2)
     with pytest.raises(SparsifyError, match="assisted generation"):
         routed.generate(ids, modality_ids=torch.zeros_like(ids), prompt_lookup_num_tokens=2, max_new_tokens=2)
+
+
+# Families whose cached step needed more than Llama's: Falcon's multi-query attention keeps one key head where the
+# config's head counts say more (transformers' eager cache allocation would size it wrong); RoFormer and BERT as a
+# decoder take no position ids and read the tokens so far from the cache (a data-dependent count in a static
+# cache) unless given a mask; OpenAI GPT takes no cache argument at all; Doge's decode reads a routed projection
+# of the cache's contents (earlier tokens, whose modalities the step does not hold): generated without a cache.
+FAMILY_CASES = {"falcon": "cached", "roformer": "cached", "bert": "cached", "openai-gpt": "uncached",
+                "doge": "fallback"}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CASES))
+def test_families_generate_as_dense(family, recwarn, monkeypatch):
+    from sparsify.generation import DecodingStep
+    from tests.hf_tiny import tiny_causal_lm
+
+    steps = []  # step graphs run to the end
+    run = DecodingStep.run
+
+    def counted_run(step, *args):
+        out = run(step, *args)
+        steps.append(1)
+        return out
+    monkeypatch.setattr(DecodingStep, "run", counted_run)
+    dense = tiny_causal_lm(family)
+    routed = sparsify.convert(dense, modalities=3)
+    ids, _ = prompt(batch=2, length=5, vocab=100, seed=4)
+    expected = dense.generate(ids, max_new_tokens=4, do_sample=False)
+    for _ in range(2):  # the second call reuses the first's graphs, allocation verdict or fallback
+        out = routed.generate(ids, modality_ids=torch.zeros_like(ids), max_new_tokens=4, do_sample=False)
+        assert torch.equal(out, expected)
+    fallback = [str(w.message) for w in recwarn if "generating without one" in str(w.message)]
+    if FAMILY_CASES[family] == "fallback":
+        assert fallback and "dt_proj" in fallback[0], fallback  # names the use it could not route
+        # the failed cached attempt draws no random numbers the user's sampling would miss
+        torch.manual_seed(7)
+        sampled = dense.generate(ids, max_new_tokens=4, do_sample=True)
+        torch.manual_seed(7)
+        assert torch.equal(routed.generate(ids, modality_ids=torch.zeros_like(ids), max_new_tokens=4,
+                                           do_sample=True), sampled)
+    else:
+        assert not fallback
+    assert bool(steps) == (FAMILY_CASES[family] == "cached")  # the routed step graphs ran the cached calls
