@@ -10,11 +10,12 @@ from sparsify.passes.verify import VerifyReport
 from sparsify.plan import RoutingPlan
 from sparsify.routed_model import RoutedModel
 from sparsify.sharding import fully_shard
+from sparsify.token_modalities import modality_ids_from_tokens, token_modalities
 
 _mamba_ssm_frontend.install()  # `import mamba_ssm` works without its CUDA extension (see the module)
 
 __all__ = [
     "CaptureError", "Drift", "InternalError", "RoutedModel", "RoutingError", "RoutingPlan", "SparsifyError",
     "VerificationError", "VerifyReport", "add_modality", "consolidate", "convert", "drift", "export", "extract",
-    "fully_shard", "load", "ops", "save", "verify",
+    "fully_shard", "load", "modality_ids_from_tokens", "ops", "save", "token_modalities", "verify",
 ]

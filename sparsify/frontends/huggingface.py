@@ -32,11 +32,11 @@ def call_defaults(model) -> dict[str, Any]:
     """Keywords every call gets unless the caller sets them: a cache object cannot be exported.
 
     Some models take use_cache only through **kwargs (passed on to their backbone), so it is
-    set there too when the config has one.
+    set there too when the config, or its language model's (a speech-text model's), has one.
     """
     params = inspect.signature(model.forward).parameters
     takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    if "use_cache" in params or (takes_kwargs and hasattr(model.config, "use_cache")):
+    if "use_cache" in params or (takes_kwargs and any(hasattr(c, "use_cache") for c in _text_configs(model.config))):
         return {"use_cache": False}
     return {}
 
@@ -78,7 +78,7 @@ def example_inputs(model) -> dict[str, Any]:
         raise SparsifyError(f"{type(model).__name__} shows no vocabulary (no input embedding, no vocab_size in its "
                             "config or text_config): pass example_inputs to convert().")
     lengths = [getattr(c, key, None) for c in _text_configs(config) for key in ("max_position_embeddings", "n_positions")]
-    max_len = next((n for n in lengths if n), EXAMPLE_SEQ)
+    max_len = next((n for n in lengths if isinstance(n, int) and n > 0), EXAMPLE_SEQ)  # XLNet's -1: no limit
     tokens = random_token_ids(model, vocab, min(EXAMPLE_SEQ, max_len))
     reserved = sorted(i for i in _placeholder_token_ids(config) if 0 <= i < vocab)
     if reserved:
