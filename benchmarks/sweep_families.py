@@ -7,11 +7,14 @@ the table, not the end of the sweep. Columns:
 - built: the tiny model builds and its dense forward runs on CPU (else the reason: the family, not sparsify)
 - converted: `sparsify.convert(model, modalities=3)` with no other argument
 - equal: max relative error of the routed logits against dense at a shape other than the capture's (fp32)
-- routed: the fraction of the block linear and norm parameters (by module class, this script's own view)
-  that the default policy routes
+- routed: the fraction of the block linear and norm parameters (by module class, this script's own view) that
+  the default policy routes, of those the forward uses (an encoder-decoder family's cross-attention has no
+  encoder states in a causal LM: unused); mot: the same under policy="mot"
 - real: modality 1's copies perturbed: a row of modality 0 alone is unchanged, modality-1 tokens change
-- generate: greedy `routed.generate` equals `dense.generate` (4 new tokens, one modality); where the dense
-  model's own generate fails at this tiny size, that is said instead
+- generate: greedy `routed.generate` equals `dense.generate` (4 new tokens, one modality): "yes" with the cache
+  in the routed step graphs, "yes, uncached" where sparsify fell back to generating without one (it warns
+  why); where the dense model's own generate fails at this tiny size, or its cached and uncached generate
+  disagree (then routed is compared with the uncached), that is said
 
     python benchmarks/sweep_families.py [--types llama gpt2 ...] [--markdown docs/families.md]
     python benchmarks/sweep_families.py --rows-from a.log b.log --markdown docs/families.md   # runs split up
@@ -70,7 +73,14 @@ def one_family(model_type: str) -> dict:
     block = {f"{name}.{p}" for name, module in dense.named_modules() if any(c.isdigit() for c in name.split("."))
              if type(module).__name__.endswith(("Linear", "Norm", "RMSNorm", "LayerNorm", "Conv1D"))
              for p, _ in module.named_parameters(recurse=False)}
+    block -= {p.fqn for p in routed.plan.shared if p.role == "unused"}
     row["routed"] = len(block & set(routed.plan.routed)) / max(len(block), 1)
+    try:
+        mot = sparsify.convert(dense, modalities=3, policy="mot", verify=False)
+        row["mot"] = len(block & set(mot.plan.routed)) / max(len(block), 1)
+        del mot
+    except Exception as e:
+        row["mot"] = _short(e)
     try:
         with torch.no_grad():
             for fqn in routed.plan.routed:
@@ -89,13 +99,21 @@ def one_family(model_type: str) -> dict:
     prompt = x[:2, :5]
     try:
         expected = dense.generate(prompt, max_new_tokens=4, do_sample=False)
-    except Exception as e:  # the family (or its tiny config: e.g. no attention layer left in two) cannot generate
+        uncached = dense.generate(prompt, max_new_tokens=4, do_sample=False, use_cache=False)
+    except Exception as e:  # the family (or its tiny config) cannot generate
         row["generate"] = f"dense generate fails: {_short(e)}"
         return row
+    family_note = ""
+    if not torch.equal(expected, uncached):  # the family's own cached decoding is not its forward's
+        expected, family_note = uncached, " (the family's own cached generate differs from its uncached: compared with the uncached)"
     try:
-        out = routed.generate(prompt, modality_ids=torch.zeros_like(prompt), next_modality=0, max_new_tokens=4,
-                              do_sample=False)
-        row["generate"] = "yes" if torch.equal(out, expected) else "differs"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = routed.generate(prompt, modality_ids=torch.zeros_like(prompt), next_modality=0, max_new_tokens=4,
+                                  do_sample=False)
+        fallback = any("generating without one" in str(w.message) for w in caught)
+        row["generate"] = ("yes, uncached" if fallback else "yes") if torch.equal(out, expected) else "differs"
+        row["generate"] += family_note
     except Exception as e:
         row["generate"] = _short(e)
     return row
@@ -119,7 +137,7 @@ def run_isolated(model_type: str) -> dict:
     return row
 
 
-COLUMNS = ("type", "built", "converted", "equal", "routed", "real", "generate")
+COLUMNS = ("type", "built", "converted", "equal", "routed", "mot", "real", "generate")
 
 
 def markdown(rows: list[dict], header: str) -> str:
@@ -133,9 +151,15 @@ def markdown(rows: list[dict], header: str) -> str:
     built = [r for r in rows if r.get("built") == "yes"]
     converted = [r for r in built if r.get("converted") == "yes"]
     equal = [r for r in converted if isinstance(r.get("equal"), float) and r["equal"] <= 1e-4]
-    generated = [r for r in equal if r.get("generate") == "yes"]
+    generated = [r for r in equal if str(r.get("generate")).startswith("yes")]
+    uncached = [r for r in generated if str(r.get("generate")).startswith("yes, uncached")]
+    dense_fails = [r for r in equal if str(r.get("generate")).startswith("dense generate fails")]
+    real = [r for r in equal if r.get("real") == "yes"]
+    most = [r for r in equal if isinstance(r.get("mot"), float) and r["mot"] >= 0.9]
     lines += ["", f"{len(rows)} families: {len(built)} build tiny on CPU, {len(converted)} convert, "
-              f"{len(equal)} equal dense (max rel err <= 1e-4, fp32), {len(generated)} of those generate equal."]
+              f"{len(equal)} equal dense (max rel err <= 1e-4, fp32), {len(real)} of those route for real, "
+              f"{len(most)} route >= 90% of their used block linears and norms under mot; {len(generated)} "
+              f"generate equal ({len(uncached)} of them uncached), {len(dense_fails)} whose dense generate fails."]
     return "\n".join(lines) + "\n"
 
 
