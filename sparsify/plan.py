@@ -258,6 +258,7 @@ def build_plan(
     attention_blocks = _attention_blocks(captured, has_blocks)
 
     plan = RoutingPlan(modalities=modalities, init=init, policy=policy, include=include, exclude=exclude)
+    unroutable_shared: list[str] = []
     for names in names_of.values():
         fqn = names[0]
         param_uses = uses.get(fqn, [])
@@ -265,15 +266,24 @@ def build_plan(
         routable = not reason
         block = _block_of(fqn) if has_blocks else ROOT_BLOCK
         pick = _selected(policy, role, block, attention_blocks, routable)
+        unroutable = pick and not any(not u.problem for u in param_uses)
+        if unroutable:
+            # A preset picks by role; a parameter none of whose uses has tokens to route by (it acts on windows
+            # or pools of several tokens, a state before the first token) has no modality to take a copy by.
+            # Left shared and said (a note, a warning at convert); one routable use among odd ones is still
+            # picked, and route names the odd use.
+            pick, reason = False, f"no use of it can be routed per token ({reason})"
         if any(u.kind in shared_kinds for u in param_uses):
             # No preset routes these; include= does (and route then names any use it cannot route).
             pick, reason = False, "an embedding table: shared under every policy; include= routes it"
         if include_re and any(include_re.search(n) for n in names):
-            pick = True
+            pick, unroutable = True, False
         if exclude_re and any(exclude_re.search(n) for n in names):
             pick, reason = False, reason or f"excluded by {exclude!r}"
         entry = PlannedParam(fqn=fqn, role=role, shape=list(module.get_parameter(fqn).shape),
                              uses=[u.describe() for u in param_uses], aliases=names[1:])
+        if unroutable and not pick:
+            unroutable_shared.append(fqn)
         if pick:
             plan.params.append(entry)
         else:
@@ -288,6 +298,10 @@ def build_plan(
         f"block {block_of(p.fqn)} is routed but its norm parameter {p.fqn} stays shared ({p.reason})"
         for p in plan.shared if p.role == "norm" and block_of(p.fqn) in routed_blocks
         and _selected(policy, "norm", block_of(p.fqn), attention_blocks, True)]
+    if unroutable_shared:
+        plan.notes.append(f"{len(unroutable_shared)} parameters policy={policy!r} would route stay shared: none of "
+                          f"their uses has tokens to route by ({', '.join(unroutable_shared[:4])}"
+                          f"{', ...' if len(unroutable_shared) > 4 else ''}; the summary gives each one's reason)")
     return plan
 
 

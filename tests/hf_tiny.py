@@ -15,7 +15,7 @@ COMMON = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_l
               sliding_window=16, intermediate_size_mlp=64, num_local_experts=2, num_experts=2, n_routed_experts=2,
               num_experts_per_tok=1, moe_intermediate_size=16, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4,
               qk_nope_head_dim=4, v_head_dim=8, first_k_dense_replace=1, rotary_dim=4, n_group=1, topk_group=1,
-              num_experts_per_token=1, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8,
+              num_experts_per_token=1, mamba_n_heads=4, mamba_d_head=16, mamba_d_ssm=64, mamba_n_groups=1, mamba_d_state=8,
               mamba_chunk_size=4, encoder_attention_heads=4, decoder_attention_heads=4, encoder_layers=LAYERS,
               decoder_layers=LAYERS, encoder_ffn_dim=64, decoder_ffn_dim=64, num_expert_group=1, attn_layer_period=2,
               attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1)

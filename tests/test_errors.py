@@ -278,3 +278,32 @@ def test_triton_backend_on_cpu_without_the_interpreter_says_what_to_do(toy_route
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(sparsify.SparsifyError, match="TRITON_INTERPRET=1"):
         routed(torch.randint(0, 50, (2, 7)), modality_ids=torch.zeros(2, 7, dtype=torch.long))
+
+
+class PooledSummaryBlock(torch.nn.Module):
+    """A block with one linear on every token and one on the mean of windows of 2 tokens (as a compressed
+    attention's summary): the second has no token, so no modality, to route by."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 16)
+        self.layers = torch.nn.ModuleList([torch.nn.ModuleDict({"per_token": torch.nn.Linear(16, 16),
+                                                                "summary": torch.nn.Linear(16, 16)})])
+
+    def forward(self, x):
+        h = self.embed(x)
+        for layer in self.layers:
+            windows = h.reshape(h.shape[0], h.shape[1] // 2, 2, 16).mean(2)
+            h = layer["per_token"](h) + layer["summary"](windows).mean(1, keepdim=True)
+        return h
+
+
+def test_a_parameter_with_no_per_token_use_stays_shared_under_a_preset_and_include_is_refused():
+    example = (torch.randint(0, 50, (2, 8)),)
+    with pytest.warns(UserWarning, match=r"2 parameters policy='mot' would route stay shared: none of their uses"):
+        routed = sparsify.convert(PooledSummaryBlock(), 2, example_inputs=example, policy="mot")
+    assert set(routed.plan.routed) == {"layers.0.per_token.weight", "layers.0.per_token.bias"}
+    reasons = {p.fqn: p.reason for p in routed.plan.shared}
+    assert reasons["layers.0.summary.weight"].startswith("no use of it can be routed per token")
+    with pytest.raises(sparsify.RoutingError, match=r"layers\.0\.summary\.weight: node"):
+        sparsify.convert(PooledSummaryBlock(), 2, example_inputs=example, include=r"summary")
