@@ -415,7 +415,11 @@ def _generate(routed, input_ids: torch.Tensor, tracker: "ModalityTracker", cache
         prepare_signature = inspect.signature(own_prepare)
 
         def prepare_static_cache(*args, **options):  # transformers' static cache, sliding layers at full length
-            cache = own_prepare(*args, **options)
+            try:
+                cache = own_prepare(*args, **options)
+            except Exception as error:  # a layer kind transformers' StaticCache does not know (DeepSeek-V4's)
+                raise StepNotRoutable(f"transformers cannot build a static cache for it: {type(error).__name__}: "
+                                      f"{error}") from error
             _full_length_layers(cache, prepare_signature.bind(*args, **options).arguments["max_cache_len"])
             return cache
         hooks.enter_context(attribute_replaced(dense, "_prepare_static_cache", prepare_static_cache))
