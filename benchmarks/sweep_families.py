@@ -10,7 +10,8 @@ the table, not the end of the sweep. Columns:
 - routed: the fraction of the block linear and norm parameters (by module class, this script's own view) that
   the default policy routes, of those the forward uses (an encoder-decoder family's cross-attention has no
   encoder states in a causal LM: unused); mot: the same under policy="mot"
-- real: modality 1's copies perturbed: a row of modality 0 alone is unchanged, modality-1 tokens change
+- real: modality 1's copies perturbed (seeded noise): a row of modality 0 alone is unchanged, modality-1 tokens
+  change
 - generate: greedy `routed.generate` equals `dense.generate` (4 new tokens, one modality): "yes" with the cache
   in the routed step graphs, "yes, uncached" where sparsify fell back to generating without one (it warns
   why); where the dense model's own generate fails at this tiny size, or its cached and uncached generate
@@ -82,9 +83,15 @@ def one_family(model_type: str) -> dict:
     except Exception as e:
         row["mot"] = _short(e)
     try:
+        # Random noise, not a constant: a constant added to a whole weight shifts every feature alike, which a
+        # LayerNorm without parameters (OLMo's) takes out again.
+        noise = torch.Generator().manual_seed(3)
+        saved = {fqn: routed.get_parameter(fqn)[1].clone() for fqn in routed.plan.routed}
         with torch.no_grad():
             for fqn in routed.plan.routed:
-                routed.get_parameter(fqn)[1].add_(0.05)
+                copy = routed.get_parameter(fqn)[1]
+                scale = max(float(copy.std()) if copy.numel() > 1 else 0.0, 0.1)  # a norm's ones: std 0
+                copy.add_(torch.randn(copy.shape, generator=noise) * scale * 0.5)
             moved = (routed(x, modality_ids=ids).logits - got).abs().amax(-1)
         # A row of modality 0 alone may move by rounding where the model couples a batch's rows (a
         # mixture-of-experts layer that groups tokens across rows): 1e-5 of the logits' scale is the bound.
@@ -92,8 +99,8 @@ def one_family(model_type: str) -> dict:
         row["real"] = "yes" if float(moved[0].max()) <= 1e-5 * scale and bool((moved[ids == 1] > 1e-5 * scale).all()) \
             else f"no (row of modality 0 moved {float(moved[0].max()):.1e}, scale {scale:.1e})"
         with torch.no_grad():
-            for fqn in routed.plan.routed:
-                routed.get_parameter(fqn)[1].sub_(0.05)
+            for fqn, value in saved.items():
+                routed.get_parameter(fqn)[1].copy_(value)
     except Exception as e:
         row["real"] = _short(e)
     prompt = x[:2, :5]

@@ -431,7 +431,10 @@ def _generate(routed, input_ids: torch.Tensor, tracker: "ModalityTracker", cache
             model_inputs = {k: v for k, v in model_inputs.items() if k not in CACHE_ARGS and k != "use_cache"}
             with forward_replaced(dense, type(dense).forward.__get__(dense)):
                 return routed(**model_inputs, modality_ids=ids)
-        cache = model_inputs.pop(cache_arg)
+        cache = model_inputs.pop(cache_arg, None)
+        if cache is None:  # generate made no static cache: the model keeps a cache of its own (MiniMax's)
+            raise StepNotRoutable(f"{type(dense).__name__} does not take transformers' static cache (generate passed "
+                                  f"no {cache_arg})")
         if "step" not in state:
             state["step"] = step = DecodingStep(routed, cache, cache_arg)
             step.allocate(tokens.shape[0])
