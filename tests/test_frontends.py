@@ -34,3 +34,23 @@ def test_graph_forms_of_every_frontend_are_entered_and_left():
         inside = getattr(modeling_mamba, huggingface.SCAN_FUNCTION)
     assert inside is not original  # transformers' scan is the sparsify op while capturing
     assert getattr(modeling_mamba, huggingface.SCAN_FUNCTION) is original
+
+
+def test_use_cache_false_reaches_a_backbone_through_kwargs_where_only_its_language_config_has_it():
+    """A speech-text model (MOSS) takes use_cache only through **kwargs, and only its text_config has use_cache:
+    capture must still pass use_cache=False (a cache object cannot be exported)."""
+    from types import SimpleNamespace
+
+    from sparsify.frontends.huggingface import call_defaults
+
+    class Wrapper:
+        config = SimpleNamespace(text_config=SimpleNamespace(use_cache=True))
+
+        def forward(self, input_ids, **kwargs):
+            return input_ids
+
+    class NoCache(Wrapper):
+        config = SimpleNamespace(text_config=SimpleNamespace())
+
+    assert call_defaults(Wrapper()) == {"use_cache": False}
+    assert call_defaults(NoCache()) == {}
