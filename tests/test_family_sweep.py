@@ -3,9 +3,9 @@ sweep over every causal-LM family takes most of an hour: docs/families.md). Each
 sweep found: multi-head latent attention (DeepSeek-V3: its cache holds the compressed latents of earlier
 tokens, so generation falls back to uncached), a hybrid whose tiny config keeps one layer of each kind (LFM2:
 short convolutions and attention), a config with no length limit (XLNet: its generate feeds a two-stream query
-route cannot place, a RoutingError), a compressed attention whose summary parameters have no token to route
-by (DeepSeek-V4: they stay shared, the rest routes; transformers' static cache does not know its layers, so
-generation falls back to uncached)."""
+route cannot place, a RoutingError). (DeepSeek-V4, whose compressed attention's summary parameters have no
+token to route by and whose layers transformers' static cache does not know, takes ~30 s: the sweep covers it;
+tests/test_errors.py and tests/test_generation.py test those two behaviours on small models.)"""
 import os
 import sys
 
@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 from sweep_families import one_family  # noqa: E402
 
-GENERATE = {"deepseek_v3": "yes, uncached", "lfm2": "yes", "xlnet": "RoutingError", "deepseek_v4": "yes, uncached"}
+GENERATE = {"deepseek_v3": "yes, uncached", "lfm2": "yes", "xlnet": "RoutingError"}
 
 
 @pytest.mark.parametrize("family", sorted(GENERATE))
@@ -23,5 +23,5 @@ def test_family_row(family):
     assert row["built"] == "yes" and row["converted"] == "yes", row
     assert isinstance(row["equal"], float) and row["equal"] <= 1e-5, row  # fp32, a shape other than the capture's
     assert row["real"] == "yes", row
-    assert row["mot"] >= (0.6 if family == "deepseek_v4" else 0.9), row
+    assert row["mot"] >= 0.9, row
     assert str(row["generate"]).startswith(GENERATE[family]), row

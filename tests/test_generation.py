@@ -436,3 +436,21 @@ def test_families_generate_as_dense(family, recwarn, monkeypatch):
     else:
         assert not fallback
     assert bool(steps) == (FAMILY_CASES[family] == "cached")  # the routed step graphs ran the cached calls
+
+
+def test_a_model_transformers_cannot_build_a_static_cache_for_generates_uncached(monkeypatch):
+    """transformers' StaticCache refuses some layer kinds (DeepSeek-V4's compressed attention): generate says so
+    and generates without a cache, equal to dense."""
+    torch.manual_seed(0)
+    dense = llama().eval()
+    routed = sparsify.convert(dense, modalities=3)
+    ids, mask = prompt()
+    expected = dense.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
+
+    def refuse(*args, **kwargs):
+        raise KeyError("heavily_compressed_attention")
+    monkeypatch.setattr(routed._dense, "_prepare_static_cache", refuse)  # convert copied the dense model
+    with pytest.warns(UserWarning, match="transformers cannot build a static cache for it: KeyError"):
+        out = routed.generate(ids, modality_ids=torch.zeros_like(ids), attention_mask=mask, max_new_tokens=NEW,
+                              do_sample=False)
+    assert torch.equal(out, expected)
