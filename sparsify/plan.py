@@ -266,7 +266,7 @@ def build_plan(
         routable = not reason
         block = _block_of(fqn) if has_blocks else ROOT_BLOCK
         pick = _selected(policy, role, block, attention_blocks, routable)
-        unroutable = pick and not any(not u.problem for u in param_uses)
+        unroutable = pick and all(u.problem for u in param_uses)
         if unroutable:
             # A preset picks by role; a parameter none of whose uses has tokens to route by (it acts on windows
             # or pools of several tokens, a state before the first token) has no modality to take a copy by.
@@ -275,14 +275,14 @@ def build_plan(
             pick, reason = False, f"no use of it can be routed per token ({reason})"
         if any(u.kind in shared_kinds for u in param_uses):
             # No preset routes these; include= does (and route then names any use it cannot route).
-            pick, reason = False, "an embedding table: shared under every policy; include= routes it"
+            pick, unroutable, reason = False, False, "an embedding table: shared under every policy; include= routes it"
         if include_re and any(include_re.search(n) for n in names):
             pick, unroutable = True, False
         if exclude_re and any(exclude_re.search(n) for n in names):
-            pick, reason = False, reason or f"excluded by {exclude!r}"
+            pick, unroutable, reason = False, False, reason or f"excluded by {exclude!r}"
         entry = PlannedParam(fqn=fqn, role=role, shape=list(module.get_parameter(fqn).shape),
                              uses=[u.describe() for u in param_uses], aliases=names[1:])
-        if unroutable and not pick:
+        if unroutable:
             unroutable_shared.append(fqn)
         if pick:
             plan.params.append(entry)

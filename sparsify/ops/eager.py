@@ -49,7 +49,7 @@ class _Eager(torch.autograd.Function):
 
 def _traced(tensors) -> bool:
     # type(), not isinstance: a DTensor parameter (tensor parallelism) is an nn.Parameter to isinstance, and its
-    # op must reach DTensor's dispatch (sharding.py registers the routed ops' sharding rules there)
+    # op must reach DTensor's dispatch (tensor_parallel.py registers the routed ops' sharding rules there)
     return torch.compiler.is_compiling() or torch.compiler.is_exporting() or any(
         type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter for t in tensors
         if isinstance(t, torch.Tensor))
