@@ -18,13 +18,14 @@ COMMON = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_l
               num_experts_per_token=1, mamba_n_heads=4, mamba_d_head=16, mamba_d_ssm=64, mamba_n_groups=1, mamba_d_state=8,
               mamba_chunk_size=4, encoder_attention_heads=4, decoder_attention_heads=4, encoder_layers=LAYERS,
               decoder_layers=LAYERS, encoder_ffn_dim=64, decoder_ffn_dim=64, num_expert_group=1, attn_layer_period=2,
-              attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1)
+              attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, emb_dim=32, n_layers=LAYERS)
 SUB_CONFIGS = ("text_config", "language_config", "llm_config")
 EXTRA = {"llama4_text": dict(interleave_moe_layer_step=1)}
 
 
 def _overrides(defaults: dict) -> dict:
-    layers = defaults.get("num_hidden_layers") or defaults.get("n_layer") or defaults.get("num_layers")
+    layers = (defaults.get("num_hidden_layers") or defaults.get("n_layer") or defaults.get("num_layers")
+              or defaults.get("n_layers"))
     out = {k: v for k, v in COMMON.items() if k in defaults}
     for key, value in defaults.items():
         if key in out or not layers:
