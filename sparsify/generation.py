@@ -439,6 +439,7 @@ def _generate(routed, input_ids: torch.Tensor, tracker: "ModalityTracker", cache
             state["step"] = step = DecodingStep(routed, cache, cache_arg)
             step.allocate(tokens.shape[0])
             state["mask_length"] = _mask_length(cache)
+            state["attention_only"] = _attention_only(cache)
             own_reorder = cache.reorder_cache
 
             def reorder_cache(beam_idx):  # beam search, between two steps: the cache's own reorder, then ours
@@ -458,7 +459,7 @@ def _generate(routed, input_ids: torch.Tensor, tracker: "ModalityTracker", cache
             # shape. (Only for an attention cache: a recurrent layer's decode step reads no mask.)
             inputs["attention_mask"] = torch.ones(tokens.shape[0], tracker.fed, dtype=torch.long, device=tokens.device)
         mask = inputs.get("attention_mask")
-        if step.phase == "decode" and isinstance(mask, torch.Tensor) and mask.dim() == 2 \
+        if (step.phase == "decode" or state["attention_only"]) and isinstance(mask, torch.Tensor) and mask.dim() == 2 \
                 and mask.shape[-1] < state["mask_length"]:
             inputs["attention_mask"] = torch.nn.functional.pad(mask, (0, state["mask_length"] - mask.shape[-1]))
         outputs = step.run(inputs, ids)
@@ -514,8 +515,18 @@ def _mask_length(cache) -> int:
     (one graph; growing by a column per step, the graphs' size guards re-captured it near the cache's end): the
     static cache's length, or 0 (left as it is) for a cache that is not compileable. transformers pads a shorter
     mask the same way for attention; the columns past the current position are masked as future tokens anyway.
-    The prefill's mask is left as it is: a recurrent layer's mask is the mask's last `prompt length` columns
-    (create_recurrent_attention_mask), which zeros at the end would shift; a one-token step has no such mask."""
+    The prefill's mask is padded only where the cache has no recurrent layer (_attention_only): a recurrent
+    layer's mask is the mask's last `prompt length` columns (create_recurrent_attention_mask), which zeros at the
+    end would shift; a one-token step has no such mask."""
     if not getattr(cache, "is_compileable", False):
         return 0
     return max((getattr(layer, "max_cache_len", 0) for layer in getattr(cache, "layers", ())), default=0)
+
+
+def _attention_only(cache) -> bool:
+    """Whether every layer of the cache is an attention layer (no recurrent state): then the prefill's 2-D mask
+    is zero-padded to the cache's length as well, as transformers pads it for attention (prepare_padding_mask),
+    so that a model building something else from the raw mask (BLOOM's ALiBi) sees the keys' length."""
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+    return not any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in getattr(cache, "layers", ()))

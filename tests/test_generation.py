@@ -123,9 +123,11 @@ def test_perturbed_modality_changes_generation_and_cache_equals_no_cache(convert
 def test_the_step_graphs_take_the_2d_mask_at_the_cache_length_and_build_the_4d_one(monkeypatch):
     """With a static cache transformers would build the 4-D attention mask in Python before every step; the
     step graphs get the 2-D padding mask instead and build the 4-D mask themselves: each decode step's
-    zero-padded to the cache's length (one shape for every step), the prefill's as the user gave it (a
-    recurrent layer takes the mask's last prompt-length columns: test_hybrid_prefill_with_left_padding...).
-    Greedy generation with left padding still equals dense."""
+    zero-padded to the cache's length (one shape for every step), and with an attention-only cache the
+    prefill's too, as transformers pads it for attention (BLOOM builds ALiBi from the raw mask: it must see the
+    keys' length); with a recurrent layer the prefill's is left as the user gave it (it takes the mask's last
+    prompt-length columns: test_hybrid_prefill_with_left_padding...). Greedy generation with left padding still
+    equals dense."""
     from sparsify.generation import DecodingStep
 
     torch.manual_seed(0)
@@ -139,9 +141,9 @@ def test_the_step_graphs_take_the_2d_mask_at_the_cache_length_and_build_the_4d_o
     out = routed.generate(ids, modality_ids=torch.zeros_like(ids), attention_mask=mask, max_new_tokens=NEW,
                           do_sample=False)
     assert torch.equal(out, dense.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False))
-    assert len(masks) == NEW and torch.equal(masks[0], mask)  # the prefill's: the user's
     # the cache holds every position fed back: the prompt and all new tokens but the last
-    assert all(m.shape == (2, ids.shape[1] + NEW - 1) for m in masks[1:])
+    assert len(masks) == NEW and all(m.shape == (2, ids.shape[1] + NEW - 1) for m in masks)
+    assert torch.equal(masks[0][:, :ids.shape[1]], mask) and masks[0][:, ids.shape[1]:].eq(0).all()  # the user's
     for step, m in enumerate(masks[1:], 1):  # the mask so far, then zeros for the positions not generated yet
         seen = ids.shape[1] + step
         assert torch.equal(m[:, :ids.shape[1]], mask) and m[:, ids.shape[1]:seen].eq(1).all()
@@ -392,65 +394,3 @@ def test_a_cache_from_elsewhere_is_refused():
     with pytest.raises(SparsifyError, match="assisted generation"):
         routed.generate(ids, modality_ids=torch.zeros_like(ids), prompt_lookup_num_tokens=2, max_new_tokens=2)
 
-
-# Families whose cached step needed more than Llama's: Falcon's multi-query attention keeps one key head where the
-# config's head counts say more (transformers' eager cache allocation would size it wrong); RoFormer and BERT as a
-# decoder take no position ids and read the tokens so far from the cache (a data-dependent count in a static
-# cache) unless given a mask; OpenAI GPT takes no cache argument at all; Doge's decode reads a routed projection
-# of the cache's contents (earlier tokens, whose modalities the step does not hold): generated without a cache.
-# MiniMax keeps a cache class of its own (generate passes no static cache): generated without a cache.
-FAMILY_CASES = {"falcon": "cached", "roformer": "cached", "bert": "cached", "openai-gpt": "uncached",
-                "doge": "fallback", "minimax": "fallback"}
-FALLBACK_REASON = {"doge": "dt_proj", "minimax": "does not take transformers' static cache"}
-
-
-@pytest.mark.parametrize("family", sorted(FAMILY_CASES))
-def test_families_generate_as_dense(family, recwarn, monkeypatch):
-    from sparsify.generation import DecodingStep
-    from tests.hf_tiny import tiny_causal_lm
-
-    steps = []  # step graphs run to the end
-    run = DecodingStep.run
-
-    def counted_run(step, *args):
-        out = run(step, *args)
-        steps.append(1)
-        return out
-    monkeypatch.setattr(DecodingStep, "run", counted_run)
-    dense = tiny_causal_lm(family)
-    routed = sparsify.convert(dense, modalities=3)
-    ids, _ = prompt(batch=2, length=5, vocab=100, seed=4)
-    expected = dense.generate(ids, max_new_tokens=4, do_sample=False)
-    for _ in range(2):  # the second call reuses the first's graphs, allocation verdict or fallback
-        out = routed.generate(ids, modality_ids=torch.zeros_like(ids), max_new_tokens=4, do_sample=False)
-        assert torch.equal(out, expected)
-    fallback = [str(w.message) for w in recwarn if "generating without one" in str(w.message)]
-    if FAMILY_CASES[family] == "fallback":
-        assert fallback and FALLBACK_REASON[family] in fallback[0], fallback  # says why
-        # the failed cached attempt draws no random numbers the user's sampling would miss
-        torch.manual_seed(7)
-        sampled = dense.generate(ids, max_new_tokens=4, do_sample=True)
-        torch.manual_seed(7)
-        assert torch.equal(routed.generate(ids, modality_ids=torch.zeros_like(ids), max_new_tokens=4,
-                                           do_sample=True), sampled)
-    else:
-        assert not fallback
-    assert bool(steps) == (FAMILY_CASES[family] == "cached")  # the routed step graphs ran the cached calls
-
-
-def test_a_model_transformers_cannot_build_a_static_cache_for_generates_uncached(monkeypatch):
-    """transformers' StaticCache refuses some layer kinds (DeepSeek-V4's compressed attention): generate says so
-    and generates without a cache, equal to dense."""
-    torch.manual_seed(0)
-    dense = llama().eval()
-    routed = sparsify.convert(dense, modalities=3)
-    ids, mask = prompt()
-    expected = dense.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
-
-    def refuse(*args, **kwargs):
-        raise KeyError("heavily_compressed_attention")
-    monkeypatch.setattr(routed._dense, "_prepare_static_cache", refuse)  # convert copied the dense model
-    with pytest.warns(UserWarning, match="transformers cannot build a static cache for it: KeyError"):
-        out = routed.generate(ids, modality_ids=torch.zeros_like(ids), attention_mask=mask, max_new_tokens=NEW,
-                              do_sample=False)
-    assert torch.equal(out, expected)
