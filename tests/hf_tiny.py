@@ -1,8 +1,11 @@
 """Tiny random-weight Hugging Face causal LMs by model type, from transformers' own config classes.
 
 `tiny_config` shrinks any config generically: the sizes most configs share (COMMON) wherever the config has
-them, its sub-configs (text_config, ...) alike, and every per-layer list cut to the new layer count. EXTRA
-holds what a few families need besides. Used by the family tests and benchmarks/sweep_families.py.
+them, its sub-configs (text_config, ...) alike, and every per-layer list cut to the new layer count. It keeps
+what makes the family what it is: its kind of attention (multi-head, multi-query or grouped keys), one layer
+of each kind where layer kinds are listed (a hybrid keeps an attention layer), sizes that must agree (a
+Mamba2 mixer's heads tile its width). EXTRA holds what a few families need besides. Used by the family tests
+and benchmarks/sweep_families.py.
 """
 import torch
 
