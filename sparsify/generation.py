@@ -370,7 +370,8 @@ def generate(routed, input_ids: torch.Tensor, modality_ids: torch.Tensor | None 
     if use_cache and "_uncached_generation" not in routed.__dict__:
         random_state = _random_state()
         try:
-            return _generate(routed, input_ids, ModalityTracker(input_ids, modality_ids, rule), cache_arg, kwargs)
+            return _generate(routed, input_ids, ModalityTracker(input_ids, modality_ids, rule), cache_arg, signature,
+                             kwargs)
         except StepNotRoutable as error:
             # Remembered per routed model: the same forward fails the same way in the next call.
             lines = str(error).splitlines()  # a RoutingError's first line is a heading; its first item says what
@@ -382,7 +383,7 @@ def generate(routed, input_ids: torch.Tensor, modality_ids: torch.Tensor | None 
             f"({routed.__dict__['_uncached_generation']}); generating without one: each new token runs the routed "
             "model on the whole sequence so far (the same tokens, more work per token for long outputs). Pass "
             "use_cache=False to generate this way without the attempt.", stacklevel=3)
-    return _generate(routed, input_ids, ModalityTracker(input_ids, modality_ids, rule), None, kwargs)
+    return _generate(routed, input_ids, ModalityTracker(input_ids, modality_ids, rule), None, signature, kwargs)
 
 
 def _random_state(state=None):
@@ -395,11 +396,12 @@ def _random_state(state=None):
         torch.cuda.set_rng_state_all(state[1])
 
 
-def _generate(routed, input_ids: torch.Tensor, tracker: "ModalityTracker", cache_arg: str | None, kwargs: dict):
-    """One `dense.generate` call with the forward replaced by the routed one: with the cache argument
-    `cache_arg` in the routed step graphs, or without a cache where it is None."""
+def _generate(routed, input_ids: torch.Tensor, tracker: "ModalityTracker", cache_arg: str | None,
+              signature: inspect.Signature, kwargs: dict):
+    """One `dense.generate` call with the forward replaced by the routed one (`signature`: the dense forward's):
+    with the cache argument `cache_arg` in the routed step graphs, or without a cache where it is None."""
     dense = routed._dense
-    signature = inspect.signature(dense.forward)
+    takes_mask = "attention_mask" in signature.parameters
     kwargs = dict(kwargs)
     use_cache = cache_arg is not None
     if use_cache:
@@ -452,7 +454,7 @@ def _generate(routed, input_ids: torch.Tensor, tracker: "ModalityTracker", cache
             raise SparsifyError("internal: generate passed a different cache object mid-generation")
         inputs = {"input_ids": tokens, **{k: v for k, v in model_inputs.items()
                                           if k not in ("input_ids", "use_cache", "return_dict")}}
-        if inputs.get("attention_mask") is None and state["mask_length"] and "attention_mask" in signature.parameters:
+        if takes_mask and inputs.get("attention_mask") is None and state["mask_length"]:
             # transformers drops a mask of all ones. Without one, many models (RoFormer, BioGPT, GIT, ...) take the
             # tokens so far from the cache (get_seq_length), which a static attention cache's tensors give only as a
             # data-dependent count that a graph can neither size a tensor by nor branch on. The mask says it as a

@@ -266,24 +266,23 @@ def build_plan(
         routable = not reason
         block = _block_of(fqn) if has_blocks else ROOT_BLOCK
         pick = _selected(policy, role, block, attention_blocks, routable)
-        unroutable = pick and all(u.problem for u in param_uses)
-        if unroutable:
-            # A preset picks by role; a parameter none of whose uses has tokens to route by (it acts on windows
-            # or pools of several tokens, a state before the first token) has no modality to take a copy by.
-            # Left shared and said (a note, a warning at convert); one routable use among odd ones is still
-            # picked, and route names the odd use.
-            pick, reason = False, f"no use of it can be routed per token ({reason})"
         if any(u.kind in shared_kinds for u in param_uses):
             # No preset routes these; include= does (and route then names any use it cannot route).
-            pick, unroutable, reason = False, False, "an embedding table: shared under every policy; include= routes it"
-        if include_re and any(include_re.search(n) for n in names):
-            pick, unroutable = True, False
+            pick, reason = False, "an embedding table: shared under every policy; include= routes it"
+        included = bool(include_re and any(include_re.search(n) for n in names))
+        if included:
+            pick = True
         if exclude_re and any(exclude_re.search(n) for n in names):
-            pick, unroutable, reason = False, False, reason or f"excluded by {exclude!r}"
+            pick, reason = False, reason or f"excluded by {exclude!r}"
+        if pick and not included and all(u.problem for u in param_uses):
+            # A preset picks by role; a parameter none of whose uses has tokens to route by (it acts on windows
+            # or pools of several tokens, a state before the first token) has no modality to take a copy by.
+            # Left shared and said (a note, a warning at convert). One routable use among odd ones is still
+            # picked, and route names the odd use; include= still picks it, and route refuses it.
+            pick, reason = False, f"no use of it can be routed per token ({reason})"
+            unroutable_shared.append(fqn)
         entry = PlannedParam(fqn=fqn, role=role, shape=list(module.get_parameter(fqn).shape),
                              uses=[u.describe() for u in param_uses], aliases=names[1:])
-        if unroutable:
-            unroutable_shared.append(fqn)
         if pick:
             plan.params.append(entry)
         else:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from sparsify.errors import SparsifyError
-from sparsify.frontends.huggingface import TEXT_TOKENS
+from sparsify.frontends.huggingface import placeholder_token_fields
 
 DEFAULT_MODALITIES = {"text": 0, "image": 1, "video": 1, "audio": 2}
 # Words in a config's token-id names, by the modality they mark ("boi": begin of image, "boa": begin of audio).
@@ -26,22 +26,13 @@ KIND_WORDS = {"image": ("image", "boi", "eoi", "vision"), "video": ("video",), "
 
 def placeholder_tokens(model_or_config) -> dict[str, set[int]]:
     """{"image": {token ids}, "video": ..., "audio": ...}: the placeholder token ids the config (and its
-    sub-configs: text, vision, audio) names, by kind; kinds the model has none of are left out."""
-    config = getattr(model_or_config, "config", model_or_config)
-    dense = getattr(model_or_config, "_dense", None)  # a RoutedModel: its dense model's config
-    if dense is not None:
-        config = dense.config
-    configs = [config] + [value for value in vars(config).values() if hasattr(value, "to_dict")]
+    sub-configs: text, vision, audio) names, by kind; kinds the model has none of are left out. A RoutedModel
+    shows its dense model's config."""
     found: dict[str, set[int]] = {}
-    for c in configs:
-        for name, value in vars(c).items():
-            if not name.endswith(("_token_id", "_token_index", "_token_ids")) or name in TEXT_TOKENS:
-                continue
-            kind = next((k for k, words in KIND_WORDS.items() if any(w in name for w in words)), None)
-            values = value if isinstance(value, (list, tuple)) else [value]
-            ids = {v for v in values if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
-            if kind and ids:
-                found.setdefault(kind, set()).update(ids)
+    for name, ids in placeholder_token_fields(getattr(model_or_config, "config", model_or_config)):
+        kind = next((k for k, words in KIND_WORDS.items() if any(w in name for w in words)), None)
+        if kind and ids:
+            found.setdefault(kind, set()).update(ids)
     return found
 
 

@@ -60,15 +60,20 @@ TEXT_TOKENS = {"pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_to
                "cls_token_id", "unk_token_id", "mask_token_id"}
 
 
-def _placeholder_token_ids(config) -> set[int]:
-    """Special token ids a multi-modal model treats as placeholders (image, video, audio, their begin/end
-    markers): a text-only example must not contain them, or the model asks for pixel values."""
-    ids = set()
-    for c in [config, *_text_configs(config)[1:]]:
+def placeholder_token_fields(config):
+    """(field name, token ids) of every special token id the config and its sub-configs (text, vision, audio)
+    name, text's own (pad, bos, eos, ...) left out: the placeholders of other modalities (image, video, audio)
+    and their begin/end markers."""
+    for c in [config, *(value for value in vars(config).values() if hasattr(value, "to_dict"))]:
         for name, value in vars(c).items():
             if name.endswith(("_token_id", "_token_index", "_token_ids")) and name not in TEXT_TOKENS:
-                ids.update(v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, int))
-    return ids
+                values = value if isinstance(value, (list, tuple)) else [value]
+                yield name, [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+
+
+def _placeholder_token_ids(config) -> set[int]:
+    """A text-only example must not contain the placeholders, or the model asks for pixel values."""
+    return {i for _, ids in placeholder_token_fields(config) for i in ids}
 
 
 def example_inputs(model) -> dict[str, Any]:
