@@ -12,10 +12,19 @@ from sparsify.routed_model import RoutedModel
 from sparsify.sharding import fully_shard
 from sparsify.token_modalities import modality_ids_from_tokens, token_modalities
 
-_mamba_ssm_frontend.install()  # `import mamba_ssm` works without its CUDA extension (see the module)
+_mamba_ssm_frontend.install()
+
+
+def __getattr__(name: str):
+    # Loaded on first use: tensor_parallel.py imports torch.distributed.tensor (and registers DTensor rules).
+    if name == "parallelize_module":
+        from sparsify.tensor_parallel import parallelize_module
+        return parallelize_module
+    raise AttributeError(f"module 'sparsify' has no attribute '{name}'")
+  # `import mamba_ssm` works without its CUDA extension (see the module)
 
 __all__ = [
     "CaptureError", "Drift", "InternalError", "RoutedModel", "RoutingError", "RoutingPlan", "SparsifyError",
     "VerificationError", "VerifyReport", "add_modality", "consolidate", "convert", "drift", "export", "extract",
-    "fully_shard", "load", "modality_ids_from_tokens", "ops", "save", "token_modalities", "verify",
+    "fully_shard", "load", "modality_ids_from_tokens", "ops", "parallelize_module", "save", "token_modalities", "verify",
 ]

@@ -284,6 +284,10 @@ def verify(model: nn.Module, routed: RoutedModel, example_inputs=None, seed: int
     """
     if not isinstance(routed, RoutedModel):
         raise SparsifyError(f"verify(model, routed) takes a RoutedModel second, got {type(routed).__name__}")
+    if "_tensor_parallel_mesh" in routed.__dict__:
+        raise SparsifyError("verify compares whole weights with the dense model's, but this routed model's linears "
+                            "are split over tensor-parallel ranks (sparsify.parallelize_module): verify before "
+                            "parallelizing")
     if example_inputs is None and example_kwargs is None:
         inputs = getattr(routed, "example_inputs", None) or _example_inputs(model, None, None)
     else:

@@ -24,7 +24,7 @@ import torch.utils._pytree as pytree
 
 from sparsify import forward_state, modality_split, module_tree, sharding
 from sparsify.capture import CapturedGraph, bind_call, capture, primary_tensor
-from sparsify.errors import SparsifyError
+from sparsify.errors import CaptureError, SparsifyError
 from sparsify.frontends import CACHE_ARGS
 from sparsify.ops import check_modality_ids
 from sparsify.ops._grouping import owned
@@ -67,8 +67,19 @@ class ForwardWithSignature:
         return dense.replace(parameters=params[:at] + [ids] + params[at:])
 
 
+def _is_dtensor(tensor) -> bool:
+    return type(tensor).__name__ == "DTensor"  # by name: torch.distributed may be absent from the build
+
+
 def _is_sharded(param) -> bool:
-    return type(param).__name__ == "DTensor"  # by name: torch.distributed may be absent from the build
+    """Sharded by FSDP2: a DTensor other than a routed linear's tensor-parallel split as parallelize_module
+    left it (graphs are captured on those: dense_view gives their per-rank part)."""
+    return _is_dtensor(param) and not getattr(param, "_sparsify_tensor_parallel", False)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor-parallel split parameter (tensor_parallel.py); any other tensor itself."""
+    return tensor.to_local() if _is_dtensor(tensor) else tensor
 
 
 class RoutedModel(nn.Module):
@@ -335,7 +346,8 @@ class RoutedModel(nn.Module):
             owner = self.get_submodule(owner_name)
             stacked = owner._parameters[name]
             if id(stacked) not in views:  # tied aliases keep sharing one tensor
-                views[id(stacked)] = nn.Parameter(stacked.detach()[modality], requires_grad=stacked.requires_grad)
+                views[id(stacked)] = nn.Parameter(_local(stacked).detach()[modality],
+                                                  requires_grad=stacked.requires_grad)
             owner._parameters[name] = views[id(stacked)]
             swapped.append((owner, name, stacked))
         try:
@@ -358,11 +370,23 @@ class RoutedModel(nn.Module):
                 "MixedPrecisionPolicy's or None>), inside the same torch.autocast if you use one.")
         self._dense.training = self.training  # children share the flag already; the root does not
         with self.dense_forwards():
-            if step is None:
-                captured = capture(self._dense, inputs)
-            else:  # the step prepares its cache (dense forwards) and is captured in the state that leaves
-                with step.prepared():  # guarded on what the model read, not on the step's per-call cache
-                    captured = capture(step, inputs, every_dim=True, state_of=self._dense)
+            try:
+                if step is None:
+                    captured = capture(self._dense, inputs)
+                else:  # the step prepares its cache (dense forwards) and is captured in the state that leaves
+                    with step.prepared():  # guarded on what the model read, not on the step's per-call cache
+                        captured = capture(step, inputs, every_dim=True, state_of=self._dense)
+            except CaptureError as e:
+                mesh = self.__dict__.get("_tensor_parallel_mesh")
+                if mesh is None:
+                    raise
+                raise CaptureError(
+                    f"{e}\nThe routed linears are split over {mesh.size()} tensor-parallel ranks "
+                    "(sparsify.parallelize_module), so the forward was captured on this rank's shards: each "
+                    f"column-wise linear gives 1/{mesh.size()} of its features. A forward that writes a head count "
+                    "into a view (x.view(b, t, n_heads, head_dim)) cannot run on them; size heads from the input "
+                    "(x.view(b, t, -1, head_dim)), as transformers' models do for their tp_plan, or leave those "
+                    "linears out of the plan.") from e
         return self.route_captured(captured, eager_only=step is not None)
 
     @contextmanager
@@ -402,7 +426,8 @@ class RoutedModel(nn.Module):
         entry = GraphEntry(routed=captured, dense_graph_module=dense_graph_module)
         if eager_only:
             captured.exported = None
-            entry.direct = direct_calls(captured.graph_module, len(captured.mutated_buffers))
+            entry.direct = direct_calls(captured.graph_module, len(captured.mutated_buffers),
+                                        split_over_ranks="_tensor_parallel_mesh" in self.__dict__)
         else:
             self._split_into_modules(entry)
         return entry
@@ -435,6 +460,8 @@ class RoutedModel(nn.Module):
         as a Parameter of its values (module_tree.routed_program)."""
         try:
             tensor = modality_split.parameter_at(self, fqn)
+            if _is_dtensor(tensor):  # a tensor-parallel split: the graphs were captured on this rank's part
+                return nn.Parameter(_local(tensor).detach(), requires_grad=False)
             return tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor.detach(), requires_grad=False)
         except AttributeError:
             return self.get_buffer(fqn)

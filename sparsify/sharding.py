@@ -48,7 +48,8 @@ def placement_fn(stacked: dict[int, str], group_size: int, modalities: int, user
         chosen = user_fn(param) if user_fn is not None else None
         if chosen is not None or id(param) not in stacked:
             return chosen
-        dim = feature_dim(param.shape, group_size)
+        # FSDP2 shards a tensor-parallel parameter's local part (tensor_parallel.py): its size must divide
+        dim = feature_dim(param.to_local().shape if hasattr(param, "to_local") else param.shape, group_size)
         if dim is None:
             if group_size > modalities:
                 warnings.warn(

@@ -205,6 +205,7 @@ def _fsdp_frozen(rank, world, directory, results):
         if rank == 0:
             torch.save(full, f"{directory}/full.pt")
         dcp.save({"model": get_model_state_dict(routed)}, checkpoint_id=f"{directory}/ckpt")  # stacked keys
+        dist.barrier()  # no rank tears its process group down while another still talks to it (gloo aborts)
     finally:
         dist.destroy_process_group()
 

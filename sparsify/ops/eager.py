@@ -55,18 +55,27 @@ def _traced(tensors) -> bool:
         if isinstance(t, torch.Tensor))
 
 
+def _split_over_ranks(tensors) -> bool:
+    """A DTensor beside plain tensors: a tensor-parallel weight in a graph captured on per-rank shards."""
+    kinds = {type(t).__name__ == "DTensor" for t in tensors if isinstance(t, torch.Tensor)}
+    return kinds == {True, False}
+
+
 def eager_form(op):
     """A function with the op's signature that runs it eagerly (see the module) or, under a tracer, calls it."""
     def call(*args, **kwargs):
         if _traced((*args, *kwargs.values())):
+            if _split_over_ranks((*args, *kwargs.values())):
+                from sparsify.tensor_parallel import local_call
+                return local_call(op, args, kwargs)
             return op(*args, **kwargs)
-        inputs = _bind(op, args, kwargs)
+        inputs = bind(op, args, kwargs)
         return _Eager.apply(op, *inputs)
     call.__name__ = call.__qualname__ = f"{op._schema.name.split('::')[-1]}_eager"
     return call
 
 
-def _bind(op, args, kwargs) -> list:
+def bind(op, args, kwargs) -> list:
     """Every argument of op's schema in order, defaults filled in (setup_context unpacks them all)."""
     values = list(args)
     for argument in op._schema.arguments[len(args):]:

@@ -16,7 +16,7 @@ import copy
 import torch
 import torch.fx
 
-from sparsify.ops.eager import direct_form
+from sparsify.ops.eager import direct_form, eager_form_of
 from sparsify.passes.simplify import simplify
 
 
@@ -25,13 +25,16 @@ IN_PLACE = {torch.ops.aten.index_copy.default: torch.ops.aten.index_copy_.defaul
             torch.ops.aten.index_put.default: torch.ops.aten.index_put_.default}
 
 
-def direct_calls(graph_module: torch.fx.GraphModule, mutated_buffers: int = 0) -> torch.fx.GraphModule:
+def direct_calls(graph_module: torch.fx.GraphModule, mutated_buffers: int = 0,
+                 split_over_ranks: bool = False) -> torch.fx.GraphModule:
     """A copy of `graph_module` (left as it is), simplified (passes/simplify.py), with each torch-backend routed
     op called directly, and the buffer updates (the first `mutated_buffers` outputs) written in place where
-    that is safe."""
+    that is safe. `split_over_ranks`: the model's routed linears are split over tensor-parallel ranks
+    (tensor_parallel.py), so the ops are called in their eager forms, which hand a split weight to DTensor."""
     graph_module = simplify(copy.deepcopy(graph_module)).graph_module
+    form_of = eager_form_of if split_over_ranks else direct_form
     for node in graph_module.graph.nodes:
-        direct = direct_form(node.target, node.kwargs) if node.op == "call_function" else None
+        direct = form_of(node.target, node.kwargs) if node.op == "call_function" else None
         if direct is not None:
             node.target = direct
     _update_buffers_in_place(graph_module.graph, mutated_buffers)
