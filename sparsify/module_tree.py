@@ -72,14 +72,16 @@ def routed_program(captured, parameters: Callable[[str], torch.Tensor]) -> Expor
                            verifiers=[exported.verifier])
 
 
-def module_forwards(program: ExportedProgram, owner: nn.Module, tag: str) -> dict[str, Callable]:
+def module_forwards(program: ExportedProgram, owner: nn.Module, tag: str,
+                    summed_gradients: tuple[set[str], str] | None = None) -> dict[str, Callable]:
     """{module FQN: forward function(module, *inputs)} for every module the routed program calls.
 
     Each function is the code of that module's unflattened graph, written against `self`, so bound to
     the dense module of the same FQN in `owner` it reads that module's parameters and calls its
     children; its routed ops are their eager forms (ops/eager.py). Graphs export made for regions
     (autocast, no_grad) are not modules of the dense tree: they are attached to the module under a name
-    unique to this graph (`tag`), outside `_modules`.
+    unique to this graph (`tag`), outside `_modules`. `summed_gradients`: (parameter FQNs, process group
+    name): each read of those parameters has its gradient summed over that group (tensor_parallel.py).
     """
     with _repeated_calls_inlined(program):
         unflattened = torch.export.unflatten(program)
@@ -99,6 +101,9 @@ def module_forwards(program: ExportedProgram, owner: nn.Module, tag: str) -> dic
             eager = eager_form_of(node.target, node.kwargs) if node.op == "call_function" else None
             if eager is not None:  # run eagerly without the custom op's dispatch; tracers still see the op
                 node.target = eager
+            if summed_gradients and node.op == "get_attr" and \
+                    (f"{fqn}.{node.target}" if fqn else node.target) in summed_gradients[0]:
+                _sum_gradient_after(graph, node, summed_gradients[1])
             if node.op in ("get_attr", "call_module") and not _has(target, node.target):
                 region = module.get_submodule(node.target) if node.op == "call_module" else \
                     _get(module, node.target)
@@ -109,6 +114,14 @@ def module_forwards(program: ExportedProgram, owner: nn.Module, tag: str) -> dic
         # Only the generated code is kept: bound to the dense module, its `self.<name>` reads resolve there.
         forwards[fqn] = type(torch.fx.GraphModule(target, graph)).forward
     return forwards
+
+
+def _sum_gradient_after(graph: torch.fx.Graph, read: torch.fx.Node, group_name: str) -> None:
+    from sparsify.tensor_parallel import sum_gradient
+
+    with graph.inserting_after(read):
+        summed = graph.call_function(sum_gradient, (read, group_name))
+    read.replace_all_uses_with(summed, delete_user_cb=lambda user: user is not summed)
 
 
 @contextmanager

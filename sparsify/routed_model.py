@@ -438,11 +438,16 @@ class RoutedModel(nn.Module):
         self.__dict__["_split_count"] = int(tag) + 1
         try:
             program = module_tree.routed_program(entry.routed, self._tensor)
-            entry.module_forwards = module_tree.module_forwards(program, self, tag)
+            entry.module_forwards = module_tree.module_forwards(program, self, tag, self._summed_gradients(entry))
             entry.module_runs = {module_tree.dense_module(self, fqn): (fqn, forward)
                                  for fqn, forward in entry.module_forwards.items() if fqn}
         except Exception as e:  # unflatten refuses some programs; the flat graph is still exact
             entry.tree_problem = f"{type(e).__name__}: {e}"
+            if "_tensor_parallel_mesh" in self.__dict__:
+                raise SparsifyError(
+                    f"this routed graph cannot be split per module ({entry.tree_problem}), and tensor parallelism "
+                    "(sparsify.parallelize_module) sums some gradients where modules read their parameters; "
+                    "run this model without tensor parallelism or report it") from e
             checkpointed = sorted(entry.routed.state.checkpointed) if entry.routed.state is not None else []
             if checkpointed:
                 raise SparsifyError(
@@ -454,6 +459,21 @@ class RoutedModel(nn.Module):
                           f"{entry.tree_problem}", stacklevel=3)
             return
         module_tree.install(self, entry.module_forwards)
+
+    def _summed_gradients(self, entry: GraphEntry) -> tuple[set[str], str] | None:
+        """Under tensor parallelism: the parameters left whole that the graph applies to a rank's part of
+        the features, whose gradients are summed over the tensor-parallel group (tensor_parallel.py)."""
+        mesh = self.__dict__.get("_tensor_parallel_mesh")
+        if mesh is None:
+            return None
+        from sparsify import tensor_parallel
+
+        graph = entry.routed.graph_module.graph
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        fqns = {n.name: target for n, (kind, target) in zip(placeholders, entry.routed.placeholders)
+                if kind == "parameter"}
+        found = tensor_parallel.parameters_on_split_activations(graph, fqns, tensor_parallel.split_kinds(self))
+        return found, mesh.get_group().group_name
 
     def _tensor(self, fqn: str) -> torch.Tensor:
         """A parameter or buffer by FQN, as a program's state dict holds it: a split routed parameter's stack

@@ -76,13 +76,20 @@ _PLACEMENTS = {(COLUMN_WISE, "weight"): Shard(1), (COLUMN_WISE, "bias"): Shard(1
 MARK = "_sparsify_tensor_parallel"  # set on the Parameters parallelize_module made (FSDP2 replaces them)
 
 
-def _style(style, key: str) -> str:
-    """'colwise' or 'rowwise' for one plan entry: torch's ColwiseParallel / RowwiseParallel with their default
-    layouts, or transformers' tp_plan strings."""
+# transformers' tp_plan entry for a parameter left whole whose gradient is summed over the group: done here for
+# every such parameter the graph shows (parameters_on_split_activations), so the entry itself changes nothing
+SUMMED_GRADIENT = "replicated_with_grad_allreduce"
+
+
+def _style(style, key: str) -> str | None:
+    """'colwise' or 'rowwise' for one plan entry (None: left whole): torch's ColwiseParallel / RowwiseParallel
+    with their default layouts, or transformers' tp_plan strings (a config's base_model_tp_plan)."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     if style in (COLUMN_WISE, ROW_WISE):
         return style
+    if style == SUMMED_GRADIENT:
+        return None
     defaults = {ColwiseParallel: (COLUMN_WISE, ColwiseParallel()), RowwiseParallel: (ROW_WISE, RowwiseParallel())}
     if type(style) in defaults:
         kind, default = defaults[type(style)]
@@ -98,21 +105,31 @@ def _style(style, key: str) -> str:
         "embeddings, the LM head) stay replicated over the tensor-parallel ranks.")
 
 
+def _matches(name: str, key: str) -> bool:
+    """A module path against a plan key, dot-separated part by part with fnmatch wildcards (as torch's)."""
+    parts, patterns = name.split("."), key.split(".")
+    return len(parts) == len(patterns) and all(fnmatch.fnmatchcase(p, q) for p, q in zip(parts, patterns))
+
+
 def parallelize_module(module: nn.Module, device_mesh, parallelize_plan: dict, *, routed: nn.Module | None = None,
                        check: bool = True):
     """torch.distributed.tensor.parallel.parallelize_module for the routed linears of a routed model.
 
-    `parallelize_plan`: {module path relative to `module` (fnmatch wildcards, as torch's: "layers.*.mlp.up_proj"):
-    ColwiseParallel() | RowwiseParallel() | "colwise" | "rowwise"}, e.g. the pairs q/k/v then o, gate/up then
-    down. Each matched module's stacked parameters become DTensors on `device_mesh` (1-D) split along the
-    style's feature dim (module docstring); everything else stays as it is, replicated. Then, as for FSDP2,
+    `parallelize_plan`: {module path relative to `module` (fnmatch wildcards per part, as torch's:
+    "layers.*.mlp.up_proj"): ColwiseParallel() | RowwiseParallel() | "colwise" | "rowwise"}, e.g. the pairs
+    q/k/v then o, gate/up then down; a transformers config's `base_model_tp_plan` is such a plan for
+    `routed.model`. Each matched module's stacked parameters become DTensors on `device_mesh` (1-D) split along
+    the style's feature dim (module docstring); everything else stays as it is, replicated. A parameter left
+    whole that the forward applies to a rank's part of the features (a per-head q/k norm) gets its gradient
+    summed over the group, found from the graph. Then, as for FSDP2,
     capture before sharding with FSDP2 (routed.precapture): graphs are captured on the local shards. Returns
     `module`.
 
     A plan can be wrong for the model in ways no shape shows: a fused q/k/v projection split column-wise and then
-    chunked, attention over whole features rather than heads. `check` (default) runs the routed model on its
-    example inputs (eval mode, fixed random modality ids) before and after splitting, on every rank, and
-    undoes the split with a SparsifyError where the outputs differ. Skipped for parameters on the meta device."""
+    chunked, attention over whole features rather than heads. `check` (default) runs the routed model forward
+    and backward on its example inputs (eval mode, fixed random modality ids) before and after splitting, on
+    every rank, and undoes the split with a SparsifyError where outputs or gradients differ. Skipped for
+    parameters on the meta device."""
     from torch.distributed.tensor import distribute_tensor
 
     from sparsify import modality_split
@@ -129,16 +146,16 @@ def parallelize_module(module: nn.Module, device_mesh, parallelize_plan: dict, *
     stacked = stacked_parameters(routed)
     size = device_mesh.size()
     check = check and not any(p.is_meta for p in routed.parameters())
-    before = _example_outputs(routed) if check else None
+    before = _example_run(routed) if check else None
     replaced: dict[int, nn.Parameter] = {}  # a weight tied between two modules stays one tensor
     undo: list[tuple[nn.Module, str, nn.Parameter]] = []
     for key, style in parallelize_plan.items():
         kind = _style(style, key)
-        matched = [(name, sub) for name, sub in module.named_modules() if name and fnmatch.fnmatchcase(name, key)]
+        matched = [(name, sub) for name, sub in module.named_modules() if name and _matches(name, key)]
         if not matched:
             raise SparsifyError(f"tensor parallel plan entry '{key}' matches no submodule of "
                                 f"{type(module).__name__}")
-        for name, target in matched:
+        for name, target in matched if kind is not None else ():
             for param_name, param in list(target.named_parameters(recurse=False)):
                 placement = _PLACEMENTS.get((kind, param_name))
                 if id(param) in replaced:
@@ -165,7 +182,7 @@ def parallelize_module(module: nn.Module, device_mesh, parallelize_plan: dict, *
     routed._graphs.clear()  # captured on whole weights; the next call captures on this rank's shards
     if check:
         try:
-            problem = _difference(before, _example_outputs(routed))
+            problem = _difference(before, _example_run(routed))
         except BaseException:
             _undo(routed, undo)
             raise
@@ -188,35 +205,49 @@ def _undo(routed, undo: list) -> None:
     routed._graphs.clear()
 
 
-def _example_outputs(routed) -> list[torch.Tensor]:
-    """The routed model's floating-point outputs on its example inputs, eval mode, fixed random modality ids
-    (the same on every rank)."""
+def _example_run(routed) -> dict[str, torch.Tensor]:
+    """The routed model's floating-point outputs on its example inputs (eval mode, fixed random modality ids,
+    the same on every rank) and the gradients of a fixed random projection of them, whole, by name."""
     import torch.utils._pytree as pytree
 
     from sparsify.api import example_call
     from sparsify.capture import primary_tensor
 
     inputs = example_call(routed)
-    shape = primary_tensor(inputs).shape[:2]
-    ids = torch.randint(0, routed.plan.modalities, tuple(shape), generator=torch.Generator().manual_seed(0))
+    token = primary_tensor(inputs)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, routed.plan.modalities, tuple(token.shape[:2]), generator=generator)
     was_training = routed.training
     routed.eval()
     try:
-        with torch.no_grad():
-            outputs = routed(**inputs, modality_ids=ids.to(primary_tensor(inputs).device))
+        outputs = routed(**inputs, modality_ids=ids.to(token.device))
     finally:
         routed.train(was_training)
-    return [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    outputs = [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    result = {f"output {i}": t.detach() for i, t in enumerate(outputs)}
+    named = [(name, p) for name, p in routed.named_parameters() if p.requires_grad]
+    projection = sum((t.float() * torch.randn(t.shape, generator=generator).to(t.device)).sum()
+                     for t in outputs if t.requires_grad)
+    if named and isinstance(projection, torch.Tensor):
+        grads = torch.autograd.grad(projection, [p for _, p in named], allow_unused=True)
+        for (name, _), grad in zip(named, grads):
+            if grad is not None:
+                result[f"gradient of {name}"] = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+    return result
 
 
-def _difference(before: list[torch.Tensor], after: list[torch.Tensor]) -> str | None:
-    """Where the split model's outputs differ from the whole model's beyond reduction-order error, or None."""
-    for index, (whole, split) in enumerate(zip(before, after)):
+def _difference(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> str | None:
+    """Where the split model's outputs or gradients differ from the whole model's beyond reduction-order
+    error, or None."""
+    for name, whole in before.items():
+        split = after.get(name)
+        if split is None:
+            return f"{name}: none after splitting"
         # a row-wise linear sums partial products in another order: float error only
-        tolerance = 1e-4 if whole.dtype == torch.float32 or whole.dtype == torch.float64 else 2e-2
+        tolerance = 1e-4 if whole.dtype in (torch.float32, torch.float64) else 2e-2
         error = ((split.float() - whole.float()).abs().max() / whole.float().abs().max().clamp_min(1e-12)).item()
         if not error <= tolerance:
-            return f"output {index}: max error {error:.3g} relative to its largest value, above {tolerance:g}"
+            return f"{name}: max error {error:.3g} relative to its largest value, above {tolerance:g}"
     return None
 
 
@@ -245,3 +276,72 @@ def local_call(op, args: tuple, kwargs: dict):
     if row_wise:
         out = out.redistribute(mesh, [REPLICATE])  # the partial sums all-reduced (identity in backward)
     return out.to_local()
+
+
+# -- parameters applied to a rank's part of the features --------------------------------------------------
+# A parameter left whole (replicated) but applied between a column-wise and a row-wise linear (a per-head
+# q/k norm, a per-head scale) sees only this rank's heads: its gradient on each rank is a partial sum, and
+# the replicas would drift apart. Found from the graph (below), such a read is wrapped in `sum_gradient`:
+# identity forward, gradient summed over the tensor-parallel group in backward (transformers' tp_plan says
+# "replicated_with_grad_allreduce" for these; here no plan has to).
+
+class _SumGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor, group_name):
+        ctx.group_name = group_name
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed._functional_collectives as funcol
+
+        return funcol.wait_tensor(funcol.all_reduce(grad.contiguous(), "sum", ctx.group_name)), None
+
+
+def sum_gradient(tensor: torch.Tensor, group_name: str) -> torch.Tensor:
+    """`tensor`, whose gradient is summed over the process group named `group_name` in backward."""
+    return _SumGradient.apply(tensor, group_name)
+
+
+def split_kinds(routed: nn.Module) -> dict[str, str]:
+    """{FQN as captured: 'colwise' | 'rowwise'} of the parameters parallelize_module split (a row-wise bias,
+    left whole but added as a partial value by the routed linear, counts as row-wise)."""
+    from sparsify import module_tree
+
+    kinds = {}
+    with module_tree.without_wrappers(routed):
+        for name, param in routed.named_parameters(remove_duplicate=False):
+            if is_split(param):
+                kinds[name] = COLUMN_WISE if param.placements[0] == Shard(1) else ROW_WISE
+    return kinds
+
+
+def parameters_on_split_activations(graph: torch.fx.Graph, parameter_fqns: dict[str, str],
+                                    split: dict[str, str]) -> set[str]:
+    """FQNs of the parameters not split that `graph` applies to a rank's part of the features: a forward
+    dataflow from each column-wise linear's output (per rank) up to each row-wise one's (whole again).
+    `parameter_fqns`: {placeholder name: FQN}; `split`: split_kinds."""
+    routed_linear = torch.ops.sparsify.routed_linear.default
+    per_rank: set[torch.fx.Node] = set()
+    from_parameters: dict[torch.fx.Node, set[str]] = {}  # nodes computed from parameters alone (casts, views)
+    found: set[str] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" and node.name in parameter_fqns:
+            from_parameters[node] = {parameter_fqns[node.name]}
+            continue
+        if node.op != "call_function":
+            continue
+        inputs = node.all_input_nodes
+        if node.target is routed_linear:
+            kinds = {split.get(fqn) for fqn in from_parameters.get(node.args[2], ())}
+            if COLUMN_WISE in kinds:
+                per_rank.add(node)
+                continue
+            if ROW_WISE in kinds:
+                continue  # all-reduced: whole again
+        if any(i in per_rank for i in inputs):
+            per_rank.add(node)
+            found.update(fqn for i in inputs for fqn in from_parameters.get(i, ()) if fqn not in split)
+        elif inputs and all(i in from_parameters for i in inputs):
+            from_parameters[node] = set().union(*(from_parameters[i] for i in inputs))
+    return found

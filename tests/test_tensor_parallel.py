@@ -9,7 +9,9 @@ tensor-parallel dim (q/k/v, gate/up column-wise; o, down row-wise) and sparsify.
 three AdamW steps' losses and the first step's gradients equal one process (observed: losses equal to the
 printed digit, gradients within ~1e-6 relative), each rank holding a quarter of every split weight; greedy
 generation on the split model equals one process's; a plan that splits a fused q/k/v projection is refused
-and undone. Plans sparsify cannot apply are refused in one process under torch's fake process group.
+and undone. A tiny Qwen3 split by transformers' own tp_plan (per-head q/k norms between the split linears,
+whose gradients sparsify sums over the group) gives one process's gradients; without that sum the plan's
+check refuses it. Plans sparsify cannot apply are refused in one process under torch's fake process group.
 """
 import os
 import tempfile
@@ -22,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sparsify
+from sparsify import tensor_parallel
 from sparsify.errors import CaptureError, SparsifyError
 from tests.conftest import tiny_llama
 
@@ -115,6 +118,14 @@ def _generate(routed):
     return routed.generate(tokens, modality_ids=ids, max_new_tokens=4, next_modality=1, do_sample=False)
 
 
+def tiny_qwen3():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen3ForCausalLM(Qwen3Config(num_hidden_layers=2, hidden_size=32, intermediate_size=64, head_dim=8,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=101)).eval()
+
+
 class FusedProjection(nn.Module):
     """Attention whose q, k and v come from one linear, chunked after it: no column-wise split fits."""
 
@@ -139,6 +150,19 @@ def _mesh_worker(rank, world, directory):
         with pytest.raises(SparsifyError, match="does not fit its forward"):
             sparsify.parallelize_module(fused, mesh["tp"], {"qkv": "colwise", "out": "rowwise"})
         assert type(fused.qkv.weight) is nn.Parameter and "_tensor_parallel_mesh" not in fused.__dict__
+
+        # transformers' own plan for Qwen3 (per-head q/k norms between the split linears, their gradients
+        # summed over the group): refused by the check when the gradient sum is left out, then exact
+        qwen = sparsify.convert(tiny_qwen3(), modalities=M).train()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(tensor_parallel, "parameters_on_split_activations", lambda *args: set())
+            with pytest.raises(SparsifyError, match="gradient of model.layers.0.self_attn.q_norm.weight"):
+                sparsify.parallelize_module(qwen.model, mesh["tp"], qwen.config.base_model_tp_plan)
+        sparsify.parallelize_module(qwen.model, mesh["tp"], qwen.config.base_model_tp_plan)
+        tokens, ids = _batches()[0]
+        _lm_loss(qwen, tokens, ids).backward()
+        qwen_grads = {name: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                      for name, p in qwen.named_parameters()}
 
         routed = sparsify.convert(tiny_llama(), modalities=M)
         full = {name: p.numel() for name, p in routed.named_parameters()}
@@ -172,7 +196,8 @@ def _mesh_worker(rank, world, directory):
             dist.all_reduce(total)
             losses.append(total.item() / world)
         if rank == 0:
-            torch.save({"losses": losses, "grads": grads, "generated": generated}, f"{directory}/mesh.pt")
+            torch.save({"losses": losses, "grads": grads, "generated": generated, "qwen_grads": qwen_grads},
+                       f"{directory}/mesh.pt")
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -183,6 +208,12 @@ def test_a_2x2_mesh_of_tensor_parallel_and_fsdp2_equals_one_process():
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_mesh_worker, args=(4, tmp), nprocs=4, join=True)
         got = torch.load(f"{tmp}/mesh.pt")
+
+    qwen = sparsify.convert(tiny_qwen3(), modalities=M).train()
+    tokens, ids = _batches()[0]
+    _lm_loss(qwen, tokens, ids).backward()
+    for name, param in qwen.named_parameters():
+        torch.testing.assert_close(got["qwen_grads"][name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
 
     routed = sparsify.convert(tiny_llama(), modalities=M)
     assert torch.equal(got["generated"], _generate(routed))
