@@ -2,6 +2,8 @@
 
     python benchmarks/report.py [--only bench_frozen.py ...] [--out docs/benchmarks.md]    (make bench-report)
 
+--only reruns those scripts and keeps every other run's last output from the existing report.
+
 Each benchmark runs as its own process, as a user would run it. docs/benchmarks.md gets the machine, the date,
 the versions, every line of every benchmark's output that states a ratio (with its quartiles where the script
 measured them in turns: benchmarks/_interleaved.py), and each output in full. The README's table between its
@@ -76,7 +78,8 @@ HEADLINES = [
      ("bench_frozen.py", []), _ratios(r"routed linear backward")),
     ("activation bytes saved for backward, routed / dense: plain, with per-block checkpointing",
      ("bench_checkpointing.py", []), _pattern(r"plain \d+\.\d+x, checkpointed \d+\.\d+x")),
-    ("FSDP2 per-rank bytes, 7B-sized, M = 2-4, world 8-256 (fake process group), `sparsify.fully_shard`",
+    ("FSDP2 per-rank bytes, 7B-sized, M = 2-4, world 8-256 (fake process group; FSDP, HSDP and FSDP x TP "
+     "meshes), `sparsify.fully_shard`",
      ("bench_sharding.py", []), _sharding),
     ("`sparsify convert` of a 1.2 GiB checkpoint: time / copying the bytes it writes; peak RSS / its size",
      ("bench_convert.py", []), _pattern(r"\d+\.\d+x \(target <= 2\)|\d+\.\d+x checkpoint size")),
@@ -119,7 +122,8 @@ def run(script: str, args: list[str]) -> dict:
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True,
                             text=True, cwd=REPO, env=env)
     return {"script": script, "args": args, "seconds": time.perf_counter() - started, "code": result.returncode,
-            "out": result.stdout.rstrip(), "err": result.stderr.rstrip()}
+            "out": result.stdout.rstrip(), "err": result.stderr.rstrip(),
+            "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"}
 
 
 def headline(results: list[dict], run_key, extract) -> str:
@@ -150,8 +154,9 @@ def write_report(results: list[dict], path: Path) -> None:
     lines += ["", "## Outputs", ""]
     for result in results:
         command = " ".join(["python benchmarks/" + result["script"], *result["args"]])
-        status = "ok" if result["code"] == 0 else f"FAILED, exit {result['code']}"
-        lines += [f"### `{command}`", "", f"{result['seconds']:.0f} s, {status}", "", "```text", result["out"]]
+        status = "ok" if result["code"] == 0 else f"FAILED (exit {result['code']})"
+        lines += [f"### `{command}`", "", f"{result['seconds']:.0f} s, {status}, {result.get('date', '')}", "",
+                  "```text", result["out"]]
         if result["code"] != 0:
             lines += ["--- stderr (last lines) ---", *result["err"].splitlines()[-15:]]
         lines += ["```", ""]
@@ -178,11 +183,11 @@ def write_readme_table(results: list[dict], readme: Path) -> bool:
 def read_report(path: Path) -> list[dict]:
     """The runs a report holds (its Outputs section), to rewrite the README's table without running again."""
     results = []
-    pattern = re.compile(r"### `python benchmarks/(\S+)((?: \S+)*)`\n\n\d+ s, (ok|FAILED[^\n]*)\n\n```text\n(.*?)\n```",
-                         re.S)
-    for script, args, status, out in pattern.findall(path.read_text()):
+    pattern = re.compile(r"### `python benchmarks/(\S+)((?: \S+)*)`\n\n(\d+) s, (ok|FAILED[^,\n]*)(?:, ([^\n]*))?\n\n"
+                         r"```text\n(.*?)\n```", re.S)
+    for script, args, seconds, status, date, out in pattern.findall(path.read_text()):
         results.append({"script": script, "args": args.split(), "code": 0 if status == "ok" else 1,
-                        "out": out.split("\n--- stderr")[0], "err": "", "seconds": 0})
+                        "out": out.split("\n--- stderr")[0], "err": "", "seconds": int(seconds), "date": date})
     return results
 
 
@@ -198,16 +203,21 @@ def main(argv=None) -> None:
         write_readme_table(read_report(args.out), args.readme)
         print(f"wrote {args.readme} from {args.out}")
         return
+    # --only reruns some benchmarks and keeps the others' last outputs (each output says when it ran)
+    earlier = {(r["script"], tuple(r["args"])): r for r in read_report(args.out)} if args.only and \
+        args.out.exists() else {}
     results = []
     for script, script_args in RUNS:
         if args.only and script not in args.only:
+            if (script, tuple(script_args)) in earlier:
+                results.append(earlier[(script, tuple(script_args))])
             continue
         print(f"running {script} {' '.join(script_args)}", flush=True)
         results.append(run(script, script_args))
         print(f"  {results[-1]['seconds']:.0f} s, exit {results[-1]['code']}", flush=True)
     write_report(results, args.out)
     wrote = [str(args.out)]
-    if not args.only and write_readme_table(results, args.readme):
+    if write_readme_table(results, args.readme):
         wrote.append(str(args.readme))
     print(f"wrote {', '.join(wrote)}")
 

@@ -71,7 +71,7 @@ def permute_rows_sharding(rows, order, inverse):
 # -- a whole routed model ---------------------------------------------------------------------------------
 COLUMN_WISE, ROW_WISE = "colwise", "rowwise"
 # The placement of a split parameter by (style, parameter name): the modality dim 0 is never split.
-_PLACEMENTS = {(COLUMN_WISE, "weight"): Shard(1), (COLUMN_WISE, "bias"): Shard(1),
+PLACEMENTS = {(COLUMN_WISE, "weight"): Shard(1), (COLUMN_WISE, "bias"): Shard(1),
                (ROW_WISE, "weight"): Shard(2), (ROW_WISE, "bias"): REPLICATE}
 MARK = "_sparsify_tensor_parallel"  # set on the Parameters parallelize_module made (FSDP2 replaces them)
 
@@ -105,7 +105,7 @@ def _style(style, key: str) -> str | None:
         "embeddings, the LM head) stay replicated over the tensor-parallel ranks.")
 
 
-def _matches(name: str, key: str) -> bool:
+def matches(name: str, key: str) -> bool:
     """A module path against a plan key, dot-separated part by part with fnmatch wildcards (as torch's)."""
     parts, patterns = name.split("."), key.split(".")
     return len(parts) == len(patterns) and all(fnmatch.fnmatchcase(p, q) for p, q in zip(parts, patterns))
@@ -151,13 +151,13 @@ def parallelize_module(module: nn.Module, device_mesh, parallelize_plan: dict, *
     undo: list[tuple[nn.Module, str, nn.Parameter]] = []
     for key, style in parallelize_plan.items():
         kind = _style(style, key)
-        matched = [(name, sub) for name, sub in module.named_modules() if name and _matches(name, key)]
+        matched = [(name, sub) for name, sub in module.named_modules() if name and matches(name, key)]
         if not matched:
             raise SparsifyError(f"tensor parallel plan entry '{key}' matches no submodule of "
                                 f"{type(module).__name__}")
         for name, target in matched if kind is not None else ():
             for param_name, param in list(target.named_parameters(recurse=False)):
-                placement = _PLACEMENTS.get((kind, param_name))
+                placement = PLACEMENTS.get((kind, param_name))
                 if id(param) in replaced:
                     undo.append((target, param_name, param))
                     target.register_parameter(param_name, replaced[id(param)])
@@ -262,12 +262,15 @@ def local_call(op, args: tuple, kwargs: dict):
     the per-rank output given back (module docstring)."""
     from torch.distributed.tensor import DTensor
 
-    from sparsify.ops.eager import bind
-
     if op is not torch.ops.sparsify.routed_linear.default:
         raise SparsifyError(f"tensor parallel: {op._schema.name} got a split (DTensor) parameter; sparsify splits "
                             "only routed linears' weights and biases, so leave this op's parameters out of the plan")
-    x, modality_ids, weight, bias, backend = bind(op, args, kwargs)
+    # routed_linear(x, modality_ids, weight, bias=None, backend="auto"), bound by hand: torch.compile cannot
+    # trace reading the op's schema
+    values = {"bias": None, "backend": "auto", **dict(zip(("x", "modality_ids", "weight", "bias", "backend"), args)),
+              **kwargs}
+    x, modality_ids, weight, bias, backend = (values[name] for name in ("x", "modality_ids", "weight", "bias",
+                                                                        "backend"))
     mesh, placement = weight.device_mesh, weight.placements[0]
     row_wise = placement == Shard(2)
     x = DTensor.from_local(x, mesh, [Shard(x.ndim - 1) if row_wise else REPLICATE], run_check=False)

@@ -40,3 +40,23 @@ def test_report_round_trip_and_readme_table(tmp_path):
     assert "| 1.15x (1.10-1.23) / 1.01x (0.83-1.09) |" in table
     assert "| 0.77x (0.76-0.80) |" in table
     assert "failed (see docs/benchmarks.md)" in table and "not run" in table  # convert failed; sharding not run
+
+
+def test_only_reruns_those_scripts_and_keeps_the_other_outputs(tmp_path, monkeypatch):
+    report = load_report()
+    old = [{"script": "bench_model.py", "args": [], "seconds": 3, "code": 0, "err": "",
+            "out": "Llama\n  routed 323.7 ms   1.15x (1.10-1.23) (median)", "date": "2026-12-01 10:00 UTC"},
+           {"script": "bench_frozen.py", "args": [], "seconds": 1, "code": 0, "err": "",
+            "out": "routed linear backward, 4096 rows: 0.77x (0.76-0.80)", "date": "2026-12-01 10:05 UTC"}]
+    path, readme = tmp_path / "benchmarks.md", tmp_path / "README.md"
+    report.write_report(old, path)
+    readme.write_text(f"{report.START}\n{report.END}\n")
+    rerun = {"script": "bench_frozen.py", "args": [], "seconds": 2, "code": 0, "err": "",
+             "out": "routed linear backward, 4096 rows: 0.74x (0.73-0.75)", "date": "2026-12-05 08:00 UTC"}
+    monkeypatch.setattr(report, "run", lambda script, args: dict(rerun) if script == "bench_frozen.py" else 1 / 0)
+    report.main(["--only", "bench_frozen.py", "--out", str(path), "--readme", str(readme)])
+    back = {r["script"]: r for r in report.read_report(path)}
+    assert back["bench_model.py"]["out"] == old[0]["out"] and back["bench_model.py"]["date"] == "2026-12-01 10:00 UTC"
+    assert back["bench_frozen.py"]["out"] == rerun["out"] and back["bench_frozen.py"]["date"] == "2026-12-05 08:00 UTC"
+    table = readme.read_text()
+    assert "| 1.15x (1.10-1.23) |" in table and "| 0.74x (0.73-0.75) |" in table

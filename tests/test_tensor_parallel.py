@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sparsify
-from sparsify import tensor_parallel
+from sparsify import tensor_parallel  # also registers the routed ops' sharding rules
 from sparsify.errors import CaptureError, SparsifyError
 from tests.conftest import tiny_llama
 
@@ -53,8 +53,6 @@ def _block(x, ids, w_in, b_in, w_out, b_out, order):
 def _worker(rank, world, directory):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-
-    import sparsify.tensor_parallel  # noqa: F401  (the routed ops' sharding rules)
 
     dist.init_process_group("gloo", init_method=f"file://{directory}/init", rank=rank, world_size=world)
     try:
@@ -270,6 +268,13 @@ def test_plans_sparsify_cannot_apply_are_refused(fake_mesh):
             sparsify.parallelize_module(routed, fake_mesh, plan, check=False)
     with pytest.raises(SparsifyError, match="1-D device mesh"):
         sparsify.parallelize_module(routed, init_device_mesh("cpu", (1, 2)), {"model.layers.*.mlp.up_proj": "colwise"})
+
+    tokens, ids = _prompt()
+    split = sparsify.parallelize_module(sparsify.convert(tiny_llama(), modalities=M).train(), fake_mesh, LLAMA_PLAN,
+                                        check=False)   # the fake group's collectives give no values to check
+    split.precapture(tokens, modality_ids=ids)   # a capture breaks the graph, once (RoutedModel._new_graph)
+    explained = torch._dynamo.explain(split)(tokens, modality_ids=ids)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
     x = torch.randn(2, 5, 16)
     heads = sparsify.convert(ExplicitHeads(), modalities=M, example_inputs=(x,))
