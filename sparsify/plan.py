@@ -274,12 +274,13 @@ def build_plan(
             pick = True
         if exclude_re and any(exclude_re.search(n) for n in names):
             pick, reason = False, reason or f"excluded by {exclude!r}"
-        if pick and not included and all(u.problem for u in param_uses):
+        if pick and not included and all(u.problem or u.token_free for u in param_uses):
             # A preset picks by role; a parameter none of whose uses has tokens to route by (it acts on windows
             # or pools of several tokens, a state before the first token) has no modality to take a copy by.
             # Left shared and said (a note, a warning at convert). One routable use among odd ones is still
             # picked, and route names the odd use; include= still picks it, and route refuses it.
-            pick, reason = False, f"no use of it can be routed per token ({reason})"
+            pick, reason = False, ("no use of it can be routed per token "
+                                   f"({reason or 'it acts only on values no input token went into'})")
             unroutable_shared.append(fqn)
         entry = PlannedParam(fqn=fqn, role=role, shape=list(module.get_parameter(fqn).shape),
                              uses=[u.describe() for u in param_uses], aliases=names[1:])

@@ -7,6 +7,7 @@ import torch
 
 import sparsify
 from tests.test_properties import Stack, relative_error, tokens_changed_by
+from tests.toy_models import DelayedState
 
 FORMS = [["post_norm"], ["qk_norm_attention"], ["gated"], ["tied", "linear", "tied"]]
 
@@ -35,3 +36,35 @@ def test_block_form_converts_exactly_and_routes_per_token(pieces, policy):
         after = routed(x, modality_ids=ids)
     changed = (after - before).abs().amax(-1) > 1e-6
     assert torch.equal(changed, tokens_changed_by(pieces, ids, 1))
+
+
+def test_a_projection_also_applied_to_a_state_before_the_first_token_uses_modality_0s_copy_there():
+    """Zaya's delayed value (tests/toy_models.DelayedState): its per-token use is routed by token, its use on
+    the zero state (no token went into it) takes modality 0's copy; a parameter used on that state alone stays
+    shared under a preset and is refused under include=. fp32."""
+    torch.manual_seed(0)
+    dense = DelayedState().eval()
+    example = (torch.randint(0, 50, (2, 7)),)
+    with pytest.warns(UserWarning, match="layers.0.start.weight"):
+        routed = sparsify.convert(dense, 3, example_inputs=example, policy="mot")
+    assert {"layers.0.delayed.weight", "layers.0.delayed.bias"} <= set(routed.plan.routed)
+    uses = next(p.uses for p in routed.plan.params if p.fqn == "layers.0.delayed.weight")
+    assert sum("no token: modality 0's copy" in use for use in uses) == 1, uses
+    reasons = {p.fqn: p.reason for p in routed.plan.shared}
+    assert "no input token went into" in reasons["layers.0.start.weight"]
+
+    tokens, ids = torch.randint(0, 50, (3, 6)), torch.ones(3, 6, dtype=torch.long)
+    with torch.no_grad():
+        assert relative_error(routed(tokens, modality_ids=ids), dense(tokens)) <= 1e-5
+        before = routed(tokens, modality_ids=ids)
+        routed.get_parameter("layers.0.delayed.bias")[1].add_(0.3)   # every token is modality 1
+        after_1 = routed(tokens, modality_ids=ids)
+        routed.get_parameter("layers.0.delayed.bias")[0].add_(0.3)
+        after_0 = routed(tokens, modality_ids=ids)
+    moved_1 = (after_1 - before).abs().amax(-1) > 1e-6
+    moved_0 = (after_0 - after_1).abs().amax(-1) > 1e-6
+    assert not moved_1[:, 0].any() and moved_1[:, 1:].all()   # position 0 holds the zero state's projection
+    assert moved_0[:, 0].all() and not moved_0[:, 1:].any()
+
+    with pytest.raises(sparsify.RoutingError, match=r"layers\.0\.start\.weight: .*only modality 0's copy"):
+        sparsify.convert(DelayedState(), 3, example_inputs=example, include=r"start")

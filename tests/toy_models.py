@@ -207,3 +207,23 @@ class TransposedWeights(nn.Module):
 
     def forward(self, x):
         return (x @ self.a.T) @ self.b.mT.T.T
+
+
+class DelayedState(nn.Module):
+    """Zaya's delayed value, written out: one projection applied to every token and to a zero state before the
+    first, the results shifted one position (position t gets token t-1's projection, position 0 the zero
+    state's); and `start`, applied to the zero state alone."""
+
+    def __init__(self, vocab=50, d=8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList([nn.ModuleDict({"norm": nn.LayerNorm(d), "delayed": nn.Linear(d, d),
+                                                    "start": nn.Linear(d, d)})])
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        for layer in self.layers:
+            h = layer["norm"](x)
+            state = layer["delayed"](layer["start"](h.new_zeros(h.shape[0], 1, h.shape[-1])))
+            x = x + torch.cat([state, layer["delayed"](h)[:, :-1]], dim=1)
+        return x

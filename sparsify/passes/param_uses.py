@@ -53,6 +53,9 @@ class ParamUse:
     # Whether its token axes came from sizes (find_token_axes) where provenance knew nothing: only then can
     # the sizes a graph was captured at decide the axes (a feature size equal to a static sequence length).
     axes_from_sizes: bool = False
+    # Applied to values no input token went into (a zero state before the first token): no token to take a
+    # copy by, so modality 0's copy is used (route), where another use of the parameter is per token.
+    token_free: bool = False
 
     @property
     def spec(self) -> UseKind:
@@ -68,7 +71,8 @@ class ParamUse:
         return norm_match(self.node)
 
     def describe(self) -> str:
-        where = f", {self.token_axes}" if self.token_axes else ""
+        where = f", {self.token_axes}" if self.token_axes else (", no token: modality 0's copy" if self.token_free
+                                                                 else "")
         spelling = f" [{self.norm.spelling}]" if self.norm is not None else ""
         lifted = f"; {self.spec.lift}" if self.spec.lift and self.problem is None else ""
         return f"{self.kind} in {self.node.target}{spelling}{where}{lifted}"
@@ -247,6 +251,7 @@ def find_param_uses(
     provenance analyses first (their results land in node.meta)."""
     find_norms(graph_module)
     token_provenance(graph_module, user_inputs, token_dims)
+    from_inputs = _computed_from(graph_module.graph, user_inputs)
     uses: dict[torch.fx.Node, list[ParamUse]] = {node: [] for node in param_nodes}
     for placeholder in param_nodes:
         stack = [(placeholder, [])]
@@ -267,7 +272,9 @@ def find_param_uses(
                     use = ParamUse(user, operand, kind, chain, problem=problem)
                 if use.problem is None:
                     axes, use.axes_from_sizes = _use_token_axes(use, token_dims)
-                    if isinstance(axes, str):
+                    if isinstance(axes, str) and user not in from_inputs and use.spec.token_layout != "indices":
+                        use.token_free = True
+                    elif isinstance(axes, str):
                         use.problem = f"cannot find its token dims: {axes}"
                     elif not _tokens_outside_param(use, axes, node_value(value)):
                         use.problem = (f"its tokens ({axes}) fall inside the dims the parameter covers; "
@@ -276,6 +283,25 @@ def find_param_uses(
                         use.token_axes = axes
                 uses[placeholder].append(use)
     return uses
+
+
+# Ops whose tensor operands give only a shape, dtype or device: a zero state made by x.new_zeros(b, 1, d) holds
+# nothing of x's tokens.
+SHAPE_ONLY_OPS = {
+    aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, aten.new_zeros.default, aten.new_ones.default,
+    aten.new_empty.default, aten.new_full.default, aten.zeros_like.default, aten.ones_like.default,
+    aten.empty_like.default, aten.full_like.default,
+}
+
+
+def _computed_from(graph: torch.fx.Graph, inputs: Sequence[torch.fx.Node]) -> set[torch.fx.Node]:
+    """The nodes whose values are computed from the data of `inputs` (the model's token inputs)."""
+    found = set(inputs)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target not in SHAPE_ONLY_OPS and \
+                any(i in found for i in node.all_input_nodes):
+            found.add(node)
+    return found
 
 
 def _use_token_axes(use: ParamUse, token_dims: tuple) -> tuple[TokenAxes | str, bool]:

@@ -73,6 +73,9 @@ class RoutePass(PassBase):
         uses = {n: uses[n] for n in param_nodes}
         problems = [f"- {self.param_fqns[n.name]}: {describe_node(u.node)}: {u.problem}"
                     for n, us in uses.items() for u in us if u.problem]
+        problems += [f"- {self.param_fqns[n.name]}: {describe_node(us[0].node)}: every use acts on values no input "
+                     "token went into, so only modality 0's copy would ever be used" for n, us in uses.items()
+                     if us and all(u.token_free for u in us)]
         if problems:
             raise RoutingError(
                 "these parameters were selected for routing but have uses sparsify cannot route:\n"
@@ -255,6 +258,16 @@ class Rewriter:
         if any(id(u.norm) in self.fused_norms for u in uses if u.norm is not None):
             return  # a norm's weight and bias are two uses of one match: fused once, at the first
         self.stack = node.meta.get("nn_module_stack") or self.root_stack
+        token_free = [u for u in uses if u.token_free]
+        if token_free:  # no token to pick a copy by: modality 0's copy, in the op as it is
+            with self.graph.inserting_before(node):
+                args = list(node.args)
+                for use in token_free:
+                    args[use.operand] = self.call(aten.select.int, args[use.operand], 0, 0)
+                node.args = tuple(args)
+            uses = [u for u in uses if not u.token_free]
+            if not uses:
+                return
         with self.graph.inserting_before(node):
             args = self.as_autocast_ran(node, list(node.args), stacked) if self.autocast else list(node.args)
             new = uses[0].spec.rewrite(self, node, uses, args, stacked)
