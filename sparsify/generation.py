@@ -137,7 +137,13 @@ class DecodingStep(nn.Module):
         dense = self._routed._dense
         dummy = torch.zeros(self.batch, 2, dtype=torch.long, device=next(self.parameters()).device)
         with self._routed.dense_forwards(), torch.no_grad():
-            type(dense).forward(dense, input_ids=dummy, **{self.cache_arg: cache}, use_cache=True)
+            try:
+                type(dense).forward(dense, input_ids=dummy, **{self.cache_arg: cache}, use_cache=True)
+            except Exception as error:  # the model's own code with a fixed-size cache: say so, generate uncached
+                raise StepNotRoutable(
+                    f"the model's forward fails with transformers' static cache sized for the prompt and the new "
+                    f"tokens ({type(error).__name__}: {error}); a model that adds positions of its own (a learned "
+                    "prompt) writes more of them than that") from error
 
     def _use(self, cache) -> None:
         holder = nn.Module()

@@ -7,7 +7,7 @@ import torch
 
 import sparsify
 from tests.test_properties import Stack, relative_error, tokens_changed_by
-from tests.toy_models import DelayedState
+from tests.toy_models import DelayedState, LearnedPrompt
 
 FORMS = [["post_norm"], ["qk_norm_attention"], ["gated"], ["tied", "linear", "tied"]]
 
@@ -66,5 +66,35 @@ def test_a_projection_also_applied_to_a_state_before_the_first_token_uses_modali
     assert not moved_1[:, 0].any() and moved_1[:, 1:].all()   # position 0 holds the zero state's projection
     assert moved_0[:, 0].all() and not moved_0[:, 1:].any()
 
+    # `out` runs on the shifted sequence: position 0 (the zero state's) by modality 0, position t by token t-1's
+    uses = next(p.uses for p in routed.plan.params if p.fqn == "layers.0.out.weight")
+    assert uses == ["linear_weight in aten.linear.default, batch dim 0, seq dim 1 (1 position without a token, "
+                    "tokens[:-1]); [M, out, in] stacked"], uses
+    ids = torch.tensor([[0, 1, 1, 0, 2, 1], [1, 0, 2, 2, 0, 1], [2, 2, 2, 2, 2, 2]])
+    with torch.no_grad():
+        before = routed(tokens, modality_ids=ids)
+        routed.get_parameter("layers.0.out.bias")[1].add_(0.3)
+        moved = (routed(tokens, modality_ids=ids) - before).abs().amax(-1) > 1e-6
+    assert torch.equal(moved[:, 1:], ids[:, :-1] == 1) and not moved[:, 0].any()
+
     with pytest.raises(sparsify.RoutingError, match=r"layers\.0\.start\.weight: .*only modality 0's copy"):
         sparsify.convert(DelayedState(), 3, example_inputs=example, include=r"start")
+
+
+def test_a_learned_prompt_before_the_tokens_is_routed_as_modality_0_and_the_tokens_by_their_own():
+    """CPM-Ant's prompt (tests/toy_models.LearnedPrompt): the block runs over a sequence laid out as 3 prompt
+    positions then the tokens; routed with ids laid out the same way (modality 0 for the prompt). fp32."""
+    torch.manual_seed(0)
+    dense = LearnedPrompt().eval()
+    routed = sparsify.convert(dense, 3, example_inputs=(torch.randint(0, 50, (2, 7)),), policy="mot")
+    assert set(routed.plan.routed) == {f"layers.0.{name}.{kind}" for name in ("norm", "up", "down")
+                                       for kind in ("weight", "bias")}
+    assert all("(3 positions without a token, tokens[:])" in use for p in routed.plan.params for use in p.uses)
+    tokens, ids = torch.randint(0, 50, (3, 5)), torch.tensor([[0, 1, 2, 0, 1], [2, 2, 0, 1, 0], [1] * 5])
+    with torch.no_grad():
+        assert relative_error(routed(tokens, modality_ids=ids), dense(tokens)) <= 1e-5
+        before = routed(tokens, modality_ids=ids)
+        for fqn in routed.plan.routed:
+            routed.get_parameter(fqn)[1].add_(0.3)
+        moved = (routed(tokens, modality_ids=ids) - before).abs().amax(-1) > 1e-6
+    assert torch.equal(moved, ids == 1)   # the block is token-wise: modality 1's tokens, and only those

@@ -4,7 +4,9 @@ sweep found: multi-head latent attention (DeepSeek-V3: its cache holds the compr
 tokens, so generation falls back to uncached), a hybrid whose tiny config keeps one layer of each kind (LFM2:
 short convolutions and attention), a config with no length limit (XLNet: its generate feeds a two-stream query
 route cannot place, a RoutingError), a projection also applied to a zero state before the first token (Zaya's
-delayed value: modality 0's copy there, generation with the cache). (DeepSeek-V4, whose compressed attention's summary parameters have no
+delayed value: modality 0's copy there, generation with the cache), a learned prompt before the tokens
+(CPM-Ant: the blocks run over prompt + tokens, routed with ids laid out the same way; its prompt overflows a
+static cache sized for the tokens, so generation falls back to uncached). (DeepSeek-V4, whose compressed attention's summary parameters have no
 token to route by and whose layers transformers' static cache does not know, takes ~30 s: the sweep covers it;
 tests/test_errors.py and tests/test_generation.py test those two behaviours on small models.)"""
 import os
@@ -15,7 +17,8 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 from sweep_families import one_family  # noqa: E402
 
-GENERATE = {"deepseek_v3": "yes, uncached", "lfm2": "yes", "xlnet": "RoutingError", "zaya": "yes"}
+GENERATE = {"cpmant": "yes, uncached", "deepseek_v3": "yes, uncached", "lfm2": "yes", "xlnet": "RoutingError",
+            "zaya": "yes"}
 
 
 @pytest.mark.parametrize("family", sorted(GENERATE))

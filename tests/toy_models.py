@@ -212,18 +212,37 @@ class TransposedWeights(nn.Module):
 class DelayedState(nn.Module):
     """Zaya's delayed value, written out: one projection applied to every token and to a zero state before the
     first, the results shifted one position (position t gets token t-1's projection, position 0 the zero
-    state's); and `start`, applied to the zero state alone."""
+    state's), then `out` on the shifted sequence; and `start`, applied to the zero state alone."""
 
     def __init__(self, vocab=50, d=8):
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
         self.layers = nn.ModuleList([nn.ModuleDict({"norm": nn.LayerNorm(d), "delayed": nn.Linear(d, d),
-                                                    "start": nn.Linear(d, d)})])
+                                                    "start": nn.Linear(d, d), "out": nn.Linear(d, d)})])
 
     def forward(self, tokens):
         x = self.embed(tokens)
         for layer in self.layers:
             h = layer["norm"](x)
             state = layer["delayed"](layer["start"](h.new_zeros(h.shape[0], 1, h.shape[-1])))
-            x = x + torch.cat([state, layer["delayed"](h)[:, :-1]], dim=1)
+            x = x + layer["out"](torch.cat([state, layer["delayed"](h)[:, :-1]], dim=1))
         return x
+
+
+class LearnedPrompt(nn.Module):
+    """CPM-Ant's learned prompt, written out: 3 learned positions before the tokens, a block over all of them,
+    the prompt cut off at the end."""
+
+    def __init__(self, vocab=50, d=8, prompt=3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.prompt = nn.Parameter(torch.randn(prompt, d))
+        self.layers = nn.ModuleList([nn.ModuleDict({"norm": nn.LayerNorm(d), "up": nn.Linear(d, 2 * d),
+                                                    "down": nn.Linear(2 * d, d)})])
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        x = torch.cat([self.prompt.expand(x.shape[0], -1, -1), x], dim=1)
+        for layer in self.layers:
+            x = x + layer["down"](torch.relu(layer["up"](layer["norm"](x))))
+        return x[:, self.prompt.shape[0]:]

@@ -18,7 +18,7 @@ from sparsify.passes import node_value
 from sparsify.ops.spec import SPECS, UseKind, use_kinds
 from sparsify.passes.norm_patterns import find_norms, norm_match
 from sparsify.passes.token_axes import TokenAxes, axes_from_tokens, find_token_axes, shape_env_of, size_exprs
-from sparsify.passes.token_provenance import Tokens, token_provenance, tokens_of
+from sparsify.passes.token_provenance import Tokens, computed_from, token_provenance, tokens_of
 
 aten = torch.ops.aten
 
@@ -251,7 +251,7 @@ def find_param_uses(
     provenance analyses first (their results land in node.meta)."""
     find_norms(graph_module)
     token_provenance(graph_module, user_inputs, token_dims)
-    from_inputs = _computed_from(graph_module.graph, user_inputs)
+    from_inputs = computed_from(graph_module.graph, user_inputs)
     uses: dict[torch.fx.Node, list[ParamUse]] = {node: [] for node in param_nodes}
     for placeholder in param_nodes:
         stack = [(placeholder, [])]
@@ -283,25 +283,6 @@ def find_param_uses(
                         use.token_axes = axes
                 uses[placeholder].append(use)
     return uses
-
-
-# Ops whose tensor operands give only a shape, dtype or device: a zero state made by x.new_zeros(b, 1, d) holds
-# nothing of x's tokens.
-SHAPE_ONLY_OPS = {
-    aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, aten.new_zeros.default, aten.new_ones.default,
-    aten.new_empty.default, aten.new_full.default, aten.zeros_like.default, aten.ones_like.default,
-    aten.empty_like.default, aten.full_like.default,
-}
-
-
-def _computed_from(graph: torch.fx.Graph, inputs: Sequence[torch.fx.Node]) -> set[torch.fx.Node]:
-    """The nodes whose values are computed from the data of `inputs` (the model's token inputs)."""
-    found = set(inputs)
-    for node in graph.nodes:
-        if node.op == "call_function" and node.target not in SHAPE_ONLY_OPS and \
-                any(i in found for i in node.all_input_nodes):
-            found.add(node)
-    return found
 
 
 def _use_token_axes(use: ParamUse, token_dims: tuple) -> tuple[TokenAxes | str, bool]:

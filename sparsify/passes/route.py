@@ -28,6 +28,7 @@ from sparsify.passes import PassBase, PassResult
 from sparsify.passes.graph_check import check_graph, snapshot_values
 from sparsify.passes.param_uses import ParamUse, broadcast_param_shape, find_param_uses, token_tensor_lead_dims
 from sparsify.passes.token_axes import TokenAxes
+from sparsify.passes.token_provenance import sequence_pieces
 
 aten = torch.ops.aten
 sparsify_ops = torch.ops.sparsify
@@ -217,6 +218,9 @@ class Rewriter:
                                          self.call(aten.transpose.int, self.modality_ids, 0, 1), [-1])
             else:
                 make = lambda: self.call(aten.reshape.default, self.modality_ids, [-1])  # noqa: E731
+        elif axes.sequence:
+            key = ("split", axes.dims[0] < axes.dims[1], axes.sequence)
+            make = lambda: self.laid_out_ids(axes.sequence, transposed=not key[1])  # noqa: E731
         else:
             key = ("split", axes.dims[0] < axes.dims[1])
             make = (lambda: self.modality_ids) if key[1] else \
@@ -229,6 +233,20 @@ class Rewriter:
                 self._id_layouts[key] = make()
             self.stack = stack
         return self._id_layouts[key], tuple(sorted(axes.dims))
+
+    def laid_out_ids(self, sequence: str, transposed: bool) -> torch.fx.Node:
+        """[batch, seq] ids for a sequence laid out from pieces (token_provenance.sequence_pieces): each run of
+        the input sequence takes its tokens' ids, each position no input token went into modality 0's."""
+        parts = []
+        for piece in sequence_pieces(sequence):
+            if piece[0] == "x":
+                batch = self.call(aten.sym_size.int, self.modality_ids, 0)
+                parts.append(self.call(aten.new_zeros.default, self.modality_ids, [batch, piece[1]]))
+            else:
+                _, start, end = piece
+                parts.append(self.call(aten.slice.Tensor, self.modality_ids, 1, start, end if end < 0 else 2 ** 63 - 1))
+        ids = self.call(aten.cat.default, parts, 1)
+        return self.call(aten.transpose.int, ids, 0, 1) if transposed else ids
 
     def ids_for(self, axes: TokenAxes, lead: int, tensor: torch.fx.Node | None) -> torch.fx.Node:
         """Ids shaped like the first `lead` dims of `tensor` (expanded), or broadcastable if tensor is None."""

@@ -17,6 +17,12 @@ Labels of one dim:
                slicing it back to the sequence length gives "T" again
   "T:chunk", "T:within"   the (padded) sequence reshaped into [chunks, chunk length] (SSD scans);
                reshaped back, the two give "T" ("T+") again
+  "T|x32,t0:0"  a sequence laid out from pieces (sequence_label): positions no input token went into
+               ("x<n>": n of them, from values computed from no input, a learned prompt or a zero state)
+               and runs of the input sequence ("t<a>:<b>": positions a to T+b, b <= 0), as a
+               concatenation along the sequence or a slice of it lays them out (CPM-Ant's prompt before
+               the tokens, a state shifted one position). Routed with ids laid out the same way, 0 for
+               the extra positions (route.Rewriter.ids_with_tokens_in_order).
 A value holding one sequence position (x[:, t] inside a Python loop over time) has
 `position` = t. An op this pass does not know keeps the labels of an input of exactly
 its output's shape, or none: the caller then falls back to size matching.
@@ -41,6 +47,64 @@ OUTER, INNER = ":chunk", ":within"  # "T:chunk", "T:within": the sequence reshap
 # "B:merged": the batch flattened with feature dims inside it ([B, H, S, D] -> [B * H, S, D], as BLOOM's
 # attention bmm's take heads), split back into a batch dim later. No token is routed while merged.
 MERGED = ":merged"
+
+
+SEQUENCE = "T|"  # prefix of a sequence laid out from pieces (module docstring)
+# Ops whose tensor operands give only a shape, dtype or device: a zero state made by x.new_zeros(b, 1, d) holds
+# nothing of x's tokens.
+SHAPE_ONLY_OPS = {
+    aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, aten.new_zeros.default, aten.new_ones.default,
+    aten.new_empty.default, aten.new_full.default, aten.zeros_like.default, aten.ones_like.default,
+    aten.empty_like.default, aten.full_like.default,
+}
+
+
+def computed_from(graph: torch.fx.Graph, inputs: Sequence[torch.fx.Node]) -> set[torch.fx.Node]:
+    """The nodes whose values are computed from the data of `inputs` (the model's token inputs)."""
+    found = set(inputs)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target not in SHAPE_ONLY_OPS and \
+                any(i in found for i in node.all_input_nodes):
+            found.add(node)
+    return found
+
+
+def sequence_pieces(name: str | None) -> list[tuple] | None:
+    """The pieces of a sequence label: [("x", n)] extra positions, [("t", a, b)] input positions a to T+b;
+    "T" is [("t", 0, 0)]. None for any other label."""
+    if name == "T":
+        return [("t", 0, 0)]
+    if not (name and name.startswith(SEQUENCE)):
+        return None
+    pieces = []
+    for piece in name[len(SEQUENCE):].split(","):
+        if piece.startswith("x"):
+            pieces.append(("x", int(piece[1:])))
+        else:
+            start, end = piece[1:].split(":")
+            pieces.append(("t", int(start), int(end)))
+    return pieces
+
+
+def sequence_label(pieces: list[tuple]) -> str | None:
+    """The label of a sequence laid out from `pieces` (adjacent extra runs merged); "T" for the input's."""
+    merged: list[tuple] = []
+    for piece in pieces:
+        if piece[0] == "x" and merged and merged[-1][0] == "x":
+            merged[-1] = ("x", merged[-1][1] + piece[1])
+        elif piece != ("x", 0):
+            merged.append(piece)
+    if merged == [("t", 0, 0)]:
+        return "T"
+    if not any(piece[0] == "t" for piece in merged):
+        return None  # no input position left: nothing to route by
+    return SEQUENCE + ",".join(f"x{p[1]}" if p[0] == "x" else f"t{p[1]}:{p[2]}" for p in merged)
+
+
+def describe_sequence(name: str) -> str:
+    """A sequence label in words: '3 positions without a token, tokens[0:-1]'."""
+    return ", ".join(f"{p[1]} position{'s' if p[1] != 1 else ''} without a token" if p[0] == "x" else
+                     f"tokens[{p[1] or ''}:{p[2] or ''}]" for p in sequence_pieces(name))
 
 
 @dataclass(frozen=True)
@@ -231,8 +295,34 @@ def _slice(node, tokens: Tokens, token_sizes: dict) -> Tokens:
     if name == "T+" and from_start and out_size == token_sizes["T"]:
         labels[dim] = "T"  # the padding cut off again
     else:
-        labels[dim] = None
+        labels[dim] = _sliced_sequence(name, start, end, step)
     return Tokens(tuple(labels), tokens.position)
+
+
+def _sliced_sequence(name: str, start, end, step) -> str | None:
+    """The label of sequence `name` sliced [start:end] with static bounds (a prompt cut off, the last position
+    dropped), or None."""
+    pieces = sequence_pieces(name)
+    end = None if end is None or (isinstance(end, int) and end >= 2 ** 62) else end
+    if pieces is None or step not in (None, 1) or not isinstance(start or 0, int) or (start or 0) < 0 or \
+            not (end is None or (isinstance(end, int) and end < 0)):
+        return None
+    for cut, at_front in ((start or 0, True), (-(end or 0), False)):
+        while cut > 0:
+            index = 0 if at_front else -1
+            piece = pieces[index]
+            if piece[0] == "x":
+                taken = min(cut, piece[1])
+                pieces[index] = ("x", piece[1] - taken)
+                if pieces[index][1] == 0:
+                    pieces.pop(index)
+                cut -= taken
+            else:  # into a run of input positions: it is longer than any static cut of a sequence this pass sees
+                pieces[index] = ("t", piece[1] + cut, piece[2]) if at_front else ("t", piece[1], piece[2] - cut)
+                cut = 0
+            if not pieces:
+                return None
+    return sequence_label(pieces)
 
 
 def _pad(tokens: Tokens, in_value, out_value, pad: Sequence) -> Tokens:
@@ -287,7 +377,7 @@ def _einsum(equation: str, operands: list, out_value) -> Tokens | None:
     return Tokens(tuple(letters.get(letter) for letter in output), _merge_positions(positions))
 
 
-def _cat(node, inputs: list[Tokens | None], values: list) -> Tokens:
+def _cat(node, inputs: list[Tokens | None], values: list, from_inputs: set) -> Tokens:
     out_value = node_value(node)
     dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % out_value.dim()
     pairs = [(t, v) for t, v in zip(inputs, values) if t is not None and v.dim() == out_value.dim()]
@@ -295,7 +385,21 @@ def _cat(node, inputs: list[Tokens | None], values: list) -> Tokens:
         return _none(out_value.dim())
     merged = _broadcast(out_value, pairs) if all(v.dim() == out_value.dim() for _, v in pairs) else pairs[0][0]
     labels = list(merged.labels)
-    labels[dim] = None  # a concatenation along a token dim no longer lines up with the tokens
+    # Along the sequence: a sequence laid out from pieces, where every piece is a run of the sequence or holds
+    # positions no input went into (of a static count); anything else no longer lines up with the tokens.
+    pieces = []
+    for tensor, tokens, value in zip(node.args[0], inputs, values):
+        parts = sequence_pieces(tokens.labels[dim]) if tokens is not None and value.dim() == out_value.dim() \
+            else None
+        if parts is not None:
+            pieces += parts
+        elif tensor not in from_inputs and value.dim() == out_value.dim() and isinstance(value.shape[dim], int):
+            pieces.append(("x", int(value.shape[dim])))
+        else:
+            pieces = None
+            break
+    batch = labels.count("B") == 1 and all("B" in tokens.labels for tokens, _ in pairs if tokens.any)
+    labels[dim] = sequence_label(pieces) if pieces and batch else None
     return Tokens(tuple(labels), merged.position)
 
 
@@ -348,8 +452,8 @@ def _is_pointwise(target) -> bool:
     return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
 
 
-def _transfer(node: torch.fx.Node, token_sizes: dict):
-    """Provenance of `node`'s value from its inputs' provenance."""
+def _transfer(node: torch.fx.Node, token_sizes: dict, from_inputs: set):
+    """Provenance of `node`'s value from its inputs' provenance (`from_inputs`: computed_from the inputs)."""
     target, args = node.target, node.args
     out_value = node_value(node)
     first = tokens_of(args[0]) if args else None
@@ -443,7 +547,7 @@ def _transfer(node: torch.fx.Node, token_sizes: dict):
             labels = list(merged.labels)
             labels.insert(dim, None)
             return Tokens(tuple(labels), merged.position)
-        return _cat(node, inputs, values)
+        return _cat(node, inputs, values, from_inputs)
     if target == aten.linear.default:
         return Tokens(first.labels[:-1] + (None,), first.position) if first else None
     if target in (aten.addmm.default, aten.baddbmm.default):
@@ -503,12 +607,13 @@ def token_provenance(graph_module: torch.fx.GraphModule, user_inputs: Sequence[t
     first = next(iter(sources), None)
     hints = _hints(node_value(first)) if first is not None else (None, None)
     token_sizes = {"B": hints[0], "T": hints[1]}
+    from_inputs = computed_from(graph_module.graph, list(user_inputs))
     for node in graph_module.graph.nodes:
         if node.op == "placeholder":
             node.meta[META_KEY] = sources.get(node)
         elif node.op == "call_function":
             try:
-                node.meta[META_KEY] = _transfer(node, token_sizes)
+                node.meta[META_KEY] = _transfer(node, token_sizes, from_inputs)
             except (IndexError, TypeError, AttributeError, ValueError, KeyError):
                 # an op whose arguments this pass reads differently: it knows nothing, sizes decide later
                 node.meta[META_KEY] = None
