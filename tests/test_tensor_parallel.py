@@ -13,6 +13,7 @@ and undone. A tiny Qwen3 split by transformers' own tp_plan (per-head q/k norms 
 whose gradients sparsify sums over the group) gives one process's gradients; without that sum the plan's
 check refuses it. Plans sparsify cannot apply are refused in one process under torch's fake process group.
 """
+import contextlib
 import os
 import tempfile
 
@@ -82,10 +83,18 @@ def _worker(rank, world, directory):
         dist.destroy_process_group()
 
 
-def test_column_then_row_wise_routed_linears_equal_one_process():
+@contextlib.contextmanager
+def _spawned(worker, world: int):
+    """`worker(rank, world, directory)` run on `world` processes; the directory, while inside."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(2, tmp), nprocs=2, join=True)
+        mp.spawn(worker, args=(world, tmp), nprocs=world, join=True)
+        yield tmp
+
+
+def test_column_then_row_wise_routed_linears_equal_one_process():
+    with _spawned(_worker, 2):
+        pass
 
 
 # -- a whole routed model on a 2 x 2 mesh ---------------------------------------------------------------
@@ -202,9 +211,7 @@ def _mesh_worker(rank, world, directory):
 
 
 def test_a_2x2_mesh_of_tensor_parallel_and_fsdp2_equals_one_process():
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_mesh_worker, args=(4, tmp), nprocs=4, join=True)
+    with _spawned(_mesh_worker, 4) as tmp:
         got = torch.load(f"{tmp}/mesh.pt")
 
     qwen = sparsify.convert(tiny_qwen3(), modalities=M).train()
