@@ -12,7 +12,7 @@ from sparsify.routed_model import RoutedModel
 from sparsify.sharding import fully_shard
 from sparsify.token_modalities import modality_ids_from_tokens, token_modalities
 
-_mamba_ssm_frontend.install()
+_mamba_ssm_frontend.install()  # `import mamba_ssm` works without its CUDA extension (see the module)
 
 
 def __getattr__(name: str):
@@ -21,7 +21,7 @@ def __getattr__(name: str):
         from sparsify.tensor_parallel import parallelize_module
         return parallelize_module
     raise AttributeError(f"module 'sparsify' has no attribute '{name}'")
-  # `import mamba_ssm` works without its CUDA extension (see the module)
+
 
 __all__ = [
     "CaptureError", "Drift", "InternalError", "RoutedModel", "RoutingError", "RoutingPlan", "SparsifyError",

@@ -244,7 +244,8 @@ class Rewriter:
                 parts.append(self.call(aten.new_zeros.default, self.modality_ids, [batch, piece[1]]))
             else:
                 _, start, end = piece
-                parts.append(self.call(aten.slice.Tensor, self.modality_ids, 1, start, end if end < 0 else 2 ** 63 - 1))
+                end = end if end < 0 else 2 ** 63 - 1  # an end offset of 0: to the end
+                parts.append(self.call(aten.slice.Tensor, self.modality_ids, 1, start, end))
         ids = self.call(aten.cat.default, parts, 1)
         return self.call(aten.transpose.int, ids, 0, 1) if transposed else ids
 
