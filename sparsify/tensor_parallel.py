@@ -121,17 +121,14 @@ def parallelize_module(module: nn.Module, device_mesh, parallelize_plan: dict, *
     `routed.model`. Each matched module's stacked parameters become DTensors on `device_mesh` (1-D) split along
     the style's feature dim (module docstring); everything else stays as it is, replicated. A parameter left
     whole that the forward applies to a rank's part of the features (a per-head q/k norm) gets its gradient
-    summed over the group, found from the graph. Then, as for FSDP2,
-    capture before sharding with FSDP2 (routed.precapture): graphs are captured on the local shards. Returns
-    `module`.
+    summed over the group, found from the graph. Then capture before sharding with FSDP2, as without tensor
+    parallelism (routed.precapture): graphs are captured on the local shards. Returns `module`.
 
     A plan can be wrong for the model in ways no shape shows: a fused q/k/v projection split column-wise and then
     chunked, attention over whole features rather than heads. `check` (default) runs the routed model forward
     and backward on its example inputs (eval mode, fixed random modality ids) before and after splitting, on
     every rank, and undoes the split with a SparsifyError where outputs or gradients differ. Skipped for
     parameters on the meta device."""
-    from torch.distributed.tensor import distribute_tensor
-
     from sparsify import modality_split
     from sparsify.sharding import routed_model_of, stacked_parameters
 
@@ -147,8 +144,38 @@ def parallelize_module(module: nn.Module, device_mesh, parallelize_plan: dict, *
     size = device_mesh.size()
     check = check and not any(p.is_meta for p in routed.parameters())
     before = _example_run(routed) if check else None
+    undo: list[tuple[nn.Module, str, nn.Parameter]] = []  # (module, name, the parameter it held)
+    try:
+        _split(module, device_mesh, parallelize_plan, stacked, undo)
+    except BaseException:  # a plan refused halfway leaves no module split
+        _undo(routed, undo)
+        raise
+    routed.__dict__["_tensor_parallel_mesh"] = device_mesh
+    routed._graphs.clear()  # captured on whole weights; the next call captures on this rank's shards
+    if check:
+        try:
+            problem = _difference(before, _example_run(routed))
+        except BaseException:
+            _undo(routed, undo)
+            raise
+        if problem:
+            _undo(routed, undo)
+            raise SparsifyError(
+                f"tensor parallel plan {list(parallelize_plan)}: the model split over {size} ranks computes "
+                f"something else than whole ({problem}), so the plan does not fit its forward: a column-wise "
+                "linear must give whole heads (or whole hidden units) that the model uses apart until a row-wise "
+                "linear sums them; a fused q/k/v projection chunked after the linear, or attention over whole "
+                "features, does not split that way. The model is left as it was.")
+    return module
+
+
+def _split(module, device_mesh, parallelize_plan: dict, stacked: dict, undo: list) -> None:
+    """Each plan entry's stacked parameters made DTensors split on the style's feature dim; `undo` gets what
+    each module held before."""
+    from torch.distributed.tensor import distribute_tensor
+
+    size = device_mesh.size()
     replaced: dict[int, nn.Parameter] = {}  # a weight tied between two modules stays one tensor
-    undo: list[tuple[nn.Module, str, nn.Parameter]] = []
     for key, style in parallelize_plan.items():
         kind = _style(style, key)
         matched = [(name, sub) for name, sub in module.named_modules() if name and matches(name, key)]
@@ -178,30 +205,13 @@ def parallelize_module(module: nn.Module, device_mesh, parallelize_plan: dict, *
                 replaced[id(param)] = split
                 undo.append((target, param_name, param))
                 target.register_parameter(param_name, split)
-    routed.__dict__["_tensor_parallel_mesh"] = device_mesh
-    routed._graphs.clear()  # captured on whole weights; the next call captures on this rank's shards
-    if check:
-        try:
-            problem = _difference(before, _example_run(routed))
-        except BaseException:
-            _undo(routed, undo)
-            raise
-        if problem:
-            _undo(routed, undo)
-            raise SparsifyError(
-                f"tensor parallel plan {list(parallelize_plan)}: the model split over {size} ranks computes "
-                f"something else than whole ({problem}), so the plan does not fit its forward: a column-wise "
-                "linear must give whole heads (or whole hidden units) that the model uses apart until a row-wise "
-                "linear sums them; a fused q/k/v projection chunked after the linear, or attention over whole "
-                "features, does not split that way. The model is left as it was.")
-    return module
 
 
 def _undo(routed, undo: list) -> None:
     """Give the split modules their whole parameters back (a plan the check refused)."""
     for target, param_name, param in reversed(undo):
         target.register_parameter(param_name, param)
-    del routed.__dict__["_tensor_parallel_mesh"]
+    routed.__dict__.pop("_tensor_parallel_mesh", None)
     routed._graphs.clear()
 
 

@@ -287,6 +287,10 @@ def test_plans_sparsify_cannot_apply_are_refused(fake_mesh):
     for plan, message in cases:
         with pytest.raises(SparsifyError, match=message):
             sparsify.parallelize_module(routed, fake_mesh, plan, check=False)
+    with pytest.raises(SparsifyError, match="sparsify splits routed linears only"):  # refused at its second entry
+        sparsify.parallelize_module(routed, fake_mesh, {"model.layers.*.mlp.up_proj": "colwise", "lm_head": "colwise"},
+                                    check=False)
+    assert not any(type(p).__name__ == "DTensor" for p in routed.parameters())   # and nothing left split
     with pytest.raises(SparsifyError, match="1-D device mesh"):
         sparsify.parallelize_module(routed, init_device_mesh("cpu", (1, 2)), {"model.layers.*.mlp.up_proj": "colwise"})
 
