@@ -284,7 +284,7 @@ def verify(model: nn.Module, routed: RoutedModel, example_inputs=None, seed: int
     """
     if not isinstance(routed, RoutedModel):
         raise SparsifyError(f"verify(model, routed) takes a RoutedModel second, got {type(routed).__name__}")
-    if "_tensor_parallel_mesh" in routed.__dict__:
+    if routed.tensor_parallel_mesh is not None:
         raise SparsifyError("verify compares whole weights with the dense model's, but this routed model's linears "
                             "are split over tensor-parallel ranks (sparsify.parallelize_module): verify before "
                             "parallelizing")

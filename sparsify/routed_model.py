@@ -67,6 +67,12 @@ class ForwardWithSignature:
         return dense.replace(parameters=params[:at] + [ids] + params[at:])
 
 
+# Tensor parallelism (tensor_parallel.py): the mesh a routed model's linears are split over, kept in its __dict__,
+# and the attribute marking the Parameters parallelize_module made (FSDP2 replaces them with its own)
+TENSOR_PARALLEL_MESH = "_tensor_parallel_mesh"
+SPLIT_MARK = "_sparsify_tensor_parallel"
+
+
 def _is_dtensor(tensor) -> bool:
     return type(tensor).__name__ == "DTensor"  # by name: torch.distributed may be absent from the build
 
@@ -74,7 +80,7 @@ def _is_dtensor(tensor) -> bool:
 def _is_sharded(param) -> bool:
     """Sharded by FSDP2: a DTensor other than a routed linear's tensor-parallel split as parallelize_module
     left it (graphs are captured on those: dense_view gives their per-rank part)."""
-    return _is_dtensor(param) and not getattr(param, "_sparsify_tensor_parallel", False)
+    return _is_dtensor(param) and not getattr(param, SPLIT_MARK, False)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -309,6 +315,11 @@ class RoutedModel(nn.Module):
         self._graphs.setdefault(key, []).append(entry)
         return entry
 
+    @property
+    def tensor_parallel_mesh(self):
+        """The 1-D device mesh sparsify.parallelize_module split this model's routed linears over, or None."""
+        return self.__dict__.get(TENSOR_PARALLEL_MESH)
+
     def _stacked_sharded(self) -> bool:
         """Whether a stacked parameter is sharded (FSDP2) now: one looked at, the one every plan has first."""
         fqn = next(iter(self.plan.routed), None)
@@ -377,7 +388,7 @@ class RoutedModel(nn.Module):
                     with step.prepared():  # guarded on what the model read, not on the step's per-call cache
                         captured = capture(step, inputs, every_dim=True, state_of=self._dense)
             except CaptureError as e:
-                mesh = self.__dict__.get("_tensor_parallel_mesh")
+                mesh = self.tensor_parallel_mesh
                 if mesh is None:
                     raise
                 raise CaptureError(
@@ -427,7 +438,7 @@ class RoutedModel(nn.Module):
         if eager_only:
             captured.exported = None
             entry.direct = direct_calls(captured.graph_module, len(captured.mutated_buffers),
-                                        split_over_ranks="_tensor_parallel_mesh" in self.__dict__)
+                                        split_over_ranks=self.tensor_parallel_mesh is not None)
         else:
             self._split_into_modules(entry)
         return entry
@@ -443,7 +454,7 @@ class RoutedModel(nn.Module):
                                  for fqn, forward in entry.module_forwards.items() if fqn}
         except Exception as e:  # unflatten refuses some programs; the flat graph is still exact
             entry.tree_problem = f"{type(e).__name__}: {e}"
-            if "_tensor_parallel_mesh" in self.__dict__:
+            if self.tensor_parallel_mesh is not None:
                 raise SparsifyError(
                     f"this routed graph cannot be split per module ({entry.tree_problem}), and tensor parallelism "
                     "(sparsify.parallelize_module) sums some gradients where modules read their parameters; "
@@ -463,7 +474,7 @@ class RoutedModel(nn.Module):
     def _summed_gradients(self, entry: GraphEntry) -> tuple[set[str], str] | None:
         """Under tensor parallelism: the parameters left whole that the graph applies to a rank's part of
         the features, whose gradients are summed over the tensor-parallel group (tensor_parallel.py)."""
-        mesh = self.__dict__.get("_tensor_parallel_mesh")
+        mesh = self.tensor_parallel_mesh
         if mesh is None:
             return None
         from sparsify import tensor_parallel

@@ -29,6 +29,7 @@ from torch.distributed.tensor.experimental import register_sharding
 
 import sparsify.ops  # noqa: F401  (defines the custom ops registered below)
 from sparsify.errors import SparsifyError
+from sparsify.routed_model import SPLIT_MARK, TENSOR_PARALLEL_MESH
 
 REPLICATE = Replicate()
 
@@ -73,7 +74,6 @@ COLUMN_WISE, ROW_WISE = "colwise", "rowwise"
 # The placement of a split parameter by (style, parameter name): the modality dim 0 is never split.
 PLACEMENTS = {(COLUMN_WISE, "weight"): Shard(1), (COLUMN_WISE, "bias"): Shard(1),
                (ROW_WISE, "weight"): Shard(2), (ROW_WISE, "bias"): REPLICATE}
-MARK = "_sparsify_tensor_parallel"  # set on the Parameters parallelize_module made (FSDP2 replaces them)
 
 
 # transformers' tp_plan entry for a parameter left whole whose gradient is summed over the group: done here for
@@ -150,7 +150,7 @@ def parallelize_module(module: nn.Module, device_mesh, parallelize_plan: dict, *
     except BaseException:  # a plan refused halfway leaves no module split
         _undo(routed, undo)
         raise
-    routed.__dict__["_tensor_parallel_mesh"] = device_mesh
+    routed.__dict__[TENSOR_PARALLEL_MESH] = device_mesh
     routed._graphs.clear()  # captured on whole weights; the next call captures on this rank's shards
     if check:
         try:
@@ -201,7 +201,7 @@ def _split(module, device_mesh, parallelize_plan: dict, stacked: dict, undo: lis
                         f"{size} ranks: its dim {placement.dim} is not a multiple of {size}")
                 split = nn.Parameter(distribute_tensor(param.detach(), device_mesh, [placement]),
                                      requires_grad=param.requires_grad)
-                setattr(split, MARK, True)
+                setattr(split, SPLIT_MARK, True)
                 replaced[id(param)] = split
                 undo.append((target, param_name, param))
                 target.register_parameter(param_name, split)
@@ -211,7 +211,7 @@ def _undo(routed, undo: list) -> None:
     """Give the split modules their whole parameters back (a plan the check refused)."""
     for target, param_name, param in reversed(undo):
         target.register_parameter(param_name, param)
-    routed.__dict__.pop("_tensor_parallel_mesh", None)
+    routed.__dict__.pop(TENSOR_PARALLEL_MESH, None)
     routed._graphs.clear()
 
 
@@ -263,7 +263,7 @@ def _difference(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor])
 
 def is_split(param) -> bool:
     """Whether `param` is a stacked parameter as parallelize_module left it (not yet sharded by FSDP2)."""
-    return getattr(param, MARK, False)
+    return getattr(param, SPLIT_MARK, False)
 
 
 def local_call(op, args: tuple, kwargs: dict):

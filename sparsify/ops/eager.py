@@ -69,13 +69,13 @@ def eager_form(op):
                 from sparsify.tensor_parallel import local_call
                 return local_call(op, args, kwargs)
             return op(*args, **kwargs)
-        inputs = bind(op, args, kwargs)
+        inputs = _bind(op, args, kwargs)
         return _Eager.apply(op, *inputs)
     call.__name__ = call.__qualname__ = f"{op._schema.name.split('::')[-1]}_eager"
     return call
 
 
-def bind(op, args, kwargs) -> list:
+def _bind(op, args, kwargs) -> list:
     """Every argument of op's schema in order, defaults filled in (setup_context unpacks them all)."""
     values = list(args)
     for argument in op._schema.arguments[len(args):]:

@@ -250,8 +250,8 @@ def find_param_uses(
     model's own inputs, whose (batch, seq) dims provenance follows. Runs the norm-pattern and token
     provenance analyses first (their results land in node.meta)."""
     find_norms(graph_module)
-    token_provenance(graph_module, user_inputs, token_dims)
     from_inputs = computed_from(graph_module.graph, user_inputs)
+    token_provenance(graph_module, user_inputs, token_dims, from_inputs)
     uses: dict[torch.fx.Node, list[ParamUse]] = {node: [] for node in param_nodes}
     for placeholder in param_nodes:
         stack = [(placeholder, [])]

@@ -601,13 +601,15 @@ def token_inputs(user_inputs: Sequence[torch.fx.Node], token_dims: tuple) -> dic
 
 
 def token_provenance(graph_module: torch.fx.GraphModule, user_inputs: Sequence[torch.fx.Node],
-                     token_dims: tuple) -> PassResult:
-    """Annotate every node with its Tokens (node.meta["sparsify_tokens"]). Analysis only."""
+                     token_dims: tuple, from_inputs: set | None = None) -> PassResult:
+    """Annotate every node with its Tokens (node.meta["sparsify_tokens"]). Analysis only. `from_inputs`:
+    computed_from(graph, user_inputs), where the caller has it."""
     sources = token_inputs(user_inputs, token_dims)
     first = next(iter(sources), None)
     hints = _hints(node_value(first)) if first is not None else (None, None)
     token_sizes = {"B": hints[0], "T": hints[1]}
-    from_inputs = computed_from(graph_module.graph, list(user_inputs))
+    if from_inputs is None:
+        from_inputs = computed_from(graph_module.graph, list(user_inputs))
     for node in graph_module.graph.nodes:
         if node.op == "placeholder":
             node.meta[META_KEY] = sources.get(node)
