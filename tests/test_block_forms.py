@@ -7,7 +7,7 @@ import torch
 
 import sparsify
 from tests.test_properties import Stack, relative_error, tokens_changed_by
-from tests.toy_models import DelayedState, LearnedPrompt
+from tests.toy_models import DelayedState, LearnedPrompt, PredictingStreams
 
 FORMS = [["post_norm"], ["qk_norm_attention"], ["gated"], ["tied", "linear", "tied"]]
 
@@ -98,3 +98,33 @@ def test_a_learned_prompt_before_the_tokens_is_routed_as_modality_0_and_the_toke
             routed.get_parameter(fqn)[1].add_(0.3)
         moved = (routed(tokens, modality_ids=ids) - before).abs().amax(-1) > 1e-6
     assert torch.equal(moved, ids == 1)   # the block is token-wise: modality 1's tokens, and only those
+
+
+def test_a_predicting_stream_as_long_as_the_sequence_is_routed_as_modality_0():
+    """ProphetNet's n-gram stream (tests/toy_models.PredictingStreams): the block runs over the tokens then a
+    stream of as many positions no token went into; routed with ids laid out the same way (modality 0 for the
+    stream), the stream's own projection (chunked off) with modality 0's copy. fp32, 1e-5 relative."""
+    torch.manual_seed(0)
+    dense = PredictingStreams().eval()
+    routed = sparsify.convert(dense, 3, example_inputs=(torch.randint(0, 50, (2, 7)),), policy="mot")
+    assert set(routed.plan.routed) == {f"{name}.{kind}" for name in ("norm", "q", "k", "v", "out", "up", "down")
+                                       for kind in ("weight", "bias")}
+    uses = {p.fqn: p.uses for p in routed.plan.params}
+    assert all("(tokens[:], as many positions without a token as the sequence has)" in use
+               for use in uses["q.weight"] + uses["up.weight"]), uses["q.weight"]
+    assert sorted("no token: modality 0's copy" in use for use in uses["out.weight"]) == [False, True]
+
+    tokens = torch.randint(0, 50, (3, 5))
+    for ids in (torch.tensor([[0, 1, 2, 0, 1], [2, 2, 0, 1, 0], [1] * 5]), torch.ones(3, 5, dtype=torch.long)):
+        with torch.no_grad():
+            assert relative_error(routed(tokens, modality_ids=ids), dense(tokens)) <= 1e-5
+    with torch.no_grad():   # every token modality 1: its copies move the main stream, modality 0's the stream
+        before = routed(tokens, modality_ids=ids)
+        routed.get_parameter("up.bias")[1].add_(0.3)
+        after_1 = routed(tokens, modality_ids=ids)
+        routed.get_parameter("up.bias")[0].add_(0.3)
+        after_0 = routed(tokens, modality_ids=ids)
+    moved_1 = (after_1 - before).abs().amax(-1) > 1e-6
+    moved_0 = (after_0 - after_1).abs().amax(-1) > 1e-6
+    assert moved_1[:, :5].all() and not moved_1[:, 5:].any()
+    assert moved_0[:, 5:].all() and not moved_0[:, :5].any()

@@ -246,3 +246,34 @@ class LearnedPrompt(nn.Module):
         for layer in self.layers:
             x = x + layer["down"](torch.relu(layer["up"](layer["norm"](x))))
         return x[:, self.prompt.shape[0]:]
+
+
+class PredictingStreams(nn.Module):
+    """ProphetNet's n-gram predicting stream, written out: a stream of learned positions as long as the
+    sequence (no token goes into it) laid out after the tokens, one block over both, its attention chunked
+    into the main stream (causal, over itself) and the predicting stream (over both), each projected out on
+    its own and concatenated back."""
+
+    def __init__(self, vocab=50, d=8, max_positions=32):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.positions = nn.Embedding(max_positions, d)
+        self.stream = nn.Parameter(torch.randn(d))
+        self.norm = nn.LayerNorm(d)
+        self.q, self.k, self.v, self.out = (nn.Linear(d, d) for _ in range(4))
+        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, tokens):
+        batch, length = tokens.shape
+        position_ids = torch.arange(length, device=tokens.device).expand(batch, length)
+        predicting = self.positions(position_ids + 1) + self.stream
+        x = torch.cat([self.embed(tokens) + self.positions(position_ids), predicting], dim=1)
+        h = self.norm(x)
+        main_q, predict_q = self.q(h).chunk(2, dim=1)
+        main_k, predict_k = self.k(h).chunk(2, dim=1)
+        main_v, predict_v = self.v(h).chunk(2, dim=1)
+        main = self.out(F.scaled_dot_product_attention(main_q, main_k, main_v, is_causal=True))
+        predict = self.out(F.scaled_dot_product_attention(
+            predict_q, torch.cat([main_k, predict_k], 1), torch.cat([main_v, predict_v], 1)))
+        x = x + torch.stack([main, predict], dim=1).view(batch, 2 * length, -1)
+        return x + self.down(torch.relu(self.up(x)))

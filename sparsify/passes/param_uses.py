@@ -18,7 +18,7 @@ from sparsify.passes import node_value
 from sparsify.ops.spec import SPECS, UseKind, use_kinds
 from sparsify.passes.norm_patterns import find_norms, norm_match
 from sparsify.passes.token_axes import TokenAxes, axes_from_tokens, find_token_axes, shape_env_of, size_exprs
-from sparsify.passes.token_provenance import Tokens, computed_from, token_provenance, tokens_of
+from sparsify.passes.token_provenance import Tokens, computed_from, token_provenance, tokens_of, without_tokens
 
 aten = torch.ops.aten
 
@@ -53,8 +53,9 @@ class ParamUse:
     # Whether its token axes came from sizes (find_token_axes) where provenance knew nothing: only then can
     # the sizes a graph was captured at decide the axes (a feature size equal to a static sequence length).
     axes_from_sizes: bool = False
-    # Applied to values no input token went into (a zero state before the first token): no token to take a
-    # copy by, so modality 0's copy is used (route), where another use of the parameter is per token.
+    # Applied to values no input token went into (a zero state before the first token), or to positions laid
+    # out from no token (one n-gram stream split off a laid-out sequence): no token to take a copy by, so
+    # modality 0's copy is used (route), where another use of the parameter is per token.
     token_free: bool = False
 
     @property
@@ -274,6 +275,8 @@ def find_param_uses(
                     axes, use.axes_from_sizes = _use_token_axes(use, token_dims)
                     if isinstance(axes, str) and user not in from_inputs and use.spec.token_layout != "indices":
                         use.token_free = True
+                    elif isinstance(axes, TokenAxes) and without_tokens(axes.sequence):
+                        use.token_free = True  # laid out from positions no token went into only (one n-gram stream)
                     elif isinstance(axes, str):
                         use.problem = f"cannot find its token dims: {axes}"
                     elif not _tokens_outside_param(use, axes, node_value(value)):

@@ -28,7 +28,7 @@ from sparsify.passes import PassBase, PassResult
 from sparsify.passes.graph_check import check_graph, snapshot_values
 from sparsify.passes.param_uses import ParamUse, broadcast_param_shape, find_param_uses, token_tensor_lead_dims
 from sparsify.passes.token_axes import TokenAxes
-from sparsify.passes.token_provenance import sequence_pieces
+from sparsify.passes.token_provenance import SEQUENCE_LONG, sequence_pieces
 
 aten = torch.ops.aten
 sparsify_ops = torch.ops.sparsify
@@ -241,7 +241,8 @@ class Rewriter:
         for piece in sequence_pieces(sequence):
             if piece[0] == "x":
                 batch = self.call(aten.sym_size.int, self.modality_ids, 0)
-                parts.append(self.call(aten.new_zeros.default, self.modality_ids, [batch, piece[1]]))
+                count = self.call(aten.sym_size.int, self.modality_ids, 1) if piece[1] == SEQUENCE_LONG else piece[1]
+                parts.append(self.call(aten.new_zeros.default, self.modality_ids, [batch, count]))
             else:
                 _, start, end = piece
                 end = end if end < 0 else 2 ** 63 - 1  # an end offset of 0: to the end

@@ -18,11 +18,14 @@ Labels of one dim:
   "T:chunk", "T:within"   the (padded) sequence reshaped into [chunks, chunk length] (SSD scans);
                reshaped back, the two give "T" ("T+") again
   "T|x32,t0:0"  a sequence laid out from pieces (sequence_label): positions no input token went into
-               ("x<n>": n of them, from values computed from no input, a learned prompt or a zero state)
-               and runs of the input sequence ("t<a>:<b>": positions a to T+b, b <= 0), as a
-               concatenation along the sequence or a slice of it lays them out (CPM-Ant's prompt before
+               ("x<n>": n of them, from values computed from no input, a learned prompt or a zero state;
+               "xT": as many as the input sequence has, ProphetNet's n-gram predicting streams) and runs of
+               the input sequence ("t<a>:<b>": positions a to T+b, b <= 0), as a concatenation along the
+               sequence, a slice of it or a split into its pieces lays them out (CPM-Ant's prompt before
                the tokens, a state shifted one position). Routed with ids laid out the same way, 0 for
-               the extra positions (route.Rewriter.ids_with_tokens_in_order).
+               the extra positions (route.Rewriter.ids_with_tokens_in_order); a sequence of extra
+               positions only ("T|xT", one n-gram stream split off) has no token to route by: modality 0's
+               copies (param_uses, token-free uses).
 A value holding one sequence position (x[:, t] inside a Python loop over time) has
 `position` = t. An op this pass does not know keeps the labels of an input of exactly
 its output's shape, or none: the caller then falls back to size matching.
@@ -35,6 +38,7 @@ import operator
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import sympy
 import torch
 import torch.fx
 
@@ -69,9 +73,12 @@ def computed_from(graph: torch.fx.Graph, inputs: Sequence[torch.fx.Node]) -> set
     return found
 
 
+SEQUENCE_LONG = "T"  # the count of an extra-positions piece as long as the input sequence: ("x", "T"), "xT"
+
+
 def sequence_pieces(name: str | None) -> list[tuple] | None:
-    """The pieces of a sequence label: [("x", n)] extra positions, [("t", a, b)] input positions a to T+b;
-    "T" is [("t", 0, 0)]. None for any other label."""
+    """The pieces of a sequence label: [("x", n)] extra positions (n an int, or "T": the input sequence's
+    length), [("t", a, b)] input positions a to T+b; "T" is [("t", 0, 0)]. None for any other label."""
     if name == "T":
         return [("t", 0, 0)]
     if not (name and name.startswith(SEQUENCE)):
@@ -79,7 +86,8 @@ def sequence_pieces(name: str | None) -> list[tuple] | None:
     pieces = []
     for piece in name[len(SEQUENCE):].split(","):
         if piece.startswith("x"):
-            pieces.append(("x", int(piece[1:])))
+            count = piece[1:]
+            pieces.append(("x", count if count == SEQUENCE_LONG else int(count)))
         else:
             start, end = piece[1:].split(":")
             pieces.append(("t", int(start), int(end)))
@@ -87,24 +95,43 @@ def sequence_pieces(name: str | None) -> list[tuple] | None:
 
 
 def sequence_label(pieces: list[tuple]) -> str | None:
-    """The label of a sequence laid out from `pieces` (adjacent extra runs merged); "T" for the input's."""
+    """The label of a sequence laid out from `pieces` (adjacent static extra runs merged); "T" for the
+    input's; None for no pieces."""
     merged: list[tuple] = []
     for piece in pieces:
-        if piece[0] == "x" and merged and merged[-1][0] == "x":
+        static = piece[0] == "x" and isinstance(piece[1], int)
+        if static and merged and merged[-1][0] == "x" and isinstance(merged[-1][1], int):
             merged[-1] = ("x", merged[-1][1] + piece[1])
         elif piece != ("x", 0):
             merged.append(piece)
     if merged == [("t", 0, 0)]:
         return "T"
-    if not any(piece[0] == "t" for piece in merged):
-        return None  # no input position left: nothing to route by
+    if not merged:
+        return None
     return SEQUENCE + ",".join(f"x{p[1]}" if p[0] == "x" else f"t{p[1]}:{p[2]}" for p in merged)
+
+
+def without_tokens(name: str | None) -> bool:
+    """A laid-out sequence of extra positions only ("T|x32", "T|xT"): no input token to route it by."""
+    pieces = sequence_pieces(name)
+    return bool(pieces) and all(piece[0] == "x" for piece in pieces)
 
 
 def describe_sequence(name: str) -> str:
     """A sequence label in words: '3 positions without a token, tokens[0:-1]'."""
-    return ", ".join(f"{p[1]} position{'s' if p[1] != 1 else ''} without a token" if p[0] == "x" else
-                     f"tokens[{p[1] or ''}:{p[2] or ''}]" for p in sequence_pieces(name))
+    def extra(count):
+        if count == SEQUENCE_LONG:
+            return "as many positions without a token as the sequence has"
+        return f"{count} position{'s' if count != 1 else ''} without a token"
+    return ", ".join(extra(p[1]) if p[0] == "x" else f"tokens[{p[1] or ''}:{p[2] or ''}]"
+                     for p in sequence_pieces(name))
+
+
+def _piece_length(piece: tuple, seq_expr):
+    """A piece's length as an int or a sympy expression of the input sequence length `seq_expr`."""
+    if piece[0] == "x":
+        return seq_expr if piece[1] == SEQUENCE_LONG else piece[1]
+    return seq_expr + piece[2] - piece[1]
 
 
 @dataclass(frozen=True)
@@ -311,6 +338,8 @@ def _sliced_sequence(name: str, start, end, step) -> str | None:
         while cut > 0:
             index = 0 if at_front else -1
             piece = pieces[index]
+            if piece[0] == "x" and piece[1] == SEQUENCE_LONG:
+                return None  # a cut into a run as long as the sequence: not a static layout any more
             if piece[0] == "x":
                 taken = min(cut, piece[1])
                 pieces[index] = ("x", piece[1] - taken)
@@ -377,7 +406,7 @@ def _einsum(equation: str, operands: list, out_value) -> Tokens | None:
     return Tokens(tuple(letters.get(letter) for letter in output), _merge_positions(positions))
 
 
-def _cat(node, inputs: list[Tokens | None], values: list, from_inputs: set) -> Tokens:
+def _cat(node, inputs: list[Tokens | None], values: list, from_inputs: set, token_sizes: dict) -> Tokens:
     out_value = node_value(node)
     dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % out_value.dim()
     pairs = [(t, v) for t, v in zip(inputs, values) if t is not None and v.dim() == out_value.dim()]
@@ -386,15 +415,19 @@ def _cat(node, inputs: list[Tokens | None], values: list, from_inputs: set) -> T
     merged = _broadcast(out_value, pairs) if all(v.dim() == out_value.dim() for _, v in pairs) else pairs[0][0]
     labels = list(merged.labels)
     # Along the sequence: a sequence laid out from pieces, where every piece is a run of the sequence or holds
-    # positions no input went into (of a static count); anything else no longer lines up with the tokens.
+    # positions no input went into (of a static count, or as many as the sequence has); anything else no
+    # longer lines up with the tokens.
     pieces = []
     for tensor, tokens, value in zip(node.args[0], inputs, values):
         parts = sequence_pieces(tokens.labels[dim]) if tokens is not None and value.dim() == out_value.dim() \
             else None
+        length = size_expr(value.shape[dim]) if value.dim() == out_value.dim() else None
         if parts is not None:
             pieces += parts
-        elif tensor not in from_inputs and value.dim() == out_value.dim() and isinstance(value.shape[dim], int):
-            pieces.append(("x", int(value.shape[dim])))
+        elif tensor not in from_inputs and isinstance(length, int):
+            pieces.append(("x", length))
+        elif tensor not in from_inputs and length is not None and length == token_sizes["T expr"]:
+            pieces.append(("x", SEQUENCE_LONG))
         else:
             pieces = None
             break
@@ -403,15 +436,43 @@ def _cat(node, inputs: list[Tokens | None], values: list, from_inputs: set) -> T
     return Tokens(tuple(labels), merged.position)
 
 
-def _split(tokens: Tokens, in_value, out_values: list, dim: int) -> list[Tokens]:
+def _split(tokens: Tokens, in_value, out_values: list, dim: int, token_sizes: dict) -> list[Tokens]:
+    """A split along a laid-out sequence into its pieces (ProphetNet's main and n-gram streams chunked apart)
+    gives each part its pieces' label; a part that cuts a piece, or any split of another token dim, none."""
     dim %= in_value.dim()
-    pieces = []
-    for value in out_values:
+    name = tokens.labels[dim]
+    part_labels = _split_sequence(sequence_pieces(name), [size_expr(v.shape[dim]) for v in out_values],
+                                  token_sizes["T expr"]) if sequence_pieces(name) else [None] * len(out_values)
+    parts = []
+    for value, part_label in zip(out_values, part_labels):
         labels = list(tokens.labels)
         if _hint(value.shape[dim]) != _hint(in_value.shape[dim]):
-            labels[dim] = None
-        pieces.append(Tokens(tuple(labels), tokens.position))
-    return pieces
+            labels[dim] = part_label
+        parts.append(Tokens(tuple(labels), tokens.position))
+    return parts
+
+
+def _split_sequence(pieces: list[tuple], lengths: list, seq_expr) -> list[str | None]:
+    """The labels of consecutive parts of `lengths` cut from a sequence of `pieces`: each part that takes
+    whole pieces (lengths compared as expressions, so at every sequence length), None from the first part
+    that does not on."""
+    labels: list[str | None] = []
+    remaining = list(pieces)
+    for length in lengths:
+        taken, total = [], 0
+        while remaining and _differs(total, length):
+            piece = remaining.pop(0)
+            taken.append(piece)
+            total = total + _piece_length(piece, seq_expr)
+        if _differs(total, length):
+            return labels + [None] * (len(lengths) - len(labels))
+        labels.append(sequence_label(taken))
+    return labels
+
+
+def _differs(a, b) -> bool:
+    """Two lengths (ints or sympy expressions) that are not equal at every size."""
+    return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) != 0
 
 
 def _same_shape_input(node, out_value) -> Tokens | None:
@@ -465,7 +526,7 @@ def _transfer(node: torch.fx.Node, token_sizes: dict, from_inputs: set):
         outs = [v for v in out_value]
         if first is not None and target in SPLITS:
             dim = args[2] if len(args) > 2 else node.kwargs.get("dim", 0)
-            return _split(first, first_value, outs, dim)
+            return _split(first, first_value, outs, dim, token_sizes)
         if first is not None and target == aten.unbind.int:
             dim = args[1] if len(args) > 1 else 0
             return [_select(first, dim, None) for _ in outs]
@@ -547,7 +608,7 @@ def _transfer(node: torch.fx.Node, token_sizes: dict, from_inputs: set):
             labels = list(merged.labels)
             labels.insert(dim, None)
             return Tokens(tuple(labels), merged.position)
-        return _cat(node, inputs, values, from_inputs)
+        return _cat(node, inputs, values, from_inputs, token_sizes)
     if target == aten.linear.default:
         return Tokens(first.labels[:-1] + (None,), first.position) if first else None
     if target in (aten.addmm.default, aten.baddbmm.default):
@@ -607,7 +668,8 @@ def token_provenance(graph_module: torch.fx.GraphModule, user_inputs: Sequence[t
     sources = token_inputs(user_inputs, token_dims)
     first = next(iter(sources), None)
     hints = _hints(node_value(first)) if first is not None else (None, None)
-    token_sizes = {"B": hints[0], "T": hints[1]}
+    # sizes at capture, and the sequence length's expression (a piece as long as the sequence is one at any length)
+    token_sizes = {"B": hints[0], "T": hints[1], "T expr": token_dims[1]}
     if from_inputs is None:
         from_inputs = computed_from(graph_module.graph, list(user_inputs))
     for node in graph_module.graph.nodes:
