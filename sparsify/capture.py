@@ -202,6 +202,8 @@ def capture(module: torch.nn.Module, inputs: dict[str, Any], every_dim: bool = F
             return {d: Dim.AUTO for d in range(leaf.dim())}
         if isinstance(leaf, torch.Tensor) and leaf.dim() >= 2 and tuple(leaf.shape[:2]) == (batch, seq):
             return {0: Dim.AUTO, 1: Dim.AUTO}
+        if isinstance(leaf, torch.Tensor) and leaf.dim() == 3 and leaf.shape[0] == batch and leaf.shape[2] == seq:
+            return {0: Dim.AUTO, 2: Dim.AUTO}  # rows that pick positions ([batch, rows, seq], XLNet's targets)
         return None
 
     dynamic_shapes = None if static else {name: pytree.tree_map(dynamic_spec, value) for name, value in inputs.items()}

@@ -4,10 +4,11 @@ outputs whose receptive field holds a modality-k token). The property test draws
 here each form is checked deterministically. fp32, tolerance 1e-5 relative."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import sparsify
 from tests.test_properties import Stack, relative_error, tokens_changed_by
-from tests.toy_models import DelayedState, LearnedPrompt, PredictingStreams
+from tests.toy_models import DelayedState, LearnedPrompt, PredictingStreams, QueryStream
 
 FORMS = [["post_norm"], ["qk_norm_attention"], ["gated"], ["tied", "linear", "tied"]]
 
@@ -128,3 +129,28 @@ def test_a_predicting_stream_as_long_as_the_sequence_is_routed_as_modality_0():
     moved_0 = (after_0 - after_1).abs().amax(-1) > 1e-6
     assert moved_1[:, :5].all() and not moved_1[:, 5:].any()
     assert moved_0[:, 5:].all() and not moved_0[:, :5].any()
+
+
+def test_query_rows_that_pick_positions_are_routed_by_the_picked_tokens():
+    """XLNet's query stream (tests/toy_models.QueryStream): rows mapped from the sequence by a [B, rows, T]
+    input of one-hot rows are routed by the modality of the token each row picks. fp32, 1e-5 relative."""
+    torch.manual_seed(0)
+    dense = QueryStream().eval()
+
+    def targets(picked, length):
+        return F.one_hot(picked, length).float()
+
+    example = (torch.randint(0, 50, (2, 7)), targets(torch.tensor([[6, 2], [0, 3]]), 7))
+    routed = sparsify.convert(dense, 3, example_inputs=example, policy="mot")
+    assert {"up.weight", "down.bias", "norm.weight", "mix.weight"} <= set(routed.plan.routed)
+    uses = {p.fqn: p.uses for p in routed.plan.params}
+    assert "(the positions that the rows of input 'targets' pick)" in uses["up.weight"][0], uses["up.weight"]
+
+    tokens, ids = torch.randint(0, 50, (3, 5)), torch.tensor([[0, 1, 2, 0, 1], [2, 2, 0, 1, 0], [1] * 5])
+    picks = targets(torch.tensor([[1, 0], [3, 2], [4, 0]]), 5)
+    with torch.no_grad():
+        assert relative_error(routed(tokens, picks, modality_ids=ids), dense(tokens, picks)) <= 1e-5
+        before = routed(tokens, picks, modality_ids=ids)
+        routed.get_parameter("down.bias")[1].add_(0.3)
+        moved = (routed(tokens, picks, modality_ids=ids) - before).abs().amax(-1) > 1e-6
+    assert torch.equal(moved, torch.tensor([[True, False], [True, False], [True, True]]))

@@ -277,3 +277,22 @@ class PredictingStreams(nn.Module):
             predict_q, torch.cat([main_k, predict_k], 1), torch.cat([main_v, predict_v], 1)))
         x = x + torch.stack([main, predict], dim=1).view(batch, 2 * length, -1)
         return x + self.down(torch.relu(self.up(x)))
+
+
+class QueryStream(nn.Module):
+    """XLNet's query stream, written out: one row per prediction target, each starting from a learned vector
+    (no token goes into it) and reading the sequence position that its row of `targets` ([B, rows, T],
+    one-hot) picks, then a norm and a feed-forward on the rows."""
+
+    def __init__(self, vocab=50, d=8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.query = nn.Parameter(torch.randn(d))
+        self.mix, self.norm = nn.Linear(d, d), nn.LayerNorm(d)
+        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, tokens, targets):
+        h = self.embed(tokens)
+        g = self.query.expand(targets.shape[0], targets.shape[1], -1)
+        g = self.norm(g + torch.einsum("bmt,btd->bmd", targets, self.mix(h)))
+        return g + self.down(torch.relu(self.up(g)))

@@ -28,7 +28,7 @@ from sparsify.passes import PassBase, PassResult
 from sparsify.passes.graph_check import check_graph, snapshot_values
 from sparsify.passes.param_uses import ParamUse, broadcast_param_shape, find_param_uses, token_tensor_lead_dims
 from sparsify.passes.token_axes import TokenAxes
-from sparsify.passes.token_provenance import SEQUENCE_LONG, sequence_pieces
+from sparsify.passes.token_provenance import PICKED, SEQUENCE_LONG, sequence_pieces
 
 aten = torch.ops.aten
 sparsify_ops = torch.ops.sparsify
@@ -220,7 +220,8 @@ class Rewriter:
                 make = lambda: self.call(aten.reshape.default, self.modality_ids, [-1])  # noqa: E731
         elif axes.sequence:
             key = ("split", axes.dims[0] < axes.dims[1], axes.sequence)
-            make = lambda: self.laid_out_ids(axes.sequence, transposed=not key[1])  # noqa: E731
+            lay_out = self.picked_ids if axes.sequence.startswith(PICKED) else self.laid_out_ids
+            make = lambda: lay_out(axes.sequence, transposed=not key[1])  # noqa: E731
         else:
             key = ("split", axes.dims[0] < axes.dims[1])
             make = (lambda: self.modality_ids) if key[1] else \
@@ -248,6 +249,15 @@ class Rewriter:
                 end = end if end < 0 else 2 ** 63 - 1  # an end offset of 0: to the end
                 parts.append(self.call(aten.slice.Tensor, self.modality_ids, 1, start, end))
         ids = self.call(aten.cat.default, parts, 1)
+        return self.call(aten.transpose.int, ids, 0, 1) if transposed else ids
+
+    def picked_ids(self, label: str, transposed: bool) -> torch.fx.Node:
+        """[batch, rows] ids for rows that pick sequence positions (token_provenance.PICKED): each row takes
+        the modality of the position it weighs most in the input [batch, rows, seq] that picks them."""
+        name = label[len(PICKED):]
+        picks = next(n for n in self.graph.nodes if n.op == "placeholder" and n.name == name)
+        positions = self.call(aten.argmax.default, picks, -1)
+        ids = self.call(aten.gather.default, self.modality_ids, 1, positions)
         return self.call(aten.transpose.int, ids, 0, 1) if transposed else ids
 
     def ids_for(self, axes: TokenAxes, lead: int, tensor: torch.fx.Node | None) -> torch.fx.Node:

@@ -18,7 +18,7 @@ from typing import Sequence
 import sympy
 import torch
 
-from sparsify.passes.token_provenance import MERGED, MIXED, SEQUENCE, Tokens, describe_sequence, size_expr
+from sparsify.passes.token_provenance import MERGED, MIXED, PICKED, SEQUENCE, Tokens, describe_sequence, size_expr
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,8 @@ class TokenAxes:
     dims: tuple[int, ...]
     seq_index: int | None = None
     seq_major: bool = False  # a flattened dim made from [seq, batch, ...]: ids.t().reshape(-1)
-    # The seq dim holds a sequence laid out from pieces (token_provenance.sequence_pieces): its label, "" for
-    # the input sequence itself
+    # The seq dim holds a sequence laid out from pieces (token_provenance.sequence_pieces), or rows that pick
+    # positions of the sequence (token_provenance.PICKED): its label, "" for the input sequence itself
     sequence: str = ""
 
     @property
@@ -46,7 +46,10 @@ class TokenAxes:
             return f"batch dim {self.dims[0]} at sequence position {self.seq_index}"
         if self.flat:
             return f"tokens flattened {'(seq-major) ' if self.seq_major else ''}in dim {self.dims[0]}"
-        laid_out = f" ({describe_sequence(self.sequence)})" if self.sequence else ""
+        if self.sequence.startswith(PICKED):
+            laid_out = f" (the positions that the rows of input '{self.sequence[len(PICKED):]}' pick)"
+        else:
+            laid_out = f" ({describe_sequence(self.sequence)})" if self.sequence else ""
         return f"batch dim {self.dims[0]}, seq dim {self.dims[1]}{laid_out}"
 
 
@@ -118,7 +121,7 @@ def find_token_axes(shape: Sequence, token_dims: tuple, shape_env=None) -> Token
 def axes_from_tokens(tokens: Tokens, token_dims: tuple, shape: Sequence) -> TokenAxes | str:
     """TokenAxes from a tensor's provenance labels, or a string saying why its tokens cannot be routed."""
     batch, seq, flat, flat_seq_major = (tokens.dims_with(name) for name in ("B", "T", "BT", "TB"))
-    laid_out = [d for d, name in enumerate(tokens.labels) if name and name.startswith(SEQUENCE)]
+    laid_out = [d for d, name in enumerate(tokens.labels) if name and name.startswith((SEQUENCE, PICKED))]
     if len(batch) == 1 and len(laid_out) == 1 and not seq and not flat and not flat_seq_major:
         return TokenAxes((batch[0], laid_out[0]), sequence=tokens.labels[laid_out[0]])
     if len(batch) == 1 and len(seq) == 1 and not flat and not flat_seq_major:

@@ -26,6 +26,10 @@ Labels of one dim:
                the extra positions (route.Rewriter.ids_with_tokens_in_order); a sequence of extra
                positions only ("T|xT", one n-gram stream split off) has no token to route by: modality 0's
                copies (param_uses, token-free uses).
+  "P|target_mapping"  the rows of an input [B, rows, T] that each pick one sequence position (XLNet's
+               target_mapping: its query stream has one row per prediction target, mapped to and from the
+               sequence by einsums with it); routed by the modality of the position each row weighs most
+               (route.Rewriter.picked_ids), exact for one-hot rows, as XLNet's are.
 A value holding one sequence position (x[:, t] inside a Python loop over time) has
 `position` = t. An op this pass does not know keeps the labels of an input of exactly
 its output's shape, or none: the caller then falls back to size matching.
@@ -54,6 +58,7 @@ MERGED = ":merged"
 
 
 SEQUENCE = "T|"  # prefix of a sequence laid out from pieces (module docstring)
+PICKED = "P|"  # prefix of rows that pick sequence positions, then the name of the input that picks (docstring)
 # Ops whose tensor operands give only a shape, dtype or device: a zero state made by x.new_zeros(b, 1, d) holds
 # nothing of x's tokens.
 SHAPE_ONLY_OPS = {
@@ -649,15 +654,20 @@ def _transfer(node: torch.fx.Node, token_sizes: dict, from_inputs: set):
 
 def token_inputs(user_inputs: Sequence[torch.fx.Node], token_dims: tuple) -> dict[torch.fx.Node, Tokens]:
     """The user inputs that carry tokens: the first with >= 2 dims has (batch, seq) leading, and so does
-    every other input whose leading sizes are the same expressions (an attention mask, position ids)."""
+    every other input whose leading sizes are the same expressions (an attention mask, position ids); an
+    input [batch, rows, seq] of another row count picks positions with its rows (XLNet's target_mapping)."""
     out: dict[torch.fx.Node, Tokens] = {}
+    symbolic = any(not isinstance(s, int) for s in token_dims)
     for node in user_inputs:
         value = node_value(node)
         if not isinstance(value, torch.Tensor) or value.dim() < 2:
             continue
-        leading = tuple(s.node.expr if isinstance(s, torch.SymInt) else int(s) for s in value.shape[:2])
-        if not out or (leading == tuple(token_dims) and any(not isinstance(s, int) for s in leading)):
+        sizes = tuple(size_expr(s) for s in value.shape)
+        if not out or (sizes[:2] == tuple(token_dims) and symbolic):
             out[node] = Tokens(("B", "T") + (None,) * (value.dim() - 2))
+        elif value.dim() == 3 and symbolic and sizes[0] == token_dims[0] and sizes[2] == token_dims[1] and \
+                sizes[1] != token_dims[1]:
+            out[node] = Tokens(("B", PICKED + node.name, "T"))
     return out
 
 
