@@ -48,8 +48,7 @@ def add_modality(routed: RoutedModel, copy_from: int | None = 0, init: str = "co
                 owner, _, attr = fqns[name].rpartition(".")
                 routed.get_submodule(owner)._parameters[attr] = grown
     routed.plan.modalities = modalities + 1
-    routed._graphs.clear()  # graphs were routed for M modalities; the next call captures for M + 1
-    routed.__dict__.pop("_running", None)
+    routed.forget_graphs()  # graphs were routed for M modalities; the next call captures for M + 1
     routed.__dict__.pop("verify_report", None)
     if was_split:
         modality_split.split(routed)

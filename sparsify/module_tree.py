@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import types
 from contextlib import contextmanager
 from typing import Any, Callable
 
@@ -86,6 +87,7 @@ def module_forwards(program: ExportedProgram, owner: nn.Module, tag: str,
     with _repeated_calls_inlined(program):
         unflattened = torch.export.unflatten(program)
     forwards: dict[str, Callable] = {}
+    shared: dict[str, Callable] = {}  # generated code -> its forward function
     for fqn, module in [("", unflattened), *unflattened.named_modules(remove_duplicate=False)]:
         if fqn and not isinstance(module, InterpreterModule):
             continue  # a region's graph (autocast, no_grad), reached through its parent's code
@@ -111,9 +113,25 @@ def module_forwards(program: ExportedProgram, owner: nn.Module, tag: str,
                 regions = target.__dict__.setdefault(REGIONS, Regions())  # plain attribute: not a submodule
                 setattr(regions, unique, region)
                 node.target = f"{REGIONS}.{unique}"
+        if fqn:  # the root keeps its input names: users call it by keyword
+            _local_names_by_position(graph)
         # Only the generated code is kept: bound to the dense module, its `self.<name>` reads resolve there.
-        forwards[fqn] = type(torch.fx.GraphModule(target, graph)).forward
+        # Modules whose code is the same (the blocks of a model, named by position) share one function, so
+        # compiling each block on its own (`block.compile()`, torchtitan's regional compilation) compiles the
+        # code once for every such block instead of recompiling per block until dynamo's recompile limit.
+        generated = torch.fx.GraphModule(target, graph)
+        forwards[fqn] = shared.setdefault(generated.code, type(generated).forward)
     return forwards
+
+
+def _local_names_by_position(graph: torch.fx.Graph) -> None:
+    """Name a subgraph's values by their position (the flat graph's names, unique across the whole model, differ
+    from block to block). Its inputs too: a module's subgraph is called by position from its parent's code."""
+    for index, node in enumerate(graph.nodes):
+        if node.op != "output":
+            node._rename(f"_v{index}")
+        if node.op == "placeholder":
+            node.target = node.name  # the argument's name in the generated code
 
 
 def _sum_gradient_after(graph: torch.fx.Graph, read: torch.fx.Node, group_name: str) -> None:
@@ -227,27 +245,43 @@ def routed_forward(module: nn.Module, *args: Any, **kwargs: Any):
         raise SparsifyError(f"module '{module.__dict__['_sparsify_fqn']}' of a routed model runs only inside the "
                             "routed model's forward (its routed subgraph needs the call's modality_ids): call the "
                             "routed model")
-    # By the module object, not a path: a tool may have moved the module since (PEFT's LoRA layer holds a
-    # linear as `base_layer`), and each graph knows the tree it was captured from.
-    fqn, forward = entry.module_runs.get(module, (module.__dict__["_sparsify_fqn"], None))
-    if forward is None:
-        raise SparsifyError(f"module '{fqn}' is not called by the captured forward of the model, so it has no "
-                            "routed subgraph; sparsify runs modules only as the model's forward calls them")
-    checkpoint = entry.routed.state.checkpointed.get(fqn) if entry.routed.state is not None else None
+    # Kept on the module object, not looked up by path: a tool may have moved the module since (PEFT's LoRA
+    # layer holds a linear as `base_layer`). And on each module rather than in one table keyed by module: read
+    # relative to the module, it is the same code for every block, which dynamo compiles once for them all.
+    run = module.__dict__.get(RUNS, {}).get(entry.tag)
+    if run is None:
+        raise SparsifyError(f"module '{module.__dict__['_sparsify_fqn']}' is not called by the captured forward of "
+                            "the model, so it has no routed subgraph; sparsify runs modules only as the model's "
+                            "forward calls them")
+    forward, checkpoint = run
     if checkpoint is not None and torch.is_grad_enabled():  # the dense forward checkpointed this module
         return checkpoint.run(functools.partial(forward, module, **kwargs), *args)
     return forward(module, *args, **kwargs)
 
 
-class RoutedForward:
-    """The instance `forward` of a module in a routed model: routed_forward bound to the module. A class, not
-    a bound method, so a routed model pickles (pickle looks a bound method up by name on its object)."""
+RUNS = "_sparsify_runs"  # a module's __dict__ key: {graph tag: (forward, checkpoint)}, see add_runs
 
-    def __init__(self, module: nn.Module):
-        self.module = module
 
-    def __call__(self, *args: Any, **kwargs: Any):
-        return routed_forward(self.module, *args, **kwargs)
+class ModuleRuns(dict):
+    """What a module runs in each routed graph: not pickled or deep-copied (graphs are captured again)."""
+
+    def __reduce__(self):
+        return ModuleRuns, ()
+
+
+def add_runs(root: nn.Module, tag: str, forwards: dict[str, Callable], checkpointed: dict) -> None:
+    """Give each module of `forwards` (by FQN, "" the root aside) its forward in the graph `tag`, with the
+    checkpoint the dense forward ran it under (forward_state.CheckpointUse) or None."""
+    for fqn, forward in forwards.items():
+        if fqn:
+            module = dense_module(root, fqn)
+            module.__dict__.setdefault(RUNS, ModuleRuns())[tag] = (forward, checkpointed.get(fqn))
+
+
+def forget_runs(root: nn.Module) -> None:
+    """Drop every module's forwards (the routed model dropped its graphs)."""
+    for module in root.modules():
+        module.__dict__.pop(RUNS, None)
 
 
 def install(routed: nn.Module, fqns) -> None:
@@ -257,7 +291,39 @@ def install(routed: nn.Module, fqns) -> None:
         if not fqn:
             continue
         module = dense_module(routed, fqn)
-        if module.__dict__.get("_sparsify_root") is not routed:
+        if module.__dict__.get("_sparsify_root") is not routed or \
+                not isinstance(module.__dict__.get("forward"), types.FunctionType):
             module.__dict__["_sparsify_root"] = routed
             module.__dict__["_sparsify_fqn"] = fqn
-            module.forward = RoutedForward(module)
+            module.forward = _forward_of(module)
+            module.__dict__["__getstate__"] = functools.partial(_picklable_state, module)
+
+
+def _forward_of(module: nn.Module) -> Callable:
+    """routed_forward bound to `module`, as a closure: dynamo guards a module's own `forward` that is a plain
+    function by its code alone, the same for every module, so the blocks of a model compiled one by one
+    (`block.compile()`) share their compiled code. (A callable object or a partial per module is guarded by
+    its identity: a recompile per block, and after dynamo's recompile limit (8) the other blocks run eager.)"""
+    def forward(*args: Any, **kwargs: Any):
+        return routed_forward(module, *args, **kwargs)
+    return forward
+
+
+def _picklable_state(module: nn.Module) -> dict:
+    """A routed module's pickled or deep-copied state (its instance `__getstate__`): the closure, which pickle
+    cannot save and deepcopy would share with the original module, as a RoutedForward of the module, which
+    both follow to the copy; `install` turns it back into a closure when the copy's graphs are captured."""
+    state = nn.Module.__getstate__(module)
+    state.pop("__getstate__", None)
+    state["forward"] = RoutedForward(module)
+    return state
+
+
+class RoutedForward:
+    """routed_forward bound to a module, in the form pickle and deepcopy follow (see _picklable_state)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        return routed_forward(self.module, *args, **kwargs)

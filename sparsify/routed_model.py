@@ -42,7 +42,7 @@ class GraphEntry:
     # The routed graph split per module (module_tree.py): {module FQN ("" = root): forward code}. None
     # where the split is not possible; the flat graph then runs and `tree_problem` says why.
     module_forwards: dict | None = None
-    module_runs: dict | None = None    # {module: (its FQN in this graph, forward)}: what routed_forward runs
+    tag: str = ""                      # names this graph in each module's runs (module_tree.add_runs)
     tree_problem: str | None = None
     # For a graph only ever run as it is (route_captured's eager_only): the routed graph with direct op calls.
     direct: torch.fx.GraphModule | None = None
@@ -284,6 +284,12 @@ class RoutedModel(nn.Module):
         return pytree.tree_unflatten(outputs[len(buffers):], graph.output_spec)
 
     # -- capture cache ---------------------------------------------------------------------
+    def forget_graphs(self) -> None:
+        """Drop every captured graph (the parameters changed in a way graphs bake in): the next call captures."""
+        self._graphs.clear()
+        self.__dict__.pop("_running", None)
+        module_tree.forget_runs(self)
+
     def _cache_key(self, flat: list, spec, step: nn.Module | None = None) -> tuple:
         leaves = tuple(
             ("tensor", leaf.dtype, leaf.device, leaf.dim()) if isinstance(leaf, torch.Tensor) else ("value", repr(leaf))
@@ -450,8 +456,9 @@ class RoutedModel(nn.Module):
         try:
             program = module_tree.routed_program(entry.routed, self._tensor)
             entry.module_forwards = module_tree.module_forwards(program, self, tag, self._summed_gradients(entry))
-            entry.module_runs = {module_tree.dense_module(self, fqn): (fqn, forward)
-                                 for fqn, forward in entry.module_forwards.items() if fqn}
+            entry.tag = tag
+            module_tree.add_runs(self, tag, entry.module_forwards,
+                                 entry.routed.state.checkpointed if entry.routed.state is not None else {})
         except Exception as e:  # unflatten refuses some programs; the flat graph is still exact
             entry.tree_problem = f"{type(e).__name__}: {e}"
             if self.tensor_parallel_mesh is not None:

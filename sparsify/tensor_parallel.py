@@ -151,7 +151,7 @@ def parallelize_module(module: nn.Module, device_mesh, parallelize_plan: dict, *
         _undo(routed, undo)
         raise
     routed.__dict__[TENSOR_PARALLEL_MESH] = device_mesh
-    routed._graphs.clear()  # captured on whole weights; the next call captures on this rank's shards
+    routed.forget_graphs()  # captured on whole weights; the next call captures on this rank's shards
     if check:
         try:
             problem = _difference(before, _example_run(routed))
@@ -212,7 +212,7 @@ def _undo(routed, undo: list) -> None:
     for target, param_name, param in reversed(undo):
         target.register_parameter(param_name, param)
     routed.__dict__.pop(TENSOR_PARALLEL_MESH, None)
-    routed._graphs.clear()
+    routed.forget_graphs()
 
 
 def _example_run(routed) -> dict[str, torch.Tensor]:
