@@ -144,7 +144,15 @@ class CheckpointUse:
     options: dict  # preserve_rng_state, and for the non-reentrant form context_fn, determinism_check, debug
 
     def run(self, forward, *args):
-        return torch_checkpoint.checkpoint(forward, *args, use_reentrant=self.use_reentrant, **self.options)
+        # Options at their defaults are left out: dynamo's checkpoint refuses a context_fn argument it has not
+        # looked into yet (a block compiled on its own under Hugging Face's checkpointing), even the default one.
+        options = {name: value for name, value in self.options.items()
+                   if value != _DEFAULT_OPTIONS.get(name, _MISSING)}
+        return torch_checkpoint.checkpoint(forward, *args, use_reentrant=self.use_reentrant, **options)
+
+
+_DEFAULT_OPTIONS = {"preserve_rng_state": True, "context_fn": torch_checkpoint.noop_context_fn,
+                    "determinism_check": torch_checkpoint._DEFAULT_DETERMINISM_MODE, "debug": False}
 
 
 @dataclass

@@ -293,13 +293,17 @@ def test_torch_compile_of_the_model_and_of_a_block_without_graph_breaks(llama):
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
 
 
-def test_compiling_each_block_compiles_their_shared_code_once():
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "hf_checkpointing"])
+def test_compiling_each_block_compiles_their_shared_code_once(checkpointing):
     """Regional compilation (`block.compile()` per block, as torchtitan compiles): blocks of the same code
-    share one compiled graph, more blocks than dynamo's recompile limit (8) included, and a training step
-    equals eager's (fp32, rel <= 1e-5)."""
+    share one compiled graph, more blocks than dynamo's recompile limit (8) included, also under Hugging
+    Face's gradient checkpointing, and a training step equals eager's (fp32, rel <= 1e-5)."""
     from torch._dynamo.utils import counters
 
-    routed = sparsify.convert(tiny_llama(num_hidden_layers=9), 3).train()
+    dense = tiny_llama(num_hidden_layers=9)
+    if checkpointing:
+        dense.gradient_checkpointing_enable()
+    routed = sparsify.convert(dense, 3).train()
     tokens, ids = batch()
     eager = copy.deepcopy(routed)
     want = lm_loss(eager, tokens, ids)
