@@ -87,7 +87,7 @@ def module_forwards(program: ExportedProgram, owner: nn.Module, tag: str,
     with _repeated_calls_inlined(program):
         unflattened = torch.export.unflatten(program)
     forwards: dict[str, Callable] = {}
-    shared: dict[str, Callable] = {}  # generated code -> its forward function
+    shared: dict[tuple, Callable] = {}  # generated code and the objects it calls by name -> its forward function
     for fqn, module in [("", unflattened), *unflattened.named_modules(remove_duplicate=False)]:
         if fqn and not isinstance(module, InterpreterModule):
             continue  # a region's graph (autocast, no_grad), reached through its parent's code
@@ -120,7 +120,9 @@ def module_forwards(program: ExportedProgram, owner: nn.Module, tag: str,
         # compiling each block on its own (`block.compile()`, torchtitan's regional compilation) compiles the
         # code once for every such block instead of recompiling per block until dynamo's recompile limit.
         generated = torch.fx.GraphModule(target, graph)
-        forwards[fqn] = shared.setdefault(generated.code, type(generated).forward)
+        forward = type(generated).forward
+        same_code = (generated.code, tuple((name, id(value)) for name, value in forward.__globals__.items()))
+        forwards[fqn] = shared.setdefault(same_code, forward)
     return forwards
 
 

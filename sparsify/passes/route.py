@@ -255,7 +255,10 @@ class Rewriter:
         """[batch, rows] ids for rows that pick sequence positions (token_provenance.PICKED): each row takes
         the modality of the position it weighs most in the input [batch, rows, seq] that picks them."""
         name = label[len(PICKED):]
-        picks = next(n for n in self.graph.nodes if n.op == "placeholder" and n.name == name)
+        picks = next((n for n in self.graph.nodes if n.op == "placeholder" and n.name == name), None)
+        if picks is None:
+            raise RoutingError(f"internal: routed ops take ids from the rows of input '{name}', which this graph "
+                               "does not have; please report this model")
         positions = self.call(aten.argmax.default, picks, -1)
         ids = self.call(aten.gather.default, self.modality_ids, 1, positions)
         return self.call(aten.transpose.int, ids, 0, 1) if transposed else ids
