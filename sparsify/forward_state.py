@@ -152,7 +152,7 @@ class CheckpointUse:
 
 
 _DEFAULT_OPTIONS = {"preserve_rng_state": True, "context_fn": torch_checkpoint.noop_context_fn,
-                    "determinism_check": torch_checkpoint._DEFAULT_DETERMINISM_MODE, "debug": False}
+                    "determinism_check": "default", "debug": False}
 
 
 @dataclass

@@ -264,20 +264,13 @@ def routed_forward(module: nn.Module, *args: Any, **kwargs: Any):
 RUNS = "_sparsify_runs"  # a module's __dict__ key: {graph tag: (forward, checkpoint)}, see add_runs
 
 
-class ModuleRuns(dict):
-    """What a module runs in each routed graph: not pickled or deep-copied (graphs are captured again)."""
-
-    def __reduce__(self):
-        return ModuleRuns, ()
-
-
 def add_runs(root: nn.Module, tag: str, forwards: dict[str, Callable], checkpointed: dict) -> None:
     """Give each module of `forwards` (by FQN, "" the root aside) its forward in the graph `tag`, with the
     checkpoint the dense forward ran it under (forward_state.CheckpointUse) or None."""
     for fqn, forward in forwards.items():
         if fqn:
             module = dense_module(root, fqn)
-            module.__dict__.setdefault(RUNS, ModuleRuns())[tag] = (forward, checkpointed.get(fqn))
+            module.__dict__.setdefault(RUNS, {})[tag] = (forward, checkpointed.get(fqn))
 
 
 def forget_runs(root: nn.Module) -> None:
@@ -312,11 +305,13 @@ def _forward_of(module: nn.Module) -> Callable:
 
 
 def _picklable_state(module: nn.Module) -> dict:
-    """A routed module's pickled or deep-copied state (its instance `__getstate__`): the closure, which pickle
-    cannot save and deepcopy would share with the original module, as a RoutedForward of the module, which
-    both follow to the copy; `install` turns it back into a closure when the copy's graphs are captured."""
+    """A routed module's pickled or deep-copied state (its instance `__getstate__`): without its runs (generated
+    code: the copy captures its graphs again), and the closure, which pickle cannot save and deepcopy would
+    share with the original module, as a RoutedForward of the module, which both follow to the copy; `install`
+    turns it back into a closure when the copy's graphs are captured."""
     state = nn.Module.__getstate__(module)
-    state.pop("__getstate__", None)
+    for key in ("__getstate__", RUNS):
+        state.pop(key, None)
     state["forward"] = RoutedForward(module)
     return state
 

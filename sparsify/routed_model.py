@@ -453,12 +453,12 @@ class RoutedModel(nn.Module):
         """Give the routed graph the dense module tree (module_tree.py), or say why not and run it flat."""
         tag = str(self.__dict__.get("_split_count", 0))  # names region bodies uniquely per graph
         self.__dict__["_split_count"] = int(tag) + 1
+        checkpointed = entry.routed.state.checkpointed if entry.routed.state is not None else {}
         try:
             program = module_tree.routed_program(entry.routed, self._tensor)
             entry.module_forwards = module_tree.module_forwards(program, self, tag, self._summed_gradients(entry))
             entry.tag = tag
-            module_tree.add_runs(self, tag, entry.module_forwards,
-                                 entry.routed.state.checkpointed if entry.routed.state is not None else {})
+            module_tree.add_runs(self, tag, entry.module_forwards, checkpointed)
         except Exception as e:  # unflatten refuses some programs; the flat graph is still exact
             entry.tree_problem = f"{type(e).__name__}: {e}"
             if self.tensor_parallel_mesh is not None:
@@ -466,10 +466,9 @@ class RoutedModel(nn.Module):
                     f"this routed graph cannot be split per module ({entry.tree_problem}), and tensor parallelism "
                     "(sparsify.parallelize_module) sums some gradients where modules read their parameters; "
                     "run this model without tensor parallelism or report it") from e
-            checkpointed = sorted(entry.routed.state.checkpointed) if entry.routed.state is not None else []
             if checkpointed:
                 raise SparsifyError(
-                    f"the model checkpoints modules ({', '.join(checkpointed[:3])}) but this routed graph cannot be "
+                    f"the model checkpoints modules ({', '.join(sorted(checkpointed)[:3])}) but this routed graph cannot be "
                     f"split per module ({entry.tree_problem}), so they cannot be recomputed in backward. Disable "
                     "checkpointing (model.gradient_checkpointing_disable()) or report this model.") from e
             warnings.warn(f"sparsify: this routed graph runs as one flat graph, not per module (hooks on "

@@ -58,6 +58,7 @@ MERGED = ":merged"
 
 
 SEQUENCE = "T|"  # prefix of a sequence laid out from pieces (module docstring)
+SEQUENCE_LONG = "T"  # the count of an extra-positions piece as long as the input sequence: ("x", "T"), "xT"
 PICKED = "P|"  # prefix of rows that pick sequence positions, then the name of the input that picks (docstring)
 # Ops whose tensor operands give only a shape, dtype or device: a zero state made by x.new_zeros(b, 1, d) holds
 # nothing of x's tokens.
@@ -76,9 +77,6 @@ def computed_from(graph: torch.fx.Graph, inputs: Sequence[torch.fx.Node]) -> set
                 any(i in found for i in node.all_input_nodes):
             found.add(node)
     return found
-
-
-SEQUENCE_LONG = "T"  # the count of an extra-positions piece as long as the input sequence: ("x", "T"), "xT"
 
 
 def sequence_pieces(name: str | None) -> list[tuple] | None:
@@ -445,9 +443,9 @@ def _split(tokens: Tokens, in_value, out_values: list, dim: int, token_sizes: di
     """A split along a laid-out sequence into its pieces (ProphetNet's main and n-gram streams chunked apart)
     gives each part its pieces' label; a part that cuts a piece, or any split of another token dim, none."""
     dim %= in_value.dim()
-    name = tokens.labels[dim]
-    part_labels = _split_sequence(sequence_pieces(name), [size_expr(v.shape[dim]) for v in out_values],
-                                  token_sizes["T expr"]) if sequence_pieces(name) else [None] * len(out_values)
+    pieces = sequence_pieces(tokens.labels[dim])
+    part_labels = _split_sequence(pieces, [size_expr(v.shape[dim]) for v in out_values], token_sizes["T expr"]) \
+        if pieces else [None] * len(out_values)
     parts = []
     for value, part_label in zip(out_values, part_labels):
         labels = list(tokens.labels)
